@@ -1,0 +1,116 @@
+"""Apply a recipe to a loaded ChatTTS ``Chat``: precision, then quantization, then compilation."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.utils.parametrize as P
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.precision import DTYPES, cast_module
+from quantkit.quantize import module_weight_bytes, quantize_module
+from quantkit.recipes import COMPONENTS, Recipe
+
+log = logging.getLogger(__name__)
+
+
+def component_module(chat, name: str) -> nn.Module:
+    """The module a recipe's component table acts on.
+
+    heads: the four audio-code heads (the text head only serves refine_text, which the
+    harness skips). vocos: its backbone; the ISTFT head needs fp32 (complex FFT).
+    """
+    return {
+        "gpt": lambda: chat.gpt.gpt,
+        "heads": lambda: chat.embed.head_code,
+        "decoder": lambda: chat.decoder,
+        "vocos": lambda: chat.vocos.backbone,
+    }[name]()
+
+
+def _fold_weight_norm(heads: nn.ModuleList) -> None:
+    for head in heads:
+        if P.is_parametrized(head, "weight"):
+            P.remove_parametrizations(head, "weight", leave_parametrized=True)
+
+
+def _rebind(chat) -> None:
+    # ChatTTS's GPT keeps bound __call__ methods of the embedding heads from construction
+    # time; quantizers that swap modules would otherwise leave it calling the old ones.
+    chat.gpt.head_code = [hc.__call__ for hc in chat.embed.head_code]
+    chat.gpt.emb_code = [ec.__call__ for ec in chat.embed.emb_code]
+
+
+@torch.inference_mode()
+def _probe(chat, name: str) -> None:
+    """One tiny forward through the component, so that a kernel the device lacks fails here,
+    naming the component, rather than in the middle of synthesis."""
+    hidden = chat.config.gpt.hidden_size
+    dev = chat.device
+    if name == "gpt":
+        dtype = next(p for p in chat.gpt.gpt.parameters() if p.is_floating_point()).dtype
+        chat.gpt.gpt(inputs_embeds=torch.randn(1, 3, hidden, device=dev, dtype=dtype), use_cache=False)
+    elif name == "heads":
+        chat.gpt.head_code[0](torch.randn(1, hidden, device=dev))
+    elif name == "decoder":
+        chat.decoder(torch.randn(1, hidden, 4, device=dev))
+    else:
+        chat.vocos.decode(torch.randn(1, 100, 8, device=dev))
+
+
+@dataclass
+class WeightBytes:
+    total: int
+    decode: int  # what one GPT step reads: transformer, code embeddings and code heads
+
+
+def weight_bytes(chat) -> WeightBytes:
+    gpt = module_weight_bytes(chat.gpt.gpt)
+    heads = module_weight_bytes(chat.embed.head_code) + module_weight_bytes(chat.embed.emb_code)
+    rest = sum(module_weight_bytes(m) for m in (chat.embed.emb_text, chat.embed.head_text,
+                                                 chat.decoder, chat.vocos))
+    return WeightBytes(total=gpt + heads + rest, decode=gpt + heads)
+
+
+def apply_recipe(chat, recipe: Recipe) -> None:
+    """Modify ``chat`` in place as ``recipe`` says. A component the device cannot run raises
+    QuantkitError naming the recipe, the component and the reason."""
+    if recipe.baseline:
+        return
+    device = torch.device(chat.device)
+    for name in COMPONENTS:
+        comp = recipe.component(name)
+        module = component_module(chat, name)
+        try:
+            if name == "heads" and comp.weight_norm == "fold":
+                _fold_weight_norm(module)
+            targets = list(module) if isinstance(module, nn.ModuleList) else [module]
+            for target in targets:
+                cast_module(target, comp.dtype)
+            quantize_module(module, comp.quantize, device)
+            _rebind(chat)
+            if comp.dtype != "fp32" or comp.quantize != "none":
+                _probe(chat, name)
+        except QuantkitError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - kernels and backends fail in many ways
+            reason = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+            raise QuantkitError(
+                f"recipe '{recipe.name}': component {name} ({comp.dtype}, {comp.quantize}) cannot "
+                f"run on {device.type}: {reason}") from None
+        log.info("recipe %s: %s -> %s, %s", recipe.name, name, comp.dtype, comp.quantize)
+    if recipe.compile.enabled:
+        from quantkit.compile import enable_compiled_decoding
+
+        enable_compiled_decoding(chat, recipe.compile)
+
+
+def component_dtype(chat, name: str) -> torch.dtype:
+    module = component_module(chat, name)
+    return next(p for p in module.parameters() if p.is_floating_point()).dtype
+
+
+__all__ = ["apply_recipe", "component_module", "component_dtype", "weight_bytes", "WeightBytes", "DTYPES"]

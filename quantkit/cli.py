@@ -1,0 +1,106 @@
+"""Command line: argument parsing and error reporting only; the work lives in the modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from quantkit.errors import QuantkitError
+
+DEFAULT_TEXT = "The birch canoe slid on the smooth planks."
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be at least 1")
+    return n
+
+
+def _add_model(p: argparse.ArgumentParser, default: str = "synthetic") -> None:
+    p.add_argument("--model", default=default,
+                   help="chattts | synthetic | synthetic-tiny | a ChatTTS asset directory "
+                        f"(default: {default})")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from quantkit.recipes import all_recipes
+
+    recipes = all_recipes()
+    width = max(len(r.name) for r in recipes)
+    for r in recipes:
+        print(f"{r.name:<{width}}  {r.description}")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from quantkit.run import run_recipe
+
+    result = run_recipe(args.recipe, model=args.model, device=args.device, text=args.text,
+                        seed=args.seed, steps=args.steps, max_new_tokens=args.max_new_tokens,
+                        out_wav=args.out_wav, compile_cache=args.compile_cache)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>16}: {value:.4g}" if isinstance(value, float) else f"{key:>16}: {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m quantkit",
+                     description="Precision and quantization experiments for ChatTTS.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("apply", help="load ChatTTS, apply a recipe, synthesize, print timings")
+    p.add_argument("recipe", help="a recipe name (see `recipes`) or a path to a .toml file")
+    _add_model(p)
+    p.add_argument("--text", default=DEFAULT_TEXT)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_positive, default=None,
+                   help="generate exactly N GPT steps (N x 512 samples) for equal-work timing")
+    p.add_argument("--max-new-tokens", type=_positive, default=1024)
+    p.add_argument("--out-wav", default=None, help="write the warm call's audio (24 kHz WAV)")
+    p.add_argument("--compile-cache", default=None,
+                   help="directory of saved compile artifacts (compiled recipes): load them "
+                        "before the first call and save them after it")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_apply)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    # ChatTTS warns on every fixed-length run ("hit max_new_token"): that is the point of it.
+    logging.getLogger("ChatTTS").setLevel(logging.INFO if args.verbose else logging.ERROR)
+    try:
+        return args.func(args)
+    except QuantkitError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

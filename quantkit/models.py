@@ -1,0 +1,267 @@
+"""Model sources: the real ChatTTS weights, an asset directory, or synthetic weights.
+
+Every source ends in the same place: ChatTTS's own ``Chat._load`` on a directory in
+ChatTTS's asset layout (``asset/gpt``, ``asset/Embed.safetensors``, ...). Synthetic sources
+write such a directory once (real module classes, seeded random weights) so that what we
+measure on them is the real loading and inference code, only with noise for weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from quantkit.errors import QuantkitError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("chattts", "synthetic", "synthetic-tiny")
+SYNTHETIC_SEED = 20240528
+OVERRIDES_FILE = "quantkit_config.json"
+ASSET_FILES = (
+    "asset/Vocos.safetensors",
+    "asset/DVAE.safetensors",
+    "asset/Decoder.safetensors",
+    "asset/Embed.safetensors",
+    "asset/gpt/config.json",
+    "asset/gpt/model.safetensors",
+    "asset/tokenizer/tokenizer.json",
+)
+
+# Config overrides per synthetic source; {} keeps ChatTTS's real dimensions.
+# The decoder's idim must be half the GPT hidden size: it folds each hidden state into two frames.
+SYNTHETIC_CONFIGS: dict[str, dict[str, Any]] = {
+    "synthetic": {},
+    "synthetic-tiny": {
+        "gpt": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4,
+                "num_hidden_layers": 2},
+        "embed": {"hidden_size": 64},
+        "decoder": {"idim": 32, "odim": 32, "hidden": 32, "n_layer": 2, "bn_dim": 16},
+        "dvae": {
+            "encoder": {"idim": 32, "odim": 64, "hidden": 32, "n_layer": 1, "bn_dim": 16},
+            "decoder": {"idim": 32, "odim": 32, "hidden": 32, "n_layer": 1, "bn_dim": 16},
+            "vq": {"dim": 64},
+        },
+        "vocos": {"backbone": {"init_args": {"dim": 64, "intermediate_dim": 192, "num_layers": 1}},
+                  "head": {"init_args": {"dim": 64}}},
+    },
+}
+
+CHATTTS_SPECIAL_TOKENS = (
+    ["[Stts]", "[Ptts]", "[spk_emb]", "[empty_spk]", "[Sbreak]", "[Pbreak]", "[Ebreak]",
+     "[uv_break]", "[v_break]", "[lbreak]", "[laugh]", "[music]", "[pure]", "[init]"]
+    + [f"[break_{i}]" for i in range(8)]
+    + [f"[laugh_{i}]" for i in range(3)]
+    + [f"[speed_{i}]" for i in range(10)]
+    + [f"[oral_{i}]" for i in range(10)]
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise QuantkitError(f"device '{device}' requested but this torch build sees no CUDA GPU")
+        return torch.device(device)
+    raise QuantkitError(f"unknown device '{device}' (allowed: cpu, cuda, auto)")
+
+
+def _apply_overrides(obj: Any, overrides: dict[str, Any]) -> None:
+    """Shrink ChatTTS's nested Config dataclasses in place (before Chat._load reads them)."""
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            _apply_overrides(getattr(obj, key), value)
+        else:
+            setattr(obj, key, tuple(value) if isinstance(value, list) else value)
+
+
+def _new_chat(overrides: dict[str, Any]):
+    import copy
+
+    import ChatTTS
+
+    chat = ChatTTS.Chat(logging.getLogger("ChatTTS"))
+    # Config's defaults are shared class-level instances: copy before editing.
+    chat.config = copy.deepcopy(chat.config)
+    _apply_overrides(chat.config, overrides)
+    hidden = chat.config.gpt.hidden_size
+    if overrides.get("gpt", {}).get("hidden_size") is not None:
+        chat.config.spk_stat = _speaker_stat(hidden)
+    return chat
+
+
+def _speaker_stat(hidden: int) -> str:
+    """Speaker statistics string (pybase16384 of float16 std then mean) for a given hidden size."""
+    import pybase16384 as b14
+
+    rng = np.random.default_rng(SYNTHETIC_SEED)
+    std = rng.uniform(0.5, 1.5, hidden).astype(np.float16)
+    mean = rng.normal(0.0, 0.1, hidden).astype(np.float16)
+    return b14.encode_to_string(np.concatenate([std, mean]).tobytes())
+
+
+# ---------------------------------------------------------------- synthetic assets
+
+def _write_tokenizer(path: Path, num_text_tokens: int) -> None:
+    """A BertTokenizerFast that knows ChatTTS's special tokens, padded with CJK characters
+    to the text-embedding size (as the real one: bert-base-chinese's vocabulary plus tags)."""
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + CHATTTS_SPECIAL_TOKENS
+    ascii_chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
+    vocab += ascii_chars + ["##" + c for c in ascii_chars if c.isalnum()]
+    cjk = 0x4E00
+    while len(vocab) < num_text_tokens:
+        vocab.append(chr(cjk))
+        cjk += 1
+    tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)})
+    tok.add_special_tokens({"additional_special_tokens": CHATTTS_SPECIAL_TOKENS})
+    tok.save_pretrained(str(path))
+
+
+def _save(module: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(path))
+
+
+def write_synthetic_assets(root: Path, overrides: dict[str, Any], seed: int = SYNTHETIC_SEED) -> None:
+    """Build every ChatTTS component from its real class with seeded random weights."""
+    from transformers import LlamaConfig, LlamaModel
+    from vocos import Vocos
+    from vocos.pretrained import instantiate_class
+
+    from ChatTTS.model import DVAE, Embed
+
+    chat = _new_chat(overrides)
+    cfg = chat.config
+    asset = root / "asset"
+    (asset / "gpt").mkdir(parents=True)
+    torch.manual_seed(seed)
+
+    vocos = Vocos(
+        feature_extractor=instantiate_class(args=(), init=asdict(cfg.vocos.feature_extractor)),
+        backbone=instantiate_class(args=(), init=asdict(cfg.vocos.backbone)),
+        head=instantiate_class(args=(), init=asdict(cfg.vocos.head)),
+    )
+    _save(vocos, asset / "Vocos.safetensors")
+    dvae = DVAE(decoder_config=asdict(cfg.dvae.decoder), encoder_config=asdict(cfg.dvae.encoder),
+                vq_config=asdict(cfg.dvae.vq), dim=cfg.dvae.decoder.idim)
+    _save(dvae, asset / "DVAE.safetensors")
+    decoder = DVAE(decoder_config=asdict(cfg.decoder), dim=cfg.decoder.idim)
+    _save(decoder, asset / "Decoder.safetensors")
+    embed = Embed(cfg.embed.hidden_size, cfg.embed.num_audio_tokens, cfg.embed.num_text_tokens,
+                  cfg.embed.num_vq)
+    _save(embed, asset / "Embed.safetensors")
+
+    gpt_cfg = {k: v for k, v in asdict(cfg.gpt).items()
+               if k not in ("spk_emb_dim", "spk_KL", "num_audio_tokens", "num_text_tokens", "num_vq")}
+    # ChatTTS deletes the Llama token embedding after loading (it has its own): keep it tiny.
+    llama = LlamaModel(LlamaConfig(**gpt_cfg, vocab_size=8))
+    llama.save_pretrained(str(asset / "gpt"), safe_serialization=True)
+    _write_tokenizer(asset / "tokenizer", cfg.gpt.num_text_tokens)
+    (root / OVERRIDES_FILE).write_text(json.dumps({"config": overrides, "seed": seed}, indent=1))
+
+
+def synthetic_dir(name: str) -> Path:
+    """The cached asset directory of a synthetic source, written on first use (atomically,
+    since several evaluation processes may ask for it at once)."""
+    target = cache_dir() / "models" / name
+    if all((target / f).exists() for f in ASSET_FILES):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("writing synthetic ChatTTS assets '%s' to %s", name, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        write_synthetic_assets(tmp, SYNTHETIC_CONFIGS[name])
+        if target.exists():  # damaged or concurrent: replace
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except OSError:
+        if not all((target / f).exists() for f in ASSET_FILES):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------- real weights
+
+def chattts_dir(timeout_s: float = 15.0) -> Path:
+    """The official weights: Hugging Face cache first, then a download."""
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(timeout_s)))
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(timeout_s)))
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo_id="2Noise/ChatTTS", local_files_only=True,
+                                 allow_patterns=["*.yaml", "*.json", "*.safetensors"])
+        return Path(path)
+    except Exception:  # noqa: BLE001 - any miss falls through to the download
+        pass
+    try:
+        path = snapshot_download(repo_id="2Noise/ChatTTS",
+                                 allow_patterns=["*.yaml", "*.json", "*.safetensors"])
+    except Exception as exc:  # noqa: BLE001 - offline, DNS, HTTP: all mean "not available"
+        raise QuantkitError(
+            "the real ChatTTS weights are not in the Hugging Face cache and could not be "
+            f"downloaded ({type(exc).__name__}); use --model synthetic for offline work"
+        ) from None
+    return Path(path)
+
+
+# ---------------------------------------------------------------- loading
+
+def resolve_source(model: str) -> Path:
+    if model == "chattts":
+        return chattts_dir()
+    if model in SYNTHETIC_CONFIGS:
+        return synthetic_dir(model)
+    path = Path(model)
+    if path.is_dir():
+        return path
+    raise QuantkitError(
+        f"unknown model '{model}' (allowed: {', '.join(SOURCES)}, or a ChatTTS asset directory)")
+
+
+def check_assets(root: Path) -> None:
+    missing = [f for f in ASSET_FILES if not (root / f).is_file()]
+    if missing:
+        raise QuantkitError(f"model directory {root} is incomplete: missing {', '.join(missing)}")
+
+
+def load_chat(model: str = "synthetic-tiny", device: str = "cpu"):
+    """Load ChatTTS through its own ``Chat._load`` from any model source."""
+    dev = resolve_device(device)
+    root = resolve_source(model)
+    check_assets(root)
+    overrides_path = root / OVERRIDES_FILE
+    overrides = json.loads(overrides_path.read_text())["config"] if overrides_path.exists() else {}
+    chat = _new_chat(overrides)
+    paths = {k: str(root / v) for k, v in asdict(chat.config.path).items()}
+    try:
+        ok = chat._load(device=dev, compile=False, **paths)
+    except Exception as exc:  # noqa: BLE001 - safetensors, state-dict and json errors alike
+        raise QuantkitError(f"model directory {root} is damaged: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]}") from None
+    if not ok:
+        raise QuantkitError(f"ChatTTS could not load every component from {root}")
+    chat.quantkit_source = model
+    return chat

@@ -1,0 +1,56 @@
+"""One recipe, one process: load, apply, first call, warm calls; the numbers `apply` prints
+and `eval` collects."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from quantkit.apply import apply_recipe, weight_bytes
+from quantkit.audio import write_wav
+from quantkit.models import load_chat
+from quantkit.recipes import get_recipe
+from quantkit.synth import SAMPLE_RATE, synthesize
+
+log = logging.getLogger(__name__)
+
+
+def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
+               text: str = "", seed: int = 0, steps: int | None = None,
+               max_new_tokens: int = 1024, out_wav: str | None = None,
+               compile_cache: str | None = None) -> dict[str, Any]:
+    recipe = get_recipe(recipe_name)  # validate before the slow load
+    import ChatTTS  # noqa: F401 - import time (transformers, numba) is not load time
+
+    t0 = time.perf_counter()
+    chat = load_chat(model, device)
+    t1 = time.perf_counter()
+    apply_recipe(chat, recipe)
+    if compile_cache and recipe.compile.enabled:
+        from quantkit.compile import load_compile_cache
+
+        load_compile_cache(compile_cache)
+    t2 = time.perf_counter()
+    first = synthesize(chat, text, seed=seed, steps=steps, max_new_tokens=max_new_tokens)
+    if compile_cache and recipe.compile.enabled:
+        from quantkit.compile import save_compile_cache
+
+        save_compile_cache(compile_cache)
+    warm = synthesize(chat, text, seed=seed, steps=steps, max_new_tokens=max_new_tokens)
+    if out_wav:
+        write_wav(out_wav, warm.wav, SAMPLE_RATE)
+    return {
+        "recipe": recipe.name,
+        "model": model,
+        "device": str(chat.device),
+        "load_s": t1 - t0,
+        "apply_s": t2 - t1,
+        "first_call_s": first.total_s,
+        "warm_s": warm.total_s,
+        "steps": warm.steps,
+        "ms_per_step": 1000.0 * warm.gpt_s / max(warm.steps, 1),
+        "rtf": warm.total_s / max(warm.audio_s, 1e-9),
+        "weight_bytes": weight_bytes(chat).total,
+        "wav": out_wav,
+    }

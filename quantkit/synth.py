@@ -1,0 +1,75 @@
+"""Deterministic synthesis around ChatTTS: seeded sampling, a fixed speaker, no text refinement,
+and optionally a fixed number of GPT steps so that variants are timed on equal work."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SAMPLE_RATE = 24000
+SAMPLES_PER_STEP = 512  # each GPT step becomes 2 mel frames of 256 samples
+
+
+@dataclass
+class Synthesis:
+    wav: np.ndarray  # float32 at 24 kHz, not stripped of near-silent samples
+    tokens: torch.Tensor  # (steps, num_vq) audio codes
+    steps: int
+    gpt_s: float  # embedding, prefill, decode steps and sampling
+    decode_s: float  # DVAE decoder and Vocos
+
+    @property
+    def total_s(self) -> float:
+        return self.gpt_s + self.decode_s
+
+    @property
+    def audio_s(self) -> float:
+        return self.steps * SAMPLES_PER_STEP / SAMPLE_RATE
+
+
+def fixed_speaker(chat, seed: int) -> str:
+    """A speaker embedding drawn from ChatTTS's own speaker statistics with a fixed seed."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return chat.sample_random_speaker()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def _sync(chat) -> None:
+    if "cuda" in str(chat.device):
+        torch.cuda.synchronize()
+
+
+def infer_params(chat, seed: int, steps: int | None, max_new_tokens: int, speaker: str | None):
+    return chat.InferCodeParams(
+        spk_emb=speaker if speaker is not None else fixed_speaker(chat, seed),
+        manual_seed=seed,
+        # min == max forces exactly `steps` steps: ChatTTS masks EOS until min_new_token.
+        min_new_token=steps or 0,
+        max_new_token=steps or max_new_tokens,
+        show_tqdm=False,
+    )
+
+
+@torch.no_grad()
+def synthesize(chat, text: str, seed: int = 0, steps: int | None = None,
+               max_new_tokens: int = 2048, speaker: str | None = None) -> Synthesis:
+    """Same chat, text, seed and steps -> the same audio, bit for bit."""
+    params = infer_params(chat, seed, steps, max_new_tokens, speaker)
+    normed = chat.normalizer(text, True, True, None)
+    _sync(chat)
+    t0 = time.perf_counter()
+    result = next(chat._infer_code([normed], False, chat.device, True, params))
+    tokens = result.ids[0].detach().cpu().clone()
+    _sync(chat)
+    t1 = time.perf_counter()
+    wav = chat._decode_to_wavs(result.hiddens, True)[0]
+    _sync(chat)
+    t2 = time.perf_counter()
+    return Synthesis(wav=np.asarray(wav, dtype=np.float32), tokens=tokens, steps=int(tokens.shape[0]),
+                     gpt_s=t1 - t0, decode_s=t2 - t1)
