@@ -99,11 +99,7 @@ def _inner_tensors(t) -> list[torch.Tensor]:
 
 def module_weight_bytes(module: nn.Module) -> int:
     """Bytes of parameters and buffers as stored (int8 data and scales for quantized layers)."""
-    total = 0
-    seen: set[int] = set()
-    for value in module.state_dict(keep_vars=True).values():
-        for t in _inner_tensors(value):
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-    return total
+    tensors = [t for v in module.state_dict(keep_vars=True).values() for t in _inner_tensors(v)]
+    # ids are unique only while the tensors live: `tensors` keeps temporaries (int_repr) alive
+    unique = {id(t): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())

@@ -13,6 +13,11 @@ SAMPLE_RATE = 24000
 SAMPLES_PER_STEP = 512  # each GPT step becomes 2 mel frames of 256 samples
 
 
+def expected_samples(steps: int) -> int:
+    """Vocos' centred ISTFT returns hop * (frames - 1) samples for `frames` mel frames."""
+    return steps * SAMPLES_PER_STEP - SAMPLES_PER_STEP // 2
+
+
 @dataclass
 class Synthesis:
     wav: np.ndarray  # float32 at 24 kHz, not stripped of near-silent samples

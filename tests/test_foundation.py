@@ -1,0 +1,181 @@
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_one_line_error, run_cli
+from quantkit.apply import apply_recipe, component_dtype, component_module
+from quantkit.errors import QuantkitError
+from quantkit.models import load_chat
+from quantkit.quantize import is_quantized_linear, module_weight_bytes
+from quantkit.recipes import get_recipe, recipe_names
+from quantkit.synth import expected_samples, synthesize
+
+SHIPPED = ["stock", "fp32", "fp16", "bf16", "int8-weight-only", "int8-dynamic",
+           "int8-dynamic-fbgemm", "bnb-int8"]
+TEXT = "The birch canoe slid on the smooth planks."
+
+
+def test_required_recipes_ship():
+    assert set(SHIPPED) <= set(recipe_names())
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_recipe_makes_audio_of_the_expected_length(name, tiny_chat):
+    apply_recipe(tiny_chat, get_recipe(name))
+    out = synthesize(tiny_chat, TEXT, seed=3, steps=24)
+    assert out.steps == 24
+    assert out.wav.shape == (expected_samples(24),)
+    assert np.isfinite(out.wav).all()
+    assert np.sqrt(np.mean(out.wav ** 2)) > 1e-4  # not silent
+
+
+def test_same_seed_same_audio_other_seed_other_audio(tiny_chat):
+    a = synthesize(tiny_chat, TEXT, seed=7, steps=16)
+    b = synthesize(tiny_chat, TEXT, seed=7, steps=16)
+    c = synthesize(tiny_chat, TEXT, seed=8, steps=16)
+    assert np.array_equal(a.wav, b.wav) and torch.equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.wav, c.wav)
+
+
+@pytest.mark.parametrize("name", ["int8-weight-only", "int8-dynamic", "int8-dynamic-fbgemm", "bnb-int8"])
+def test_int8_recipes_really_quantize_the_gpt(name, tiny_dir):
+    fp32 = load_chat("synthetic-tiny")
+    fp32_bytes = module_weight_bytes(fp32.gpt.gpt)
+    chat = load_chat("synthetic-tiny")
+    apply_recipe(chat, get_recipe(name))
+    linears = [m for m in chat.gpt.gpt.modules()
+               if isinstance(m, nn.Linear) or is_quantized_linear(m)]
+    assert linears and all(is_quantized_linear(m) for m in linears)
+    ratio = module_weight_bytes(chat.gpt.gpt) / fp32_bytes
+    assert 0.2 < ratio < 0.32, ratio  # int8 weights plus per-channel scales and fp32 norms
+    # heads were folded, not quantized: plain fp32 Linears without a parametrization
+    for head in chat.embed.head_code:
+        assert type(head) is nn.Linear and head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_precision_recipes_cast_every_component(name, dtype, tiny_chat):
+    fp32_bytes = module_weight_bytes(tiny_chat.gpt.gpt)
+    apply_recipe(tiny_chat, get_recipe(name))
+    for comp in ("gpt", "heads", "decoder", "vocos"):
+        assert component_dtype(tiny_chat, comp) == dtype, comp
+    assert module_weight_bytes(tiny_chat.gpt.gpt) == fp32_bytes // 2
+    # the parts that must stay fp32 did
+    assert tiny_chat.vocos.head.out.weight.dtype == torch.float32
+
+
+def test_fold_keeps_head_outputs(tiny_chat):
+    head = tiny_chat.embed.head_code[0]
+    x = torch.randn(2, tiny_chat.config.gpt.hidden_size)
+    before = head(x)
+    apply_recipe(tiny_chat, get_recipe("fp32"))
+    assert not hasattr(tiny_chat.embed.head_code[0], "parametrizations")
+    torch.testing.assert_close(tiny_chat.gpt.head_code[0](x), before)
+
+
+def test_loads_through_chattts_own_loader(tiny_dir, monkeypatch):
+    import ChatTTS
+
+    calls = []
+    real = ChatTTS.Chat._load
+    monkeypatch.setattr(ChatTTS.Chat, "_load", lambda self, **kw: calls.append(kw) or real(self, **kw))
+    chat = load_chat("synthetic-tiny")
+    assert isinstance(chat, ChatTTS.Chat) and len(calls) == 1
+    assert calls[0]["gpt_ckpt_path"].endswith("asset/gpt")
+    assert chat.gpt.gpt.config.hidden_size == 64
+    assert chat.tokenizer.spk_emb_ids != chat.tokenizer._tokenizer.unk_token_id
+
+
+@pytest.mark.slow
+def test_full_size_synthetic_has_chattts_dimensions():
+    from quantkit.models import load_chat
+
+    chat = load_chat("synthetic")
+    n_gpt = sum(p.numel() for p in chat.gpt.gpt.parameters())
+    assert chat.gpt.gpt.config.num_hidden_layers == 20 and chat.gpt.gpt.config.hidden_size == 768
+    assert 180e6 < n_gpt < 200e6  # ChatTTS's GPT: 189M parameters (token embedding removed)
+    out = synthesize(chat, TEXT, seed=0, steps=4)
+    assert out.wav.shape == (expected_samples(4),)
+
+
+def test_asset_directory_source(tiny_dir, tmp_path):
+    copy = tmp_path / "assets"
+    shutil.copytree(tiny_dir, copy)
+    chat = load_chat(str(copy))
+    assert synthesize(chat, TEXT, steps=4).steps == 4
+
+
+def test_damaged_asset_directory_is_a_clear_error(tiny_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    target = broken / "asset" / "Embed.safetensors"
+    target.write_bytes(target.read_bytes()[: 1000])
+    with pytest.raises(QuantkitError, match="damaged"):
+        load_chat(str(broken))
+    (broken / "asset" / "gpt" / "model.safetensors").unlink()
+    proc = run_cli("apply", "fp32", "--model", str(broken), "--steps", "4")
+    assert_one_line_error(proc, "incomplete", "asset/gpt/model.safetensors")
+
+
+def test_real_weights_unavailable_fail_fast_with_a_hint(tmp_path):
+    proc = run_cli("apply", "stock", "--model", "chattts", timeout=120,
+                   env={"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(proc, "--model synthetic")
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ('[gpt]\ndtype = "fp32"\nspeed = 3\n', "unknown key 'speed' in [gpt]"),
+    ('[gpt]\nquantize = "int3-magic"\n', "gpt.quantize = 'int3-magic' is not allowed"),
+    ('[decoder]\ndtype = "fp8"\n', "decoder.dtype = 'fp8' is not allowed"),
+    ('[heads]\nquantize = "int8-dynamic"\n', "needs weight_norm = 'fold'"),
+    ('colour = "red"\n', "unknown key 'colour'"),
+    ('[gpt\n', "not valid TOML"),
+])
+def test_malformed_recipes_exit_2_naming_the_problem(tmp_path, body, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    assert_one_line_error(run_cli("apply", str(path), "--model", "synthetic-tiny"), fragment)
+
+
+def test_unknown_recipe_model_and_device(tiny_dir):
+    assert_one_line_error(run_cli("apply", "int9"), "unknown recipe 'int9'", "stock")
+    assert_one_line_error(run_cli("apply", "fp32", "--model", "nope"), "unknown model 'nope'")
+    if not torch.cuda.is_available():
+        assert_one_line_error(run_cli("apply", "fp32", "--model", "synthetic-tiny", "--device", "cuda"),
+                              "no CUDA")
+
+
+def test_component_a_device_cannot_run_names_recipe_component_and_reason(tiny_chat):
+    tiny_chat.device = torch.device("cuda")  # fbgemm's check refuses before touching a GPU
+    with pytest.raises(QuantkitError) as err:
+        apply_recipe(tiny_chat, get_recipe("int8-dynamic-fbgemm"))
+    assert "'int8-dynamic-fbgemm'" in str(err.value) and "component gpt" in str(err.value)
+    assert "CPU only" in str(err.value)
+
+
+def test_apply_cli_json_and_wav(tiny_dir, tmp_path):
+    import json
+
+    from quantkit.audio import read_wav
+
+    wav = tmp_path / "out.wav"
+    proc = run_cli("apply", "bf16", "--model", "synthetic-tiny", "--steps", "16", "--seed", "2",
+                   "--out-wav", str(wav), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    for key in ("recipe", "model", "device", "load_s", "apply_s", "first_call_s", "warm_s",
+                "steps", "ms_per_step", "rtf", "weight_bytes", "wav"):
+        assert key in result
+    assert result["steps"] == 16 and result["weight_bytes"] > 0
+    audio, rate = read_wav(wav)
+    assert rate == 24000 and audio.shape == (16 * 512 - 256,)
+
+
+def test_recipes_command_lists_names_and_descriptions():
+    proc = run_cli("recipes")
+    assert proc.returncode == 0
+    for name in SHIPPED:
+        assert any(line.startswith(name + " ") for line in proc.stdout.splitlines())
