@@ -60,6 +60,32 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from quantkit.asr import DEFAULT_MODELS, load_asr, transcribe
+    from quantkit.audio import read_wav
+    from quantkit.metrics import error_rates
+    from quantkit.texts import read_tsv
+
+    refs = read_tsv(args.references) if args.references else None
+    stems = [Path(w).stem for w in args.wavs]
+    if refs is not None:
+        missing = [s for s in stems if s not in refs]
+        if missing:
+            raise QuantkitError(f"no reference for {', '.join(missing)} in {args.references}")
+    audio = [read_wav(w) for w in args.wavs]  # all readable before the model loads
+    model = load_asr(args.asr_model or DEFAULT_MODELS[args.language])
+    hyps = []
+    for stem, (wav, rate) in zip(stems, audio):
+        hyps.append(transcribe(model, wav, rate, args.language))
+        print(f"{stem}\t{hyps[-1]}", flush=True)
+    if refs is not None:
+        rates = error_rates([refs[s] for s in stems], hyps, args.language, ids=stems)
+        print(f"{rates.metric.upper()} {rates.mean:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m quantkit",
                      description="Precision and quantization experiments for ChatTTS.")
@@ -83,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "before the first call and save them after it")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("transcribe", help="transcribe WAV files with Whisper; score them against references")
+    p.add_argument("wavs", nargs="+", metavar="WAV")
+    p.add_argument("--asr-model", default=None,
+                   help="Whisper name (tiny.en, base, ...) or checkpoint path "
+                        "(default: bundled tiny.en for en, base for zh)")
+    p.add_argument("--language", choices=("en", "zh"), default="en")
+    p.add_argument("--references", default=None,
+                   help="TSV of id<TAB>text (id = the WAV's stem): also print WER (en) or CER (zh), "
+                        "the mean of per-utterance errors capped at 1")
+    p.set_defaults(func=cmd_transcribe)
     return parser
 
 

@@ -1,0 +1,110 @@
+"""Error rates (WER for English, CER for Chinese) with jiwer, and fidelity against fp32.
+
+English: Whisper's EnglishTextNormalizer on both sides, then word error rate.
+Chinese: Traditional folded to Simplified (OpenCC), Arabic digits spelled as Chinese numerals
+(so 7点半 and 七点半 agree), punctuation and spaces removed, then character error rate.
+Per-utterance error is capped at 1: a hallucination loop would otherwise dominate the mean.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+from dataclasses import dataclass, field
+
+import jiwer
+import numpy as np
+
+from quantkit.errors import QuantkitError
+
+METRIC = {"en": "wer", "zh": "cer"}
+
+
+@functools.lru_cache(maxsize=1)
+def _english_normalizer():
+    from whisper.normalizers import EnglishTextNormalizer
+
+    return EnglishTextNormalizer()
+
+
+@functools.lru_cache(maxsize=1)
+def _t2s():
+    import opencc
+
+    return opencc.OpenCC("t2s")
+
+
+def normalize_en(text: str) -> str:
+    return _english_normalizer()(text)
+
+
+_DIGITS = re.compile(r"\d+(?:\.\d+)?")
+
+
+def normalize_zh(text: str) -> str:
+    import cn2an
+
+    text = _t2s().convert(unicodedata.normalize("NFKC", text))
+    text = _DIGITS.sub(lambda m: cn2an.transform(m.group(0), "an2cn"), text)
+    # drop punctuation, symbols and spaces; keep letters and digits of any script
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] in "LN").lower()
+
+
+def normalize(text: str, language: str) -> str:
+    if language == "en":
+        return normalize_en(text)
+    if language == "zh":
+        return normalize_zh(text)
+    raise QuantkitError(f"unsupported language '{language}' (allowed: en, zh)")
+
+
+@dataclass
+class ErrorRates:
+    metric: str  # "wer" or "cer"
+    per_utterance: list[float] = field(default_factory=list)  # each capped at 1
+    mean: float = 0.0
+    corpus: float = 0.0  # total edits / total reference length, uncapped
+
+
+def _edits(ref: str, hyp: str, language: str) -> tuple[int, int]:
+    """(edit count, reference length) in words (en) or characters (zh)."""
+    if language == "zh":
+        if not hyp:
+            return len(ref), len(ref)
+        out = jiwer.process_characters(ref, hyp)
+        return out.substitutions + out.deletions + out.insertions, len(ref)
+    n_ref = len(ref.split())
+    if not hyp.strip():
+        return n_ref, n_ref
+    out = jiwer.process_words(ref, hyp)
+    return out.substitutions + out.deletions + out.insertions, n_ref
+
+
+def error_rates(references: list[str], hypotheses: list[str], language: str,
+                ids: list[str] | None = None) -> ErrorRates:
+    if len(references) != len(hypotheses):
+        raise ValueError("references and hypotheses differ in length")
+    ids = ids or [str(i) for i in range(len(references))]
+    per, edits, total = [], 0, 0
+    for uid, ref, hyp in zip(ids, references, hypotheses):
+        ref_n, hyp_n = normalize(ref, language), normalize(hyp, language)
+        if not ref_n.strip():
+            raise QuantkitError(f"reference '{uid}' is empty after normalisation: nothing to score against")
+        e, n = _edits(ref_n, hyp_n, language)
+        per.append(min(1.0, e / n))
+        edits, total = edits + e, total + n
+    return ErrorRates(metric=METRIC[language], per_utterance=per,
+                      mean=float(np.mean(per)) if per else 0.0,
+                      corpus=edits / total if total else 0.0)
+
+
+def bootstrap_delta(errors: list[float], reference: list[float], n: int = 2000,
+                    seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """Mean paired difference (errors - reference) over utterances and its 95% bootstrap interval."""
+    d = np.asarray(errors, dtype=float) - np.asarray(reference, dtype=float)
+    if d.size == 0:
+        return 0.0, (0.0, 0.0)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(n, d.size))].mean(axis=1)
+    return float(d.mean()), (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))

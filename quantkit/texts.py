@@ -1,0 +1,47 @@
+"""Evaluation text sets: TSV files of `id<TAB>text`, shipped (en, zh) or the user's own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quantkit.errors import QuantkitError
+
+DATA = Path(__file__).resolve().parent / "data"
+SHIPPED = {"en": DATA / "harvard_en.tsv", "zh": DATA / "zh_everyday.tsv"}
+
+
+def read_tsv(path: str | Path) -> dict[str, str]:
+    """`id<TAB>text` lines; blank lines and lines starting with # are skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QuantkitError(f"cannot read text file {path}: {exc}") from None
+    rows: dict[str, str] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        uid, sep, text = line.partition("\t")
+        if not sep or not uid.strip():
+            raise QuantkitError(f"{path}:{n}: expected 'id<TAB>text'")
+        if uid in rows:
+            raise QuantkitError(f"{path}:{n}: duplicate id '{uid}'")
+        rows[uid.strip()] = text.strip()
+    if not rows:
+        raise QuantkitError(f"{path} holds no utterances")
+    return rows
+
+
+def guess_language(texts: list[str]) -> str:
+    cjk = sum(1 for t in texts for ch in t if "\u4e00" <= ch <= "\u9fff")
+    return "zh" if cjk > sum(len(t) for t in texts) / 4 else "en"
+
+
+def load_texts(spec: str) -> tuple[str, dict[str, str]]:
+    """(language, {id: text}) for `en`, `zh` or a TSV path (language guessed from its script)."""
+    if spec in SHIPPED:
+        return spec, read_tsv(SHIPPED[spec])
+    if not Path(spec).is_file():
+        raise QuantkitError(f"unknown text set '{spec}' (allowed: en, zh, or a TSV file of id<TAB>text)")
+    rows = read_tsv(spec)
+    return guess_language(list(rows.values())), rows

@@ -1,0 +1,180 @@
+"""Real Whisper weights (the offline bundles), real speech (flite, recorded Mandarin)."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_cli
+from quantkit.asr import BUNDLES, load_asr, transcribe
+from quantkit.audio import read_wav, resample, write_wav
+from quantkit.errors import QuantkitError
+from quantkit.metrics import error_rates, normalize_zh
+from quantkit.texts import load_texts, read_tsv
+
+ZH = Path(__file__).parent / "data" / "zh_speech"
+
+
+def add_white_noise(audio: np.ndarray, snr_db: float, seed: int = 0) -> np.ndarray:
+    power = np.mean(audio ** 2)
+    noise = np.random.default_rng(seed).normal(0.0, np.sqrt(power / 10 ** (snr_db / 10)), audio.shape)
+    return (audio + noise).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def flite_speech(tmp_path_factory):
+    """The first Harvard sentences spoken by flite (installed by `make test`)."""
+    if shutil.which("flite") is None:
+        pytest.fail("flite is not installed: run `make system-deps` (Debian package flite)")
+    out = tmp_path_factory.mktemp("flite")
+    _, texts = load_texts("en")
+    chosen = dict(list(texts.items())[:8])
+    for uid, text in chosen.items():
+        subprocess.run(["flite", "-t", text, "-o", str(out / f"{uid}.wav")], check=True)
+    return out, chosen
+
+
+@pytest.fixture(scope="module")
+def tiny_en():
+    return load_asr("tiny.en")
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_asr("base")
+
+
+def _score(model, wavs, refs, language, snr_db=None):
+    hyps = []
+    for path in wavs:
+        audio, rate = read_wav(path)
+        if snr_db is not None:
+            audio = add_white_noise(audio, snr_db)
+        hyps.append(transcribe(model, audio, rate, language))
+    return error_rates([refs[Path(p).stem] for p in wavs], hyps, language)
+
+
+def test_english_wer_separates_clean_from_noisy(flite_speech, tiny_en):
+    folder, refs = flite_speech
+    wavs = sorted(folder.glob("*.wav"))
+    clean = _score(tiny_en, wavs, refs, "en")
+    noisy = _score(tiny_en, wavs, refs, "en", snr_db=0.0)
+    assert clean.metric == "wer" and clean.mean < 0.2, clean
+    assert noisy.mean > clean.mean + 0.15, (clean.mean, noisy.mean)
+
+
+def test_mandarin_cer_separates_clean_from_noisy(base):
+    refs = read_tsv(ZH / "refs.tsv")
+    wavs = sorted(ZH.glob("*.wav"))
+    clean = _score(base, wavs, refs, "zh")
+    noisy = _score(base, wavs, refs, "zh", snr_db=0.0)
+    assert clean.metric == "cer" and clean.mean < 0.15, clean
+    assert noisy.mean > clean.mean + 0.15, (clean.mean, noisy.mean)
+
+
+def test_converted_checkpoint_decodes_like_ctranslate2(flite_speech, tiny_en):
+    """The same greedy tokens from the converted openai-whisper model as from the bundle
+    run in its own engine."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    import whisper
+
+    bundle_dir = BUNDLES["tiny.en"].files()[0].parent
+    engine = ctranslate2.models.Whisper(str(bundle_dir), device="cpu", compute_type="float32")
+    tok = whisper.tokenizer.get_tokenizer(multilingual=False)
+    folder, _ = flite_speech
+    for path in sorted(folder.glob("*.wav"))[:3]:
+        audio, rate = read_wav(path)
+        mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(resample(audio, rate, 16000))))
+        ours = whisper.decode(tiny_en, mel, whisper.DecodingOptions(
+            language="en", without_timestamps=True, temperature=0.0, fp16=False))
+        theirs = engine.generate(ctranslate2.StorageView.from_array(mel.numpy()[None]),
+                                 [[tok.sot, tok.no_timestamps]], beam_size=1)
+        assert ours.tokens == theirs[0].sequences_ids[0], path.name
+        assert ours.text.strip() == tok.decode(theirs[0].sequences_ids[0]).strip()
+
+
+def test_alignment_heads_come_from_the_bundle_config(tiny_en):
+    heads = tiny_en.alignment_heads.to_dense().nonzero().tolist()
+    assert heads == [[1, 0], [2, 0], [2, 5], [3, 0], [3, 1], [3, 2], [3, 3], [3, 4]]
+
+
+def test_transcribe_cli_with_references(tmp_path):
+    refs = tmp_path / "refs.tsv"
+    shutil.copy(ZH / "refs.tsv", refs)
+    proc = run_cli("transcribe", str(ZH / "z03.wav"), str(ZH / "z07.wav"), "--language", "zh",
+                   "--references", str(refs))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert [l.split("\t")[0] for l in lines[:2]] == ["z03", "z07"]
+    assert lines[-1].startswith("CER ") and float(lines[-1].split()[1]) < 0.2
+
+
+def test_transcribe_cli_bad_inputs(tmp_path):
+    bad = tmp_path / "noise.wav"
+    bad.write_bytes(b"not a wav file at all")
+    assert_one_line_error(run_cli("transcribe", str(bad)), "cannot read audio")
+    assert_one_line_error(run_cli("transcribe", str(ZH / "z01.wav"), "--asr-model", "/no/such.pt"),
+                          "does not exist")
+    assert_one_line_error(run_cli("transcribe", str(ZH / "z01.wav"), "--references", str(ZH / "nope.tsv")),
+                          "cannot read text file")
+
+
+def test_english_only_model_refuses_chinese(tiny_en):
+    with pytest.raises(QuantkitError, match="English-only"):
+        transcribe(tiny_en, np.zeros(16000, np.float32), 16000, "zh")
+
+
+def test_wav_round_trip_and_resample_length(tmp_path):
+    tone = np.sin(np.linspace(0, 2 * np.pi * 440, 24000)).astype(np.float32) * 0.5
+    write_wav(tmp_path / "t.wav", tone, 24000)
+    back, rate = read_wav(tmp_path / "t.wav")
+    assert rate == 24000 and np.max(np.abs(back - tone)) < 1e-4
+    assert resample(back, 24000, 16000).shape == (16000,)
+
+
+# ---------------------------------------------------------------- normalisation edge cases
+
+@pytest.mark.parametrize("ref,hyp,expected", [
+    ("明天早上七点半见面。", "明天早上7點半見面", 0.0),  # digits vs numerals, Traditional
+    ("他有三个苹果", "他有3個蘋果！", 0.0),
+    ("窗外下着小雨，街上的人不多。", "窗外下着小魚,街上的人不多", 1 / 12),  # 魚 -> 鱼, still wrong
+    # 著 stays: it is also a Simplified character (著名), so OpenCC cannot fold it to 着
+    ("窗外下着小雨", "窗外下著小雨", 1 / 6),
+    ("今天", "", 1.0),  # empty hypothesis: all deletions
+    ("好", "好好好好好好", 1.0),  # insertions capped at 1
+])
+def test_chinese_cer(ref, hyp, expected):
+    assert error_rates([ref], [hyp], "zh").mean == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("ref,hyp,expected", [
+    ("The birch canoe slid on the smooth planks.", "the birch canoe, slid on the smooth planks", 0.0),
+    ("It's easy to tell the depth of a well.", "It is easy to tell the depth of a well", 0.0),
+    ("The girl at the booth sold fifty bonds.", "The girl at the booth sold 50 bonds.", 0.0),
+    ("Four hours of steady work faced us.", "", 1.0),
+    ("Rice is often served in round bowls.", "Rice is served in bowls.", 2 / 7),
+])
+def test_english_wer(ref, hyp, expected):
+    assert error_rates([ref], [hyp], "en").mean == pytest.approx(expected)
+
+
+def test_corpus_and_mean_differ_when_lengths_differ():
+    rates = error_rates(["a b c d e f g h", "x y"], ["a b c d e f g h", "z w"], "en")
+    assert rates.per_utterance == [0.0, 1.0] and rates.mean == 0.5
+    assert rates.corpus == pytest.approx(2 / 10)
+
+
+def test_empty_reference_is_a_clear_error():
+    with pytest.raises(QuantkitError, match="reference 'u1' is empty"):
+        error_rates(["。"], ["你好"], "zh", ids=["u1"])
+
+
+def test_shipped_text_sets():
+    for lang in ("en", "zh"):
+        language, rows = load_texts(lang)
+        assert language == lang and len(rows) >= 20
+        assert all(t.strip() for t in rows.values())
+    assert normalize_zh("今天下午，我們在會議室！") == "今天下午我们在会议室"
