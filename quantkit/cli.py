@@ -86,6 +86,32 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from quantkit.evaluate import EvalConfig, default_command, run_eval
+
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()] if args.recipes else []
+    cfg = EvalConfig(model=args.model, device=args.device, recipes=recipes, texts=args.texts,
+                     limit=args.limit, asr_model=args.asr_model, runs=args.runs,
+                     max_new_tokens=args.max_new_tokens, skip_asr=args.skip_asr, seed=args.seed,
+                     timeout_s=args.timeout, max_error_increase=args.max_error_increase,
+                     command=default_command(list(argv)))
+    doc = run_eval(cfg, Path(args.out))
+    rec = doc["recommendation"]
+    print(f"wrote {args.out}/results.json, report.md, pareto.png, utterances.csv")
+    print(f"recommendation: {rec['name']} ({rec['reason']})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from quantkit.report import write_report
+
+    write_report(args.dir)
+    print(f"wrote {args.dir}/report.md and pareto.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m quantkit",
                      description="Precision and quantization experiments for ChatTTS.")
@@ -110,6 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_apply)
 
+    p = sub.add_parser("eval", help="measure recipes: latency, memory, size, intelligibility, fidelity")
+    _add_model(p)
+    p.add_argument("--recipes", default=None,
+                   help="comma-separated recipe names or .toml paths (default: all shipped); "
+                        "fp32, the reference, is always added")
+    p.add_argument("--texts", default="en", help="en | zh | a TSV of id<TAB>text (default: en)")
+    p.add_argument("--limit", type=_positive, default=None, help="use only the first N texts")
+    p.add_argument("--asr-model", default=None,
+                   help="Whisper name or checkpoint path (default: bundled tiny.en / base)")
+    p.add_argument("--runs", type=_positive, default=3, help="warm timing runs per recipe")
+    p.add_argument("--max-new-tokens", type=_positive, default=96,
+                   help="GPT steps of the timing utterance (fixed) and cap for the others")
+    p.add_argument("--skip-asr", action="store_true", help="no Whisper, no WER/CER")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per recipe process")
+    p.add_argument("--max-error-increase", type=float, default=0.01,
+                   help="error budget over fp32 for the recommendation (default 0.01 = 1 point)")
+    p.add_argument("--out", default="out/eval", help="output directory (default: out/eval)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="rebuild report.md and pareto.png from DIR/results.json")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("transcribe", help="transcribe WAV files with Whisper; score them against references")
     p.add_argument("wavs", nargs="+", metavar="WAV")
     p.add_argument("--asr-model", default=None,
@@ -124,13 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     # ChatTTS warns on every fixed-length run ("hit max_new_token"): that is the point of it.
     logging.getLogger("ChatTTS").setLevel(logging.INFO if args.verbose else logging.ERROR)
     try:
-        return args.func(args)
+        return args.func(args, argv) if args.func is cmd_eval else args.func(args)
     except QuantkitError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

@@ -108,3 +108,34 @@ def bootstrap_delta(errors: list[float], reference: list[float], n: int = 2000,
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, d.size, size=(n, d.size))].mean(axis=1)
     return float(d.mean()), (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+
+
+@dataclass
+class Fidelity:
+    token_agreement: float  # teacher-forced top-1 agreement with fp32, all codebooks
+    per_codebook: list[float]
+    kl: float  # mean KL(fp32 || variant) of next-token distributions, nats
+    mel_distance: float  # mean |log-mel difference| of decoder+vocoder output
+
+
+def fidelity(ref_logprobs, logprobs, ref_logmel, logmel) -> Fidelity:
+    """Compare a variant's teacher-forced outputs with the fp32 reference's on the same tokens."""
+    import torch
+
+    agree = (ref_logprobs.argmax(-1) == logprobs.argmax(-1)).float()  # (steps, num_vq)
+    kl = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1).clamp_min(0)
+    frames = min(ref_logmel.shape[-1], logmel.shape[-1])
+    mel = (ref_logmel[..., :frames] - logmel[..., :frames]).abs().mean()
+    return Fidelity(token_agreement=float(agree.mean()), per_codebook=agree.mean(0).tolist(),
+                    kl=float(kl.mean()), mel_distance=float(mel if torch.isfinite(mel) else float("inf")))
+
+
+def combine_fidelity(items: list[Fidelity], weights: list[int]) -> Fidelity:
+    """Step-weighted average over utterances."""
+    w = np.asarray(weights, dtype=float) / max(sum(weights), 1)
+    return Fidelity(
+        token_agreement=float(sum(f.token_agreement * x for f, x in zip(items, w))),
+        per_codebook=[float(v) for v in np.sum([np.asarray(f.per_codebook) * x for f, x in zip(items, w)], 0)],
+        kl=float(sum(f.kl * x for f, x in zip(items, w))),
+        mel_distance=float(sum(f.mel_distance * x for f, x in zip(items, w))),
+    )

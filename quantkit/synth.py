@@ -78,3 +78,42 @@ def synthesize(chat, text: str, seed: int = 0, steps: int | None = None,
     t2 = time.perf_counter()
     return Synthesis(wav=np.asarray(wav, dtype=np.float32), tokens=tokens, steps=int(tokens.shape[0]),
                      gpt_s=t1 - t0, decode_s=t2 - t1)
+
+
+@dataclass
+class TeacherForced:
+    logprobs: torch.Tensor  # (steps, num_vq, num_audio_tokens), fp32 log-softmax of raw logits
+    logmel: torch.Tensor  # (n_mels, frames) log-mel of decoder+vocoder output on these hiddens
+
+
+@torch.no_grad()
+def teacher_forced(chat, text: str, tokens: torch.Tensor, seed: int = 0,
+                   speaker: str | None = None) -> TeacherForced:
+    """Run the GPT once over prompt + reference tokens (no sampling) and decode the hidden
+    states: what this variant predicts and sounds like on someone else's token sequence."""
+    params = infer_params(chat, seed, None, 1, speaker)
+    normed = chat.normalizer(text, True, True, None)
+    prompts = chat.speaker.decorate_code_prompts([normed], params.prompt, params.txt_smp, params.spk_emb)
+    input_ids, _mask, text_mask = chat.tokenizer.encode(prompts, chat.config.gpt.num_vq,
+                                                        device=chat.device_gpt)
+    emb = chat.embed(input_ids, text_mask)
+    chat.speaker.apply(emb, params.spk_emb, input_ids, chat.tokenizer.spk_emb_ids, chat.device_gpt)
+    tokens = tokens.to(chat.device_gpt)
+    code = torch.stack([chat.gpt.emb_code[i](tokens[:, i]) for i in range(tokens.shape[1])]).sum(0)
+    # position L-1+i predicts token i, as in ChatTTS's loop (its hidden feeds the decoder too)
+    inputs = torch.cat([emb[0], code[:-1].to(emb.dtype)])[None]
+    gpt_dtype = next(p for p in chat.gpt.gpt.parameters() if p.is_floating_point()).dtype
+    hidden = chat.gpt.gpt(inputs_embeds=inputs.to(gpt_dtype), use_cache=False).last_hidden_state
+    hidden = hidden[0, emb.shape[1] - 1:].float()
+    logits = torch.stack([head(hidden) for head in chat.gpt.head_code], 1).float()
+    wav = chat._decode_to_wavs([hidden], True)[0]
+    return TeacherForced(logprobs=torch.log_softmax(logits, -1).cpu(), logmel=log_mel(wav))
+
+
+def log_mel(wav: np.ndarray) -> torch.Tensor:
+    """Vocos-style log-mel (100 bins, 24 kHz): the space the vocoder was trained to invert."""
+    import torchaudio
+
+    mel = torchaudio.transforms.MelSpectrogram(sample_rate=SAMPLE_RATE, n_fft=1024, hop_length=256,
+                                               n_mels=100, power=1)(torch.from_numpy(np.asarray(wav)))
+    return torch.log(torch.clamp(mel, min=1e-5))

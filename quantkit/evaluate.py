@@ -1,0 +1,346 @@
+"""recipes x texts -> results.json, utterances.csv, audio; each recipe in its own process.
+
+A recipe's process loads ChatTTS, applies the recipe, times a fixed-length benchmark
+utterance (first call, then --runs warm calls), synthesizes every text for the ear (ASR), and
+computes teacher-forced fidelity against the fp32 reference, which always runs first and
+leaves its token sequences, log-probabilities and log-mels for the others.
+Whisper runs afterwards in the parent, once for all recipes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit.errors import QuantkitError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+REFERENCE = "fp32"
+
+
+@dataclass
+class EvalConfig:
+    model: str = "synthetic"
+    device: str = "cpu"
+    recipes: list[str] = field(default_factory=list)
+    texts: str = "en"
+    limit: int | None = None
+    asr_model: str | None = None
+    runs: int = 3
+    max_new_tokens: int = 96
+    skip_asr: bool = False
+    seed: int = 0
+    timeout_s: float = 1800.0
+    max_error_increase: float = 0.01
+    min_token_agreement: float = 0.9
+    command: str = ""
+
+
+# ---------------------------------------------------------------- the per-recipe process
+
+def _peak_memory(device) -> int:
+    if "cuda" in str(device):
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def _measure(chat, recipe, cfg: EvalConfig, bench_text: str) -> dict[str, Any]:
+    from quantkit.apply import weight_bytes
+    from quantkit.synth import synthesize
+
+    first = synthesize(chat, bench_text, seed=cfg.seed, steps=cfg.max_new_tokens)
+    warm = [synthesize(chat, bench_text, seed=cfg.seed, steps=cfg.max_new_tokens) for _ in range(cfg.runs)]
+    totals = np.array([w.total_s for w in warm])
+    gpt_s = float(np.median([w.gpt_s for w in warm]))
+    steps = first.steps
+    sizes = weight_bytes(chat)
+    return {
+        "first_call_s": first.total_s,
+        "warm_s_median": float(np.median(totals)),
+        "warm_s_p90": float(np.percentile(totals, 90)),
+        "gpt_s_median": gpt_s,
+        "decode_s_median": float(np.median([w.decode_s for w in warm])),
+        "steps": steps,
+        "ms_per_step": 1000.0 * gpt_s / steps,
+        "rtf": float(np.median(totals)) / first.audio_s,
+        "weight_bytes": sizes.total,
+        "decode_weight_bytes": sizes.decode,
+        "bandwidth_gbs": sizes.decode * steps / gpt_s / 1e9,
+    }
+
+
+def _utterances(chat, cfg: EvalConfig, texts: dict[str, str], out: Path, name: str,
+                reference: dict | None) -> tuple[list[dict], dict | None, dict]:
+    """Synthesize every text; teacher-force on the fp32 tokens (or record them, for fp32)."""
+    from quantkit.audio import write_wav
+    from quantkit.metrics import combine_fidelity, fidelity
+    from quantkit.synth import SAMPLE_RATE, synthesize, teacher_forced
+
+    rows, ref_out, fids, weights = [], {}, [], []
+    audio_dir = out / "audio" / name
+    for uid, text in _progress(texts.items(), f"{name}: utterances"):
+        syn = synthesize(chat, text, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
+        wav_path = audio_dir / f"{uid}.wav"
+        write_wav(wav_path, syn.wav, SAMPLE_RATE)
+        rows.append({"recipe": name, "id": uid, "text": text, "steps": syn.steps,
+                     "wav": str(wav_path.relative_to(out))})
+        ref_tokens = syn.tokens if reference is None else reference[uid]["tokens"]
+        if ref_tokens.shape[0] == 0:
+            continue
+        tf = teacher_forced(chat, text, ref_tokens, seed=cfg.seed)
+        if reference is None:
+            ref_out[uid] = {"tokens": ref_tokens, "logprobs": tf.logprobs, "logmel": tf.logmel}
+            ref = ref_out[uid]
+        else:
+            ref = reference[uid]
+        fids.append(fidelity(ref["logprobs"], tf.logprobs, ref["logmel"], tf.logmel))
+        weights.append(int(ref_tokens.shape[0]))
+    fid = asdict(combine_fidelity(fids, weights)) if fids else None
+    return rows, (ref_out if reference is None else None), fid
+
+
+def _progress(items, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(list(items), desc=desc, leave=False, file=sys.stderr, disable=None)
+
+
+def worker(spec_path: str) -> int:
+    """Entry point of one recipe's process: writes its partial result as JSON."""
+    import torch
+
+    from quantkit.apply import apply_recipe
+    from quantkit.models import load_chat
+    from quantkit.recipes import get_recipe
+    from quantkit.texts import load_texts
+
+    spec = json.loads(Path(spec_path).read_text())
+    cfg, name, out = EvalConfig(**spec["config"]), spec["recipe"], Path(spec["out"])
+    _lang, texts = load_texts(cfg.texts)
+    texts = dict(list(texts.items())[: cfg.limit])
+    recipe = get_recipe(name)
+    import ChatTTS  # noqa: F401 - import time is not load time
+
+    t0 = time.perf_counter()
+    chat = load_chat(cfg.model, cfg.device)
+    t1 = time.perf_counter()
+    apply_recipe(chat, recipe)
+    t2 = time.perf_counter()
+    result = {"name": recipe.name, "load_s": t1 - t0, "apply_s": t2 - t1}
+    result.update(_measure(chat, recipe, cfg, next(iter(texts.values()))))
+    ref_path = out / ".work" / "fp32_reference.pt"
+    reference = None if name == REFERENCE else torch.load(ref_path, weights_only=False)
+    rows, ref_out, fid = _utterances(chat, cfg, texts, out, name, reference)
+    if ref_out is not None:
+        ref_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ref_out, ref_path)
+    result["fidelity"] = fid
+    result["peak_mem_bytes"] = _peak_memory(chat.device)
+    result["device"] = str(chat.device)
+    Path(spec["result"]).write_text(json.dumps({"result": result, "utterances": rows}))
+    return 0
+
+
+# ---------------------------------------------------------------- the parent
+
+def _run_worker(name: str, cfg: EvalConfig, out: Path) -> tuple[dict, list[dict]]:
+    work = out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {"config": asdict(cfg), "recipe": name, "out": str(out), "result": str(work / f"{name}.json")}
+    spec_path = work / f"{name}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    Path(spec["result"]).unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "quantkit.evaluate", str(spec_path)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.timeout_s)
+        error = None if proc.returncode == 0 else _last_error(proc.stderr, proc.returncode)
+    except subprocess.TimeoutExpired:
+        error = f"timed out after {cfg.timeout_s:.0f} s"
+    if error is None and Path(spec["result"]).exists():
+        data = json.loads(Path(spec["result"]).read_text())
+        return {"status": "ok", "error": None, **data["result"]}, data["utterances"]
+    return {"name": name, "status": "failed", "error": error or "no result written"}, []
+
+
+def _last_error(stderr: str, code: int) -> str:
+    lines = [l.strip() for l in stderr.splitlines() if l.strip() and not l.startswith(" ")]
+    errors = [l for l in lines if l.startswith("error: ") or "Error" in l or "error" in l]
+    return (errors or lines or [f"exit code {code}"])[-1][:300]
+
+
+def environment(device: str) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def ver(pkg: str) -> str | None:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and device != "cpu" else None
+    return {"torch": torch.__version__, "torchao": ver("torchao"), "chattts": ver("chattts"),
+            "transformers": ver("transformers"), "bitsandbytes": ver("bitsandbytes"),
+            "python": platform.python_version(), "cpu": _cpu_name(), "gpu": gpu,
+            "threads": torch.get_num_threads()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _transcribe_all(cfg: EvalConfig, language: str, rows: list[dict], out: Path) -> None:
+    from quantkit.asr import DEFAULT_MODELS, load_asr, transcribe
+    from quantkit.audio import read_wav
+
+    model = load_asr(cfg.asr_model or DEFAULT_MODELS[language])
+    for row in _progress(rows, "ASR"):
+        audio, rate = read_wav(out / row["wav"])
+        row["transcript"] = transcribe(model, audio, rate, language)
+
+
+def _score(results: list[dict], rows: list[dict], language: str) -> None:
+    from quantkit.metrics import bootstrap_delta, error_rates
+
+    by_recipe: dict[str, list[dict]] = {}
+    for row in rows:
+        by_recipe.setdefault(row["recipe"], []).append(row)
+    rates = {}
+    for name, rs in by_recipe.items():
+        rates[name] = error_rates([r["text"] for r in rs], [r["transcript"] for r in rs], language,
+                                  ids=[r["id"] for r in rs])
+        for r, e in zip(rs, rates[name].per_utterance):
+            r["error"] = e
+    ref = rates.get(REFERENCE)
+    for res in results:
+        er = rates.get(res["name"])
+        if er is None:
+            res["error_rate"] = None
+            continue
+        delta, ci = bootstrap_delta(er.per_utterance, ref.per_utterance) if ref else (None, None)
+        res["error_rate"] = {"metric": er.metric, "mean": er.mean, "corpus": er.corpus,
+                             "delta_vs_fp32": delta, "ci95": list(ci) if ci else None}
+
+
+def recommend(results: list[dict], synthetic: bool, cfg: EvalConfig) -> dict[str, Any]:
+    """Fastest recipe within the error budget (real weights) or the fidelity floor (synthetic)."""
+    ok = [r for r in results if r["status"] == "ok"]
+    if synthetic or not any(r.get("error_rate") for r in ok):
+        eligible = [r for r in ok if r.get("fidelity") and
+                    r["fidelity"]["token_agreement"] >= cfg.min_token_agreement]
+        rule = (f"fastest warm median with teacher-forced token agreement >= "
+                f"{cfg.min_token_agreement:.2f} against fp32 "
+                f"({'synthetic weights: WER is meaningless, so fidelity decides' if synthetic else 'no ASR run'})")
+    else:
+        eligible = [r for r in ok if r.get("error_rate") and r["error_rate"]["delta_vs_fp32"] is not None
+                    and r["error_rate"]["delta_vs_fp32"] <= cfg.max_error_increase]
+        rule = (f"fastest warm median whose {ok[0]['error_rate']['metric'].upper()} rises at most "
+                f"{100 * cfg.max_error_increase:.1f} points over fp32")
+    if not eligible:
+        return {"name": None, "reason": f"no recipe met the rule: {rule}"}
+    best = min(eligible, key=lambda r: r["warm_s_median"])
+    base = next((r for r in ok if r["name"] == "stock"), None)
+    speed = (f"; {base['warm_s_median'] / best['warm_s_median']:.2f}x stock's warm latency"
+             if base else "")
+    return {"name": best["name"], "reason": rule + speed}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_utterances_csv(path: Path, rows: list[dict]) -> None:
+    import io
+
+    buf = io.StringIO()
+    fields = ["recipe", "id", "steps", "wav", "text", "transcript", "error"]
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(path, buf.getvalue())
+
+
+def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
+    from quantkit.models import SYNTHETIC_CONFIGS, resolve_device
+    from quantkit.recipes import get_recipe, recipe_names
+    from quantkit.report import write_report
+    from quantkit.texts import load_texts
+
+    resolve_device(cfg.device)
+    names = cfg.recipes or recipe_names()
+    for n in names:
+        get_recipe(n)  # every name valid before anything runs
+    names = [REFERENCE] + [n for n in dict.fromkeys(names) if n != REFERENCE]
+    language, texts = load_texts(cfg.texts)
+    if cfg.limit:
+        texts = dict(list(texts.items())[: cfg.limit])
+    out.mkdir(parents=True, exist_ok=True)
+
+    results, rows = [], []
+    for i, name in enumerate(names, 1):
+        log.warning("[%d/%d] %s", i, len(names), name)
+        t = time.perf_counter()
+        res, utt = _run_worker(name, cfg, out)
+        log.warning("[%d/%d] %s: %s in %.0f s%s", i, len(names), name, res["status"],
+                    time.perf_counter() - t, f" ({res['error']})" if res["error"] else "")
+        results.append(res)
+        rows += utt
+    if not cfg.skip_asr and rows:
+        _transcribe_all(cfg, language, rows, out)
+        _score(results, rows, language)
+    synthetic = cfg.model in SYNTHETIC_CONFIGS or (Path(cfg.model) / "quantkit_config.json").exists()
+    doc = {
+        "schema": SCHEMA, "model": cfg.model, "synthetic_weights": synthetic, "device": cfg.device,
+        "language": language, "texts": cfg.texts, "utterances": len(texts), "runs": cfg.runs,
+        "max_new_tokens": cfg.max_new_tokens, "environment": environment(cfg.device),
+        "command": cfg.command, "recipes": results,
+        "recommendation": recommend(results, synthetic, cfg),
+    }
+    _write_atomic(out / "results.json", json.dumps(doc, indent=1, ensure_ascii=False))
+    write_utterances_csv(out / "utterances.csv", rows)
+    write_report(out)
+    shutil.rmtree(out / ".work", ignore_errors=True)
+    return doc
+
+
+def default_command(argv: list[str]) -> str:
+    return "python -m quantkit " + " ".join(shlex.quote(a) for a in argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ChatTTS").setLevel(logging.ERROR)
+    try:
+        sys.exit(worker(sys.argv[1]))
+    except QuantkitError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(2)

@@ -1,0 +1,171 @@
+"""results.json -> report.md and pareto.png (rebuildable at any time with `quantkit report DIR`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import QuantkitError
+
+SYNTHETIC_NOTE = ("**Synthetic weights.** The model has ChatTTS's real architecture and sizes but "
+                  "random weights: it makes noise, not speech. Latency, memory, size and fidelity "
+                  "figures are real; WER/CER on this audio means nothing, so the recommendation "
+                  "uses fidelity to fp32 instead.")
+
+
+def load_results(out: Path) -> dict[str, Any]:
+    path = Path(out) / "results.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise QuantkitError(f"{path} does not exist (run `python -m quantkit eval --out {out}` first)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QuantkitError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != 1 or not isinstance(doc.get("recipes"), list):
+        raise QuantkitError(f"{path} is not a quantkit results file of schema 1")
+    return doc
+
+
+def _f(value, fmt: str = ".3g", none: str = "—") -> str:
+    return none if value is None else format(value, fmt)
+
+
+def _mb(value) -> str:
+    return "—" if value is None else f"{value / 2**20:.1f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def error_axis(doc: dict) -> tuple[str, Any]:
+    """What the plot's y axis shows: the error rate on real weights, else KL to fp32."""
+    ok = [r for r in doc["recipes"] if r["status"] == "ok"]
+    if not doc.get("synthetic_weights") and any(r.get("error_rate") for r in ok):
+        metric = next(r["error_rate"]["metric"] for r in ok if r.get("error_rate"))
+        return f"{metric.upper()} (mean, per-utterance capped at 1)", \
+            lambda r: r["error_rate"]["mean"] if r.get("error_rate") else None
+    return "KL divergence to fp32 (nats/token, teacher-forced)", \
+        lambda r: r["fidelity"]["kl"] if r.get("fidelity") else None
+
+
+def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """Points no other point beats on both latency and error, by increasing latency."""
+    front, best = [], float("inf")
+    for x, y, name in sorted(points, key=lambda p: (p[0], p[1])):
+        if y < best:
+            front.append((x, y, name))
+            best = y
+    return front
+
+
+def plot_pareto(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    label, value = error_axis(doc)
+    points = [(r["ms_per_step"], value(r), r["name"]) for r in doc["recipes"]
+              if r["status"] == "ok" and value(r) is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    if points:
+        ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", zorder=3)
+        for x, y, name in points:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        front = pareto_front(points)
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", lw=1.2,
+                drawstyle="steps-post", label="Pareto front", zorder=2)
+        ax.legend(loc="best", fontsize=8)
+        if "KL" in label and all(p[1] > 0 for p in points):
+            ax.set_yscale("log")
+    ax.set_xlabel("GPT latency, ms per step (warm median)")
+    ax.set_ylabel(label)
+    title = f"{doc['model']} on {doc['device']}"
+    ax.set_title(title + (" — synthetic weights" if doc.get("synthetic_weights") else ""), fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".pareto.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def render_markdown(doc: dict) -> str:
+    recipes = doc["recipes"]
+    ok = [r for r in recipes if r["status"] == "ok"]
+    stock = next((r for r in ok if r["name"] == "stock"), None)
+    env = doc.get("environment", {})
+    out = [f"# quantkit evaluation: {doc['model']} on {doc['device']}", ""]
+    if doc.get("synthetic_weights"):
+        out += [SYNTHETIC_NOTE, ""]
+    rec = doc.get("recommendation") or {}
+    out += ["## Recommendation", "",
+            f"**{rec.get('name') or 'none'}** — {rec.get('reason', '')}", ""]
+
+    speed = lambda r: _f(stock["ms_per_step"] / r["ms_per_step"], ".2f") + "x" if stock else "—"  # noqa: E731
+    out += ["## Latency", "",
+            f"Fixed {doc.get('max_new_tokens')} GPT steps per call, warm figures over {doc.get('runs')} runs; "
+            "ms/step is GPT time (embedding, prefill, decode, sampling) over the step count; "
+            "RTF is whole-call time over audio length (512 samples at 24 kHz per step).", "",
+            _table(["recipe", "load s", "apply s", "first call s", "warm median s", "warm p90 s",
+                    "GPT ms/step", "decoder+vocoder s", "RTF", "speed-up vs stock (ms/step)"],
+                   [[r["name"], _f(r["load_s"]), _f(r["apply_s"]), _f(r["first_call_s"]),
+                     _f(r["warm_s_median"]), _f(r["warm_s_p90"]), _f(r["ms_per_step"]),
+                     _f(r.get("decode_s_median")), _f(r["rtf"]), speed(r)] for r in ok]), ""]
+    out += ["## Memory and size", "",
+            "Peak memory is the process's peak RSS on CPU (load included) or "
+            "`torch.cuda.max_memory_allocated` on CUDA. Bandwidth = bytes read per GPT step "
+            "(transformer, code embeddings and heads) x steps per second.", "",
+            _table(["recipe", "peak memory MiB", "weights MiB", "per-step weights MiB", "bandwidth GB/s"],
+                   [[r["name"], _mb(r["peak_mem_bytes"]), _mb(r["weight_bytes"]),
+                     _mb(r.get("decode_weight_bytes")), _f(r["bandwidth_gbs"])] for r in ok]), ""]
+    if any(r.get("error_rate") for r in ok):
+        metric = next(r["error_rate"]["metric"] for r in ok if r.get("error_rate")).upper()
+        out += ["## Intelligibility", "",
+                f"Whisper at temperature 0, language forced; {metric} per utterance capped at 1; "
+                "delta is the paired mean difference to fp32 with a 95% bootstrap interval.", ""]
+        if doc.get("synthetic_weights"):
+            out += ["*Synthetic weights: these numbers only show that the pipeline runs.*", ""]
+        out += [_table(["recipe", f"{metric} mean", f"{metric} corpus", "delta vs fp32", "95% CI"],
+                       [[r["name"], _f(e["mean"], ".3f"), _f(e["corpus"], ".3f"),
+                         _f(e["delta_vs_fp32"], "+.3f"),
+                         f"[{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]" if e.get("ci95") else "—"]
+                        for r in ok if (e := r.get("error_rate"))]), ""]
+    out += ["## Fidelity to fp32", "",
+            "Teacher-forced on fp32's own token sequences: top-1 agreement of next-token "
+            "predictions (all codebooks, then per codebook), mean KL(fp32 || variant) in nats, and "
+            "mean absolute log-mel difference of decoder+vocoder output on the same tokens.", "",
+            _table(["recipe", "token agreement", "per codebook", "KL", "log-mel distance"],
+                   [[r["name"], _f(f["token_agreement"], ".4f"),
+                     " / ".join(f"{x:.3f}" for x in f["per_codebook"]), _f(f["kl"], ".2e"),
+                     _f(f["mel_distance"], ".2e")] for r in ok if (f := r.get("fidelity"))]), ""]
+    failed = [r for r in recipes if r["status"] != "ok"]
+    if failed:
+        out += ["## Failed recipes", ""] + [f"- **{r['name']}**: {r['error']}" for r in failed] + [""]
+    out += ["![latency versus error](pareto.png)", "", "## Environment and reproduction", "",
+            f"- machine: {env.get('cpu')}, {env.get('threads')} threads"
+            + (f", GPU {env['gpu']}" if env.get("gpu") else ""),
+            "- versions: " + ", ".join(f"{k} {env[k]}" for k in
+                                       ("torch", "torchao", "chattts", "transformers", "bitsandbytes")
+                                       if env.get(k)),
+            f"- texts: {doc.get('texts')} ({doc.get('utterances')} utterances, {doc.get('language')})",
+            "", "```", doc.get("command", ""), "```", ""]
+    return "\n".join(out)
+
+
+def write_report(out: Path) -> None:
+    out = Path(out)
+    doc = load_results(out)
+    text = render_markdown(doc)
+    fd, tmp = tempfile.mkstemp(prefix=".report.", dir=out)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, out / "report.md")
+    plot_pareto(doc, out / "pareto.png")
