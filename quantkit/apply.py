@@ -75,9 +75,10 @@ def weight_bytes(chat) -> WeightBytes:
     return WeightBytes(total=gpt + heads + rest, decode=gpt + heads)
 
 
-def apply_recipe(chat, recipe: Recipe) -> None:
+def apply_recipe(chat, recipe: Recipe, compile_step: bool = True) -> None:
     """Modify ``chat`` in place as ``recipe`` says. A component the device cannot run raises
-    QuantkitError naming the recipe, the component and the reason."""
+    QuantkitError naming the recipe, the component and the reason. ``compile_step=False`` keeps
+    a compiled recipe's static-cache decoding but runs the step eagerly (fast tests)."""
     if recipe.baseline:
         return
     device = torch.device(chat.device)
@@ -105,7 +106,7 @@ def apply_recipe(chat, recipe: Recipe) -> None:
     if recipe.compile.enabled:
         from quantkit.compile import enable_compiled_decoding
 
-        enable_compiled_decoding(chat, recipe.compile)
+        enable_compiled_decoding(chat, recipe.compile, compile_step=compile_step)
 
 
 def component_dtype(chat, name: str) -> torch.dtype:

@@ -79,8 +79,8 @@ def plot_pareto(doc: dict, path: Path) -> None:
         for x, y, name in points:
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         front = pareto_front(points)
-        ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", lw=1.2,
-                drawstyle="steps-post", label="Pareto front", zorder=2)
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", lw=1.2, marker="o",
+                mfc="none", ms=10, drawstyle="steps-post", label="Pareto front", zorder=2)
         ax.legend(loc="best", fontsize=8)
         if "KL" in label and all(p[1] > 0 for p in points):
             ax.set_yscale("log")

@@ -1,0 +1,270 @@
+"""Compiled decoding for ChatTTS's GPT: a static KV cache and one compiled decode step.
+
+ChatTTS's own loop grows its KV cache and attention mask every step, so every step has new
+shapes and torch.compile recompiles constantly. Here, as in gpt-fast's generate.py, the cache
+has a fixed capacity and the decode step (code embeddings -> transformer -> code heads ->
+repetition penalty, temperature, top-p, top-k, EOS mask -> probabilities) always sees the same
+shapes, so it compiles once. The prompt (prefill) runs eagerly: its length varies.
+
+Sampling stays outside the compiled step, with ChatTTS's own seeded ``torch.multinomial``, so
+the same seed draws the same tokens as ChatTTS's loop (the equivalence test relies on it).
+
+This module is the one place that replaces ChatTTS internals: ``GPT.generate``, for batch-1
+code generation. Text refinement, streaming and batches fall back to ChatTTS's loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from quantkit.recipes import CompileSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """ChatTTS's logits pipeline, reduced to constants (one compiled step per distinct value)."""
+    penalty: float | None  # CustomRepetitionPenaltyLogitsProcessorRepeat
+    past_window: int
+    top_p: float | None  # TopPLogitsWarper
+    top_p_keep: int
+    top_k: int | None  # TopKLogitsWarper (already max(top_k, min_tokens_to_keep))
+    eos: int
+
+
+def sampling_from(processors, eos: int) -> Sampling | None:
+    """Read ChatTTS's processor objects; None if one is of a kind this path does not know."""
+    from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
+
+    from ChatTTS.model.processors import CustomRepetitionPenaltyLogitsProcessorRepeat as Rep
+
+    penalty, window, top_p, keep, top_k = None, 16, None, 1, None
+    for i, p in enumerate(processors):
+        if isinstance(p, Rep) and i == 0:
+            penalty, window = float(p.penalty), int(p.past_window)
+        elif isinstance(p, TopPLogitsWarper) and top_k is None:
+            top_p, keep = float(p.top_p), int(p.min_tokens_to_keep)
+        elif isinstance(p, TopKLogitsWarper):
+            top_k = int(p.top_k)
+        else:
+            return None
+    return Sampling(penalty, window, top_p, keep, top_k, int(eos))
+
+
+def process_logits(logits: torch.Tensor, window: torch.Tensor, temperature: torch.Tensor,
+                   mask_eos: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """Probabilities exactly as ChatTTS computes them: /T, repetition penalty over the last
+    `past_window` generated tokens (window holds -1 where there are none yet), top-p, top-k,
+    EOS masked before min_new_token, softmax."""
+    logits = logits / temperature
+    vocab = logits.size(1)
+    if s.penalty is not None:
+        freq = F.one_hot(window.clamp_min(0), vocab) * (window >= 0).unsqueeze(-1)
+        alpha = torch.pow(s.penalty, freq.sum(1))
+        logits = torch.where(logits < 0, logits * alpha, logits / alpha)
+    if s.top_p is not None:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= (1 - s.top_p)
+        remove[..., -s.top_p_keep:] = False
+        logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
+    if s.top_k is not None:
+        kth = torch.topk(logits, min(s.top_k, vocab))[0][..., -1, None]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    eos_col = torch.where(mask_eos, torch.full_like(logits[:, s.eos], -float("inf")), logits[:, s.eos])
+    logits = torch.cat([logits[:, : s.eos], eos_col[:, None], logits[:, s.eos + 1:]], 1)
+    return F.softmax(logits, dim=-1)
+
+
+class StaticCacheGPT(nn.Module):
+    """gpt-fast style forward over ChatTTS's Llama modules with a fixed-capacity KV cache.
+
+    It calls the model's own (possibly cast or quantized) Linear, norm and rotary modules, so
+    every recipe's weights are what runs; only the cache and masking are ours.
+    """
+
+    def __init__(self, chat, capacity: int):
+        super().__init__()
+        self.llama = chat.gpt.gpt
+        cfg = self.llama.config
+        self.capacity = capacity
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dtype = next(p for p in self.llama.parameters() if p.is_floating_point()).dtype
+        self.dtype = dtype
+        device = torch.device(chat.device_gpt)
+        shape = (1, self.kv_heads, capacity, self.head_dim)
+        for i in range(cfg.num_hidden_layers):
+            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("slots", torch.arange(capacity, device=device), persistent=False)
+        self.emb_code = chat.embed.emb_code
+        self.head_code = chat.embed.head_code
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x: (1, T, H) embeddings at positions pos (T,) -> final hidden states (1, T, H), fp32."""
+        x = x.to(self.dtype)
+        t = x.shape[1]
+        cos, sin = self.llama.rotary_emb(x, pos[None])
+        mask = (self.slots[None, :] <= pos[:, None])[None, None]  # (1, 1, T, capacity)
+        for i, layer in enumerate(self.llama.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(1, t, self.heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k_cache, v_cache = getattr(self, f"k{i}"), getattr(self, f"v{i}")
+            k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
+            o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
+                                               enable_gqa=self.kv_heads != self.heads)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, t, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.llama.norm(x).float()
+
+    def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, window: torch.Tensor,
+                    temperature: torch.Tensor, mask_eos: torch.Tensor, s: Sampling):
+        """One step: last tokens (1, num_vq) at position pos (1,) -> (hidden (1, H), probs)."""
+        emb = torch.stack([emb(ids[:, i]) for i, emb in enumerate(self.emb_code)], 2).sum(2)
+        hidden = self(emb[:, None].float(), pos)[:, -1]
+        logits = torch.stack([head(hidden) for head in self.head_code], 1).float()
+        probs = process_logits(logits.reshape(-1, logits.shape[-1]), window, temperature, mask_eos, s)
+        return hidden, probs
+
+
+class CompiledGenerate:
+    """Drop-in for ``GPT.generate`` (same arguments, same GenerationOutputs)."""
+
+    def __init__(self, chat, settings: CompileSettings, compile_step: bool = True):
+        self.chat = chat
+        self.gpt = chat.gpt
+        self.fallback = chat.gpt.generate
+        self.settings = settings
+        self.model = StaticCacheGPT(chat, settings.cache_capacity)
+        self.compile_step = compile_step
+        self._steps: dict[Sampling, object] = {}
+
+    def _step_fn(self, s: Sampling):
+        if s not in self._steps:
+            fn = functools.partial(self.model.decode_step, s=s)
+            if self.compile_step:
+                fn = torch.compile(fn, fullgraph=True, dynamic=False, **compile_kwargs(self.settings))
+            self._steps[s] = fn
+        return self._steps[s]
+
+    def __call__(self, emb, inputs_ids, temperature, eos_token, attention_mask=None, max_new_token=2048,
+                 min_new_token=0, logits_processors=(), infer_text=False, return_attn=False,
+                 return_hidden=False, stream=False, show_tqdm=True, ensure_non_empty=True,
+                 stream_batch=24, manual_seed=None, context=None):
+        s = sampling_from(logits_processors, int(eos_token))
+        length = inputs_ids.shape[1]
+        if (infer_text or stream or return_attn or inputs_ids.shape[0] != 1 or s is None
+                or length + max_new_token > self.settings.cache_capacity
+                or (attention_mask is not None and not bool(attention_mask.all()))):
+            log.info("compiled decoding does not cover this call; using ChatTTS's loop")
+            kwargs = dict(attention_mask=attention_mask, max_new_token=max_new_token,
+                          min_new_token=min_new_token, logits_processors=logits_processors,
+                          infer_text=infer_text, return_attn=return_attn, return_hidden=return_hidden,
+                          stream=stream, show_tqdm=show_tqdm, ensure_non_empty=ensure_non_empty,
+                          stream_batch=stream_batch, manual_seed=manual_seed)
+            if context is not None:
+                kwargs["context"] = context
+            yield from self.fallback(emb, inputs_ids, temperature, eos_token, **kwargs)
+            return
+        yield self._generate(emb, inputs_ids, temperature, s, max_new_token, min_new_token,
+                             return_hidden, manual_seed, context)
+
+    @torch.no_grad()
+    def _generate(self, emb, inputs_ids, temperature, s: Sampling, max_new_token, min_new_token,
+                  return_hidden, manual_seed, context):
+        from ChatTTS.model.gpt import GPT
+
+        device = emb.device
+        num_vq = inputs_ids.shape[2]
+        length = inputs_ids.shape[1]
+        step = self._step_fn(s)
+        temp = temperature.to(device).float().view(-1, 1)  # (num_vq, 1): batch 1
+        window = torch.full((num_vq, s.past_window), -1, dtype=torch.long, device=device)
+        generator = self.gpt.generator
+
+        hidden = self.model(emb, torch.arange(length, device=device))[:, -1]  # prefill, eager
+        logits = torch.stack([head(hidden) for head in self.model.head_code], 1).float()
+        probs = process_logits(logits.reshape(num_vq, -1), window, temp,
+                               torch.tensor(min_new_token > 0, device=device), s)
+        tokens, hiddens, n_out = [], [], 0
+        for i in range(max_new_token):
+            if manual_seed is None:
+                nxt = torch.multinomial(probs, 1)
+            else:
+                nxt = torch.multinomial(probs, 1, generator=generator.manual_seed(manual_seed))
+            nxt = nxt.view(1, num_vq)
+            tokens.append(nxt)
+            if return_hidden:
+                hiddens.append(hidden.clone())  # CUDA graphs reuse their output buffers
+            if bool(nxt.eq(s.eos).any()) or (context is not None and context.get()):
+                break
+            n_out += 1
+            if i + 1 == max_new_token:
+                break
+            window = torch.cat([window[:, 1:], nxt.view(num_vq, 1)], 1)
+            pos = torch.tensor([length + i], device=device)
+            hidden, probs = step(nxt, pos, window, temp, torch.tensor(i + 1 < min_new_token, device=device))
+            hidden, probs = hidden.clone(), probs.clone()
+        ids = torch.cat([inputs_ids[0], torch.cat(tokens).to(inputs_ids.dtype)])[None]
+        hid = [torch.cat(hiddens)[:n_out]] if return_hidden else []
+        return GPT.GenerationOutputs(ids=[ids[0].narrow(0, length, n_out)], attentions=[], hiddens=hid)
+
+
+def compile_kwargs(settings: CompileSettings) -> dict:
+    """torch.compile arguments: inductor options (freezing is per recipe) or a named mode."""
+    if not settings.freezing:
+        return {"mode": settings.mode}
+    options = {"freezing": True}
+    if settings.mode in ("reduce-overhead", "max-autotune"):
+        options["triton.cudagraphs"] = True
+    if settings.mode.startswith("max-autotune"):
+        options["max_autotune"] = True
+    return {"options": options}
+
+
+def enable_compiled_decoding(chat, settings: CompileSettings, compile_step: bool = True) -> CompiledGenerate:
+    """Route ChatTTS's code generation through the static-cache path (compiled unless told not)."""
+    gen = CompiledGenerate(chat, settings, compile_step=compile_step)
+    chat.gpt.generate = gen
+    return gen
+
+
+# ---------------------------------------------------------------- compile-cache artifacts
+
+def save_compile_cache(directory: str | Path) -> Path | None:
+    """Write what Inductor compiled in this process (torch.compiler.save_cache_artifacts)."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return None
+    data, _info = saved
+    path = Path(directory) / "compile_cache.bin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def load_compile_cache(directory: str | Path) -> bool:
+    """Hot-load saved artifacts so the first compile finds its kernels; False if none saved."""
+    path = Path(directory) / "compile_cache.bin"
+    if not path.is_file():
+        return False
+    torch.compiler.load_cache_artifacts(path.read_bytes())
+    return True

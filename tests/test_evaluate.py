@@ -1,0 +1,114 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_cli
+from quantkit.metrics import bootstrap_delta, fidelity
+from quantkit.models import load_chat
+from quantkit.report import pareto_front
+from quantkit.synth import synthesize, teacher_forced
+
+BROKEN = Path(__file__).parent / "data" / "recipes" / "fp16-fbgemm.toml"
+RECIPE_KEYS = {"name", "status", "error", "load_s", "apply_s", "first_call_s", "warm_s_median",
+               "warm_s_p90", "steps", "ms_per_step", "rtf", "peak_mem_bytes", "weight_bytes",
+               "bandwidth_gbs", "error_rate", "fidelity"}
+
+
+@pytest.fixture(scope="module")
+def eval_dir(tmp_path_factory, tiny_dir):
+    out = tmp_path_factory.mktemp("eval")
+    proc = run_cli("eval", "--model", "synthetic-tiny", "--recipes", f"bf16,{BROKEN}", "--limit", "2",
+                   "--max-new-tokens", "16", "--runs", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_eval_writes_schema_valid_results(eval_dir):
+    doc = json.loads((eval_dir / "results.json").read_text())
+    assert doc["schema"] == 1 and doc["synthetic_weights"] is True and doc["model"] == "synthetic-tiny"
+    assert {"torch", "torchao", "chattts", "transformers", "cpu", "gpu", "threads"} <= set(doc["environment"])
+    assert doc["command"].startswith("python -m quantkit eval")
+    names = [r["name"] for r in doc["recipes"]]
+    assert names == ["fp32", "bf16", "fp16-fbgemm"]  # the reference is added, and first
+    fp32, bf16 = doc["recipes"][0], doc["recipes"][1]
+    for r in (fp32, bf16):
+        assert r["status"] == "ok" and RECIPE_KEYS <= set(r)
+        assert r["steps"] == 16 and r["warm_s_p90"] >= r["warm_s_median"] > 0
+        assert r["bandwidth_gbs"] > 0 and r["peak_mem_bytes"] > r["weight_bytes"] > 0
+        assert r["error_rate"]["metric"] == "wer" and 0 <= r["error_rate"]["mean"] <= 1
+    assert fp32["fidelity"]["token_agreement"] == 1.0 and fp32["fidelity"]["kl"] == 0.0
+    assert fp32["error_rate"]["delta_vs_fp32"] == 0.0
+    assert bf16["fidelity"]["kl"] > 0
+    assert doc["recommendation"]["name"] in ("fp32", "bf16")
+    assert "fidelity" in doc["recommendation"]["reason"]
+
+
+def test_a_failing_recipe_is_recorded_and_the_rest_remain(eval_dir):
+    doc = json.loads((eval_dir / "results.json").read_text())
+    broken = doc["recipes"][2]
+    assert broken["status"] == "failed"
+    assert "component gpt" in broken["error"] and "Half" in broken["error"]
+    assert all(r["status"] == "ok" for r in doc["recipes"][:2])
+
+
+def test_eval_outputs_report_plot_csv_and_audio(eval_dir):
+    report = (eval_dir / "report.md").read_text()
+    assert "Synthetic weights" in report and "## Recommendation" in report
+    assert "python -m quantkit eval" in report and "fp16-fbgemm" in report
+    png = (eval_dir / "pareto.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    rows = (eval_dir / "utterances.csv").read_text().splitlines()
+    assert rows[0].startswith("recipe,id,steps,wav,text,transcript,error") and len(rows) == 1 + 2 * 2
+    assert len(list((eval_dir / "audio" / "bf16").glob("*.wav"))) == 2
+    assert not (eval_dir / ".work").exists()
+
+
+def test_report_rebuild_is_identical(eval_dir):
+    before = (eval_dir / "report.md").read_text()
+    (eval_dir / "report.md").unlink()
+    proc = run_cli("report", str(eval_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert (eval_dir / "report.md").read_text() == before
+
+
+def test_report_on_a_missing_or_broken_results_file(tmp_path):
+    assert_one_line_error(run_cli("report", str(tmp_path)), "does not exist")
+    (tmp_path / "results.json").write_text("{not json")
+    assert_one_line_error(run_cli("report", str(tmp_path)), "not valid JSON")
+
+
+def test_eval_rejects_bad_input_before_running(tmp_path):
+    assert_one_line_error(run_cli("eval", "--model", "synthetic-tiny", "--recipes", "fp32,int9",
+                                  "--out", str(tmp_path)), "unknown recipe 'int9'")
+    assert_one_line_error(run_cli("eval", "--model", "synthetic-tiny", "--texts", "klingon",
+                                  "--out", str(tmp_path)), "unknown text set")
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_fidelity_of_a_damaged_variant_is_worse(tiny_dir):
+    ref = load_chat("synthetic-tiny")
+    text = "Glue the sheet to the dark blue background."
+    tokens = synthesize(ref, text, seed=1, steps=24).tokens
+    a = teacher_forced(ref, text, tokens, seed=1)
+    same = fidelity(a.logprobs, teacher_forced(ref, text, tokens, seed=1).logprobs, a.logmel, a.logmel)
+    assert same.token_agreement == 1.0 and same.kl == 0.0
+    damaged = load_chat("synthetic-tiny")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in damaged.gpt.gpt.parameters():
+            p.add_(torch.randn_like(p) * p.std() * 0.5)
+    b = teacher_forced(damaged, text, tokens, seed=1)
+    worse = fidelity(a.logprobs, b.logprobs, a.logmel, b.logmel)
+    assert worse.token_agreement < 0.9 and worse.kl > 1e-3 and worse.mel_distance > 1e-3
+
+
+def test_bootstrap_interval_brackets_the_delta():
+    delta, (lo, hi) = bootstrap_delta([0.2, 0.3, 0.1, 0.4], [0.1, 0.1, 0.1, 0.1])
+    assert delta == pytest.approx(0.15) and lo <= delta <= hi and lo >= 0.0
+
+
+def test_pareto_front():
+    pts = [(10, 0.5, "a"), (20, 0.1, "b"), (15, 0.6, "c"), (30, 0.1, "d"), (5, 0.9, "e")]
+    assert [p[2] for p in pareto_front(pts)] == ["e", "a", "b"]
