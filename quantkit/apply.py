@@ -75,10 +75,12 @@ def weight_bytes(chat) -> WeightBytes:
     return WeightBytes(total=gpt + heads + rest, decode=gpt + heads)
 
 
-def apply_recipe(chat, recipe: Recipe, compile_step: bool = True) -> None:
+def apply_recipe(chat, recipe: Recipe, compile_step: bool = True,
+                 preapplied: tuple[str, ...] = ()) -> None:
     """Modify ``chat`` in place as ``recipe`` says. A component the device cannot run raises
     QuantkitError naming the recipe, the component and the reason. ``compile_step=False`` keeps
-    a compiled recipe's static-cache decoding but runs the step eagerly (fast tests)."""
+    a compiled recipe's static-cache decoding but runs the step eagerly (fast tests).
+    ``preapplied`` components already hold quantized weights (an exported variant)."""
     if recipe.baseline:
         return
     device = torch.device(chat.device)
@@ -91,7 +93,8 @@ def apply_recipe(chat, recipe: Recipe, compile_step: bool = True) -> None:
             targets = list(module) if isinstance(module, nn.ModuleList) else [module]
             for target in targets:
                 cast_module(target, comp.dtype)
-            quantize_module(module, comp.quantize, device)
+            if name not in preapplied:
+                quantize_module(module, comp.quantize, device)
             _rebind(chat)
             if comp.dtype != "fp32" or comp.quantize != "none":
                 _probe(chat, name)

@@ -112,6 +112,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from quantkit.export import export_variant
+
+    if (args.recipe is None) == (args.best is None):
+        raise QuantkitError("give either a RECIPE or --best DIR")
+    info = export_variant(args.out, recipe=args.recipe, best=args.best, model=args.model,
+                          device=args.device, force=args.force)
+    print(f"wrote {info['out']}: recipe {info['recipe']}, {info['total_bytes'] / 2**20:.1f} MiB on disk "
+          f"(GPT {info['gpt_bytes'] / 2**20:.1f} MiB)"
+          + (", compile artifacts included" if info["compile_artifacts"] else ""))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from quantkit.audio import write_wav
+    from quantkit.export import load_variant
+    from quantkit.synth import SAMPLE_RATE, synthesize
+
+    t0 = time.perf_counter()
+    chat = load_variant(args.variant, device=args.device)
+    t1 = time.perf_counter()
+    out = synthesize(chat, args.text, seed=args.seed, steps=args.steps, max_new_tokens=args.max_new_tokens)
+    write_wav(args.out_wav, out.wav, SAMPLE_RATE)
+    print(f"wrote {args.out_wav}: {out.audio_s:.2f} s of audio, {out.steps} steps; "
+          f"load {t1 - t0:.2f} s, first audio {out.total_s:.2f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m quantkit",
                      description="Precision and quantization experiments for ChatTTS.")
@@ -159,6 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild report.md and pareto.png from DIR/results.json")
     p.add_argument("dir")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write a deployable variant directory")
+    p.add_argument("recipe", nargs="?", default=None, help="a recipe name or .toml path")
+    p.add_argument("--best", default=None, metavar="DIR",
+                   help="export the recipe an eval directory recommends")
+    _add_model(p)
+    p.add_argument("--out", required=True, help="the variant directory to write")
+    p.add_argument("--force", action="store_true", help="replace an existing directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("synth", help="synthesize with an exported variant")
+    p.add_argument("--variant", required=True)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
+    p.add_argument("--text", required=True)
+    p.add_argument("--out-wav", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_positive, default=None)
+    p.add_argument("--max-new-tokens", type=_positive, default=1024)
+    p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("transcribe", help="transcribe WAV files with Whisper; score them against references")
     p.add_argument("wavs", nargs="+", metavar="WAV")

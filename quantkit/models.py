@@ -91,7 +91,7 @@ def _apply_overrides(obj: Any, overrides: dict[str, Any]) -> None:
             setattr(obj, key, tuple(value) if isinstance(value, list) else value)
 
 
-def _new_chat(overrides: dict[str, Any]):
+def new_chat(overrides: dict[str, Any]):
     import copy
 
     import ChatTTS
@@ -150,7 +150,7 @@ def write_synthetic_assets(root: Path, overrides: dict[str, Any], seed: int = SY
 
     from ChatTTS.model import DVAE, Embed
 
-    chat = _new_chat(overrides)
+    chat = new_chat(overrides)
     cfg = chat.config
     asset = root / "asset"
     (asset / "gpt").mkdir(parents=True)
@@ -254,7 +254,7 @@ def load_chat(model: str = "synthetic-tiny", device: str = "cpu"):
     check_assets(root)
     overrides_path = root / OVERRIDES_FILE
     overrides = json.loads(overrides_path.read_text())["config"] if overrides_path.exists() else {}
-    chat = _new_chat(overrides)
+    chat = new_chat(overrides)
     paths = {k: str(root / v) for k, v in asdict(chat.config.path).items()}
     try:
         ok = chat._load(device=dev, compile=False, **paths)

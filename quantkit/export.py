@@ -1,0 +1,306 @@
+"""Write and load a deployable variant: quantized GPT weights, ChatTTS's other assets, the
+recipe, compile artifacts, and a manifest of hashes and versions that loading checks.
+
+Layout of a variant directory::
+
+    manifest.json            schema, recipe, source and its hash, versions, files and sha256
+    asset/                   ChatTTS asset layout minus the fp32 GPT weights
+    gpt.safetensors|gpt.pt   the GPT after the recipe (torch format where tensor subclasses
+                             or packed int8 weights cannot be safetensors)
+    compile_cache.bin        Inductor artifacts (compiled recipes)
+
+Loading goes through ChatTTS's own ``Chat._load``; only its one call that reads fp32 GPT
+weights (``LlamaModel.from_pretrained``) is answered with the stored, already-quantized GPT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+MANIFEST = "manifest.json"
+CHECKED_VERSIONS = ("torch", "torchao", "chattts", "transformers", "bitsandbytes")
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in CHECKED_VERSIONS:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _source_hash(root: Path) -> str:
+    from quantkit.models import ASSET_FILES
+
+    h = hashlib.sha256()
+    for rel in ASSET_FILES:
+        h.update(rel.encode() + sha256(root / rel).encode())
+    return h.hexdigest()
+
+
+def _is_plain(state: dict) -> bool:
+    return all(type(v) in (torch.Tensor, nn.Parameter) and not v.is_quantized for v in state.values())
+
+
+def _write_gpt(chat, folder: Path) -> str:
+    """The applied GPT's state: safetensors for plain tensors, torch's format otherwise."""
+    full = chat.gpt.gpt.state_dict()
+    state = type(full)((k, v) for k, v in full.items() if not k.startswith("embed_tokens"))
+    # quantized modules read their layout version from the metadata on load
+    state._metadata = getattr(full, "_metadata", None)
+    if _is_plain(state):
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / "gpt.safetensors"))
+        return "gpt.safetensors"
+    torch.save(state, folder / "gpt.pt")
+    return "gpt.pt"
+
+
+def _copy_assets(src: Path, dst: Path) -> None:
+    from quantkit.models import OVERRIDES_FILE
+
+    for item in (src / "asset").rglob("*"):
+        rel = item.relative_to(src)
+        if item.is_dir() or rel.as_posix() == "asset/gpt/model.safetensors":
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(item, dst / rel)
+    if (src / OVERRIDES_FILE).exists():
+        shutil.copy2(src / OVERRIDES_FILE, dst / OVERRIDES_FILE)
+
+
+def _compile_artifacts(chat, folder: Path) -> bool:
+    """Compile now (one short synthesis) and keep what Inductor built."""
+    from quantkit.compile import save_compile_cache
+    from quantkit.synth import synthesize
+
+    synthesize(chat, "Compile.", seed=0, steps=4)
+    return save_compile_cache(folder) is not None
+
+
+def _recipe_and_metrics(recipe: str | None, best: str | None) -> tuple[Any, dict | None]:
+    from quantkit.recipes import get_recipe
+    from quantkit.report import load_results
+
+    if best is None:
+        return get_recipe(recipe), None
+    doc = load_results(Path(best))
+    name = (doc.get("recommendation") or {}).get("name")
+    if not name:
+        raise QuantkitError(f"{best}/results.json recommends no recipe")
+    chosen = next(r for r in doc["recipes"] if r["name"] == name)
+    metrics = {k: chosen.get(k) for k in ("ms_per_step", "warm_s_median", "rtf", "weight_bytes",
+                                          "error_rate", "fidelity")}
+    metrics["reason"] = doc["recommendation"]["reason"]
+    return get_recipe(name), metrics
+
+
+def export_variant(out: str | Path, recipe: str | None = None, best: str | None = None,
+                   model: str = "synthetic", device: str = "cpu", force: bool = False) -> dict[str, Any]:
+    """Write a variant directory atomically: a temporary sibling, renamed at the very end."""
+    from quantkit.apply import apply_recipe, weight_bytes
+    from quantkit.models import load_chat, resolve_source
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise QuantkitError(f"{out} already exists (use --force to replace it)")
+    rec, metrics = _recipe_and_metrics(recipe, best)
+    if rec.baseline:
+        raise QuantkitError("the 'stock' baseline changes nothing: export fp32 or a quantized recipe")
+    if "bnb-int8" in (rec.component(c).quantize for c in ("gpt", "heads", "decoder", "vocos")):
+        # bitsandbytes' Int8Params cannot be loaded back into a module through load_state_dict
+        # on CPU (it refuses to copy int8 into a parameter that may require grad)
+        raise QuantkitError(f"recipe '{rec.name}': bitsandbytes int8 variants cannot be exported yet; "
+                            "export int8-dynamic or int8-dynamic-fbgemm instead")
+    src = resolve_source(model)
+    chat = load_chat(model, device)
+    apply_recipe(chat, rec)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _copy_assets(src, tmp)
+        gpt_file = _write_gpt(chat, tmp)
+        compiled = rec.compile.enabled and _compile_artifacts(chat, tmp)
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        manifest = {
+            "schema": SCHEMA, "recipe": rec.to_dict(),
+            "source": {"model": model, "sha256": _source_hash(src)},
+            "versions": _versions(), "device": torch.device(chat.device).type,
+            "gpt_weights": {"file": gpt_file,
+                            "format": "safetensors" if gpt_file.endswith(".safetensors") else "torch"},
+            "compile_artifacts": "compile_cache.bin" if compiled else None,
+            "weight_bytes": asdict(weight_bytes(chat)),
+            "chosen_by": metrics,
+            "files": {f: sha256(tmp / f) for f in files},
+        }
+        _write_manifest(tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sizes = {"total_bytes": sum((out / f).stat().st_size for f in files),
+             "gpt_bytes": (out / gpt_file).stat().st_size}
+    return {"out": str(out), "recipe": rec.name, **sizes, "compile_artifacts": bool(compiled)}
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+# ---------------------------------------------------------------- loading
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise QuantkitError(f"{folder} is not a quantkit variant (no {MANIFEST})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise QuantkitError(f"{path} is not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        raise QuantkitError(f"{path}: unsupported manifest schema {manifest.get('schema') if isinstance(manifest, dict) else None!r} "
+                            f"(this quantkit reads {SCHEMA})")
+    for key in ("recipe", "files", "versions", "gpt_weights"):
+        if key not in manifest:
+            raise QuantkitError(f"{path}: missing '{key}'")
+    return manifest
+
+
+def verify(folder: Path, manifest: dict) -> None:
+    """Every listed file present and unchanged, nothing added, the same library versions."""
+    for rel, digest in manifest["files"].items():
+        path = folder / rel
+        if not path.is_file():
+            raise QuantkitError(f"variant {folder} is missing {rel}")
+        if sha256(path) != digest:
+            raise QuantkitError(f"variant {folder}: {rel} does not match its hash in the manifest "
+                                "(corrupted or edited)")
+    current = _versions()
+    diff = [f"{k} {v} (running {current.get(k)})" for k, v in manifest["versions"].items()
+            if current.get(k) != v]
+    if diff:
+        raise QuantkitError(f"variant {folder} was exported with {', '.join(diff)}: re-export it "
+                            "with the installed libraries")
+
+
+@contextlib.contextmanager
+def _stored_gpt(folder: Path, manifest: dict):
+    """Answer ChatTTS's ``LlamaModel.from_pretrained`` with the stored (quantized) GPT."""
+    from transformers import LlamaConfig, LlamaModel
+
+    import ChatTTS.model.gpt as chattts_gpt
+
+    weights = manifest["gpt_weights"]
+
+    def from_pretrained(gpt_folder, *args, **kwargs):
+        config = LlamaConfig.from_pretrained(gpt_folder)
+        with torch.device("meta"):
+            model = LlamaModel(config)
+        model.embed_tokens = nn.Embedding(1, config.hidden_size)  # ChatTTS deletes it next
+        path = folder / weights["file"]
+        if weights["format"] == "safetensors":
+            from safetensors.torch import load_file
+
+            state, materialized = load_file(str(path)), False
+        else:
+            materialized = _prepare_skeleton(model, manifest["recipe"]["gpt"]["quantize"])
+            state = torch.load(path, weights_only=False)  # hash-checked above
+        # meta skeletons take the stored tensors as they are (torchao subclasses included)
+        model.load_state_dict(state, strict=False, assign=not materialized)
+        # inv_freq is a non-persistent buffer: rebuild it as LlamaModel's constructor does
+        model.rotary_emb = type(model.rotary_emb)(config=config)
+        missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                   if t.is_meta]
+        if missing:
+            raise QuantkitError(f"variant {folder}: {weights['file']} lacks {missing[0]}")
+        return model.eval()
+
+    original = chattts_gpt.LlamaModel
+    shim = type("StoredLlamaModel", (), {"from_pretrained": staticmethod(from_pretrained)})
+    chattts_gpt.LlamaModel = shim
+    try:
+        yield
+    finally:
+        chattts_gpt.LlamaModel = original
+
+
+def _prepare_skeleton(model: nn.Module, method: str) -> bool:
+    """Module types whose state dicts differ from nn.Linear's (packed or bitsandbytes int8) are
+    built for real, to be loaded into; True if so."""
+    if method not in ("int8-dynamic-fbgemm", "bnb-int8"):
+        return False
+    model.to_empty(device="cpu")
+    for t in model.parameters():
+        t.data.zero_()  # placeholders only: load_state_dict overwrites them next
+    if method == "int8-dynamic-fbgemm":
+        torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    else:
+        from quantkit.quantize import quantize_module
+
+        quantize_module(model, "bnb-int8", torch.device("cpu"))
+    return True
+
+
+def load_variant(folder: str | Path, device: str = "cpu"):
+    """A ready ChatTTS ``Chat`` from an exported variant (checked, not re-quantized)."""
+    from quantkit.apply import apply_recipe
+    from quantkit.models import new_chat, resolve_device
+    from quantkit.recipes import parse_recipe
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    verify(folder, manifest)
+    dev = resolve_device(device)
+    recipe_data = dict(manifest["recipe"])
+    recipe = parse_recipe(recipe_data.pop("name"), recipe_data, where=f"{folder}/{MANIFEST}")
+    overrides_path = folder / "quantkit_config.json"
+    overrides = json.loads(overrides_path.read_text())["config"] if overrides_path.exists() else {}
+    chat = new_chat(overrides)
+    paths = {k: str(folder / v) for k, v in asdict(chat.config.path).items()}
+    try:
+        with _stored_gpt(folder, manifest):
+            chat._load(device=dev, compile=False, **paths)
+    except QuantkitError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise QuantkitError(f"variant {folder} could not be loaded: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+    apply_recipe(chat, recipe, preapplied=("gpt",))
+    if manifest.get("compile_artifacts"):
+        from quantkit.compile import load_compile_cache
+
+        load_compile_cache(folder)
+    chat.quantkit_source = str(folder)
+    return chat
