@@ -83,6 +83,10 @@ def apply_recipe(chat, recipe: Recipe, compile_step: bool = True,
     ``preapplied`` components already hold quantized weights (an exported variant)."""
     if recipe.baseline:
         return
+    # Inference only; and a compiled graph's cache key depends on requires_grad, which must be
+    # the same whether the weights were quantized here or loaded from an exported variant.
+    for module in (chat.gpt.gpt, chat.embed, chat.decoder, chat.vocos):
+        module.requires_grad_(False)
     device = torch.device(chat.device)
     for name in COMPONENTS:
         comp = recipe.component(name)

@@ -202,7 +202,22 @@ def environment(device: str) -> dict[str, Any]:
     return {"torch": torch.__version__, "torchao": ver("torchao"), "chattts": ver("chattts"),
             "transformers": ver("transformers"), "bitsandbytes": ver("bitsandbytes"),
             "python": platform.python_version(), "cpu": _cpu_name(), "gpu": gpu,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(),
+            "read_bandwidth_gbs": read_bandwidth_gbs() if device == "cpu" else None}
+
+
+def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
+    """This machine's memory read bandwidth (best of a few sums over a buffer far beyond cache):
+    the ceiling for a memory-bound decode step, measured in the same run as the recipes."""
+    import torch
+
+    x = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
 
 
 def _cpu_name() -> str:

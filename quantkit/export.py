@@ -257,19 +257,14 @@ def _stored_gpt(folder: Path, manifest: dict):
 
 
 def _prepare_skeleton(model: nn.Module, method: str) -> bool:
-    """Module types whose state dicts differ from nn.Linear's (packed or bitsandbytes int8) are
-    built for real, to be loaded into; True if so."""
-    if method not in ("int8-dynamic-fbgemm", "bnb-int8"):
+    """fbgemm's packed int8 Linears have their own state-dict layout: build that module type for
+    real (zeroed placeholders) to be loaded into. True if the model was materialized."""
+    if method != "int8-dynamic-fbgemm":
         return False
     model.to_empty(device="cpu")
     for t in model.parameters():
         t.data.zero_()  # placeholders only: load_state_dict overwrites them next
-    if method == "int8-dynamic-fbgemm":
-        torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
-    else:
-        from quantkit.quantize import quantize_module
-
-        quantize_module(model, "bnb-int8", torch.device("cpu"))
+    torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
     return True
 
 

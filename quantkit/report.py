@@ -151,6 +151,8 @@ def render_markdown(doc: dict) -> str:
         out += ["## Failed recipes", ""] + [f"- **{r['name']}**: {r['error']}" for r in failed] + [""]
     out += ["![latency versus error](pareto.png)", "", "## Environment and reproduction", "",
             f"- machine: {env.get('cpu')}, {env.get('threads')} threads"
+            + (f", measured read bandwidth {env['read_bandwidth_gbs']:.1f} GB/s"
+               if env.get("read_bandwidth_gbs") else "")
             + (f", GPU {env['gpu']}" if env.get("gpu") else ""),
             "- versions: " + ", ".join(f"{k} {env[k]}" for k in
                                        ("torch", "torchao", "chattts", "transformers", "bitsandbytes")
