@@ -15,11 +15,12 @@ code generation. Text refinement, streaming and batches fall back to ChatTTS's l
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-from dataclasses import dataclass
+import platform
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -133,14 +134,19 @@ class StaticCacheGPT(nn.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.llama.norm(x).float()
 
-    def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, window: torch.Tensor,
-                    temperature: torch.Tensor, mask_eos: torch.Tensor, s: Sampling):
-        """One step: last tokens (1, num_vq) at position pos (1,) -> (hidden (1, H), probs)."""
-        emb = torch.stack([emb(ids[:, i]) for i, emb in enumerate(self.emb_code)], 2).sum(2)
-        hidden = self(emb[:, None].float(), pos)[:, -1]
-        logits = torch.stack([head(hidden) for head in self.head_code], 1).float()
-        probs = process_logits(logits.reshape(-1, logits.shape[-1]), window, temperature, mask_eos, s)
-        return hidden, probs
+
+def decode_step(model: StaticCacheGPT, ids: torch.Tensor, pos: torch.Tensor, window: torch.Tensor,
+                temperature: torch.Tensor, mask_eos: torch.Tensor):
+    """One step: last tokens (1, num_vq) at position pos (1,) -> (hidden (1, H), probs).
+
+    A free function of the model (not a bound method) so that it can be compiled ahead of time
+    and saved; the sampling constants come from ``model.sampling``."""
+    emb = torch.stack([emb(ids[:, i]) for i, emb in enumerate(model.emb_code)], 2).sum(2)
+    hidden = model(emb[:, None].float(), pos)[:, -1]
+    logits = torch.stack([head(hidden) for head in model.head_code], 1).float()
+    probs = process_logits(logits.reshape(-1, logits.shape[-1]), window, temperature, mask_eos,
+                           model.sampling)
+    return hidden, probs
 
 
 class CompiledGenerate:
@@ -152,16 +158,34 @@ class CompiledGenerate:
         self.fallback = chat.gpt.generate
         self.settings = settings
         self.model = StaticCacheGPT(chat, settings.cache_capacity)
-        self.compile_step = compile_step
-        self._steps: dict[Sampling, object] = {}
+        self.step = (torch.compile(decode_step, fullgraph=True, dynamic=False, **compile_kwargs(settings))
+                     if compile_step else decode_step)
+        self.precompiled: dict[Sampling, Callable] = {}  # loaded ahead-of-time compilations
+        self._interned: dict[Sampling, Sampling] = {}
 
     def _step_fn(self, s: Sampling):
-        if s not in self._steps:
-            fn = functools.partial(self.model.decode_step, s=s)
-            if self.compile_step:
-                fn = torch.compile(fn, fullgraph=True, dynamic=False, **compile_kwargs(self.settings))
-            self._steps[s] = fn
-        return self._steps[s]
+        # One Sampling object per value: the compiled step guards on model.sampling.
+        self.model.sampling = self._interned.setdefault(s, s)
+        return self.precompiled.get(s, self.step)
+
+    def example_inputs(self, s: Sampling) -> tuple:
+        num_vq = len(self.model.emb_code)
+        device = self.model.slots.device
+        self.model.sampling = self._interned.setdefault(s, s)
+        return (self.model, torch.zeros(1, num_vq, dtype=torch.long, device=device),
+                torch.tensor([1], device=device),
+                torch.full((num_vq, s.past_window), -1, dtype=torch.long, device=device),
+                torch.ones(num_vq, 1, device=device), torch.tensor(False, device=device))
+
+    def default_sampling(self) -> Sampling:
+        """What ChatTTS's default InferCodeParams give (the harness uses them)."""
+        from ChatTTS.model import gen_logits
+
+        p = self.chat.InferCodeParams()
+        num_code = self.chat.config.gpt.num_audio_tokens - 1
+        warpers, processors = gen_logits(num_code=num_code, top_P=p.top_P, top_K=p.top_K,
+                                         repetition_penalty=p.repetition_penalty)
+        return sampling_from((*processors, *warpers), num_code)
 
     def __call__(self, emb, inputs_ids, temperature, eos_token, attention_mask=None, max_new_token=2048,
                  min_new_token=0, logits_processors=(), infer_text=False, return_attn=False,
@@ -219,7 +243,8 @@ class CompiledGenerate:
                 break
             window = torch.cat([window[:, 1:], nxt.view(num_vq, 1)], 1)
             pos = torch.tensor([length + i], device=device)
-            hidden, probs = step(nxt, pos, window, temp, torch.tensor(i + 1 < min_new_token, device=device))
+            hidden, probs = step(self.model, nxt, pos, window, temp,
+                                 torch.tensor(i + 1 < min_new_token, device=device))
             hidden, probs = hidden.clone(), probs.clone()
         ids = torch.cat([inputs_ids[0], torch.cat(tokens).to(inputs_ids.dtype)])[None]
         hid = [torch.cat(hiddens)[:n_out]] if return_hidden else []
@@ -240,6 +265,8 @@ def compile_kwargs(settings: CompileSettings) -> dict:
 
 def enable_compiled_decoding(chat, settings: CompileSettings, compile_step: bool = True) -> CompiledGenerate:
     """Route ChatTTS's code generation through the static-cache path (compiled unless told not)."""
+    if compile_step:
+        skip_vec_isa_probe()
     gen = CompiledGenerate(chat, settings, compile_step=compile_step)
     chat.gpt.generate = gen
     return gen
@@ -259,6 +286,36 @@ def save_compile_cache(directory: str | Path) -> Path | None:
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
+
+
+def save_precompiled_step(gen: CompiledGenerate, path: str | Path) -> dict:
+    """Compile the decode step ahead of time (torch.compile(...).aot_compile) for ChatTTS's default
+    sampling and save it: a fresh process then skips tracing and code generation entirely."""
+    torch._dynamo.config.enable_aot_compile = True
+    s = gen.default_sampling()
+    fn = torch.compile(decode_step, fullgraph=True, dynamic=False, **compile_kwargs(gen.settings))
+    with torch.no_grad():
+        compiled = fn.aot_compile((gen.example_inputs(s), {}))
+    compiled.save_compiled_function(str(path))
+    gen.precompiled[s] = compiled
+    return asdict(s)
+
+
+def load_precompiled_step(gen: CompiledGenerate, path: str | Path, sampling: dict) -> None:
+    """Use a saved ahead-of-time step for calls whose sampling constants are the saved ones
+    (others compile as usual: the loaded function does not check them itself)."""
+    torch._dynamo.config.enable_aot_compile = True
+    with open(path, "rb") as fh:
+        gen.precompiled[Sampling(**sampling)] = torch.compiler.load_compiled_function(fh)
+
+
+def skip_vec_isa_probe() -> None:
+    """Inductor's first CPU compile (or load) probes each vector ISA by building and importing a
+    test library in a fresh Python: about 10 s here. The CPU flags already tell the answer."""
+    import torch._inductor.config
+
+    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
+        torch._inductor.config.cpp.vec_isa_ok = True
 
 
 def load_compile_cache(directory: str | Path) -> bool:

@@ -7,7 +7,8 @@ Layout of a variant directory::
     asset/                   ChatTTS asset layout minus the fp32 GPT weights
     gpt.safetensors|gpt.pt   the GPT after the recipe (torch format where tensor subclasses
                              or packed int8 weights cannot be safetensors)
-    compile_cache.bin        Inductor artifacts (compiled recipes)
+    decode_step.aot          the decode step compiled ahead of time (compiled recipes), or
+    compile_cache.bin        Inductor's cache artifacts where ahead-of-time compilation fails
 
 Loading goes through ChatTTS's own ``Chat._load``; only its one call that reads fp32 GPT
 weights (``LlamaModel.from_pretrained``) is answered with the stored, already-quantized GPT.
@@ -99,13 +100,30 @@ def _copy_assets(src: Path, dst: Path) -> None:
         shutil.copy2(src / OVERRIDES_FILE, dst / OVERRIDES_FILE)
 
 
-def _compile_artifacts(chat, folder: Path) -> bool:
-    """Compile now (one short synthesis) and keep what Inductor built."""
-    from quantkit.compile import save_compile_cache
+PRECOMPILED = "decode_step.aot"
+
+
+INDUCTOR_CACHE = "compile_cache.bin"
+
+
+def _compile_artifacts(chat, folder: Path) -> dict:
+    """The decode step compiled ahead of time, with the sampling constants it bakes in; where
+    that is not supported (Inductor freezing, torchao tensor subclasses in torch 2.11), Inductor's
+    cache artifacts instead, which spare code generation but not tracing."""
+    from quantkit.compile import save_compile_cache, save_precompiled_step
     from quantkit.synth import synthesize
 
+    try:
+        sampling = save_precompiled_step(chat.gpt.generate, folder / PRECOMPILED)
+        return {"kind": "aot", "file": PRECOMPILED, "sampling": sampling}
+    except Exception as exc:  # noqa: BLE001 - an experimental API: any failure means "not here"
+        log.warning("ahead-of-time compilation unavailable for this recipe (%s: %s); saving "
+                    "Inductor cache artifacts instead", type(exc).__name__, str(exc)[:120])
+        (folder / PRECOMPILED).unlink(missing_ok=True)
+    torch._dynamo.reset()
     synthesize(chat, "Compile.", seed=0, steps=4)
-    return save_compile_cache(folder) is not None
+    save_compile_cache(folder)
+    return {"kind": "inductor-cache", "file": INDUCTOR_CACHE}
 
 
 def _recipe_and_metrics(recipe: str | None, best: str | None) -> tuple[Any, dict | None]:
@@ -150,7 +168,7 @@ def export_variant(out: str | Path, recipe: str | None = None, best: str | None 
     try:
         _copy_assets(src, tmp)
         gpt_file = _write_gpt(chat, tmp)
-        compiled = rec.compile.enabled and _compile_artifacts(chat, tmp)
+        compiled = _compile_artifacts(chat, tmp) if rec.compile.enabled else None
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         manifest = {
             "schema": SCHEMA, "recipe": rec.to_dict(),
@@ -158,7 +176,7 @@ def export_variant(out: str | Path, recipe: str | None = None, best: str | None 
             "versions": _versions(), "device": torch.device(chat.device).type,
             "gpt_weights": {"file": gpt_file,
                             "format": "safetensors" if gpt_file.endswith(".safetensors") else "torch"},
-            "compile_artifacts": "compile_cache.bin" if compiled else None,
+            "compile_artifacts": compiled,
             "weight_bytes": asdict(weight_bytes(chat)),
             "chosen_by": metrics,
             "files": {f: sha256(tmp / f) for f in files},
@@ -293,9 +311,15 @@ def load_variant(folder: str | Path, device: str = "cpu"):
         raise QuantkitError(f"variant {folder} could not be loaded: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
     apply_recipe(chat, recipe, preapplied=("gpt",))
-    if manifest.get("compile_artifacts"):
-        from quantkit.compile import load_compile_cache
+    artifacts = manifest.get("compile_artifacts")
+    if artifacts:
+        from quantkit.compile import load_precompiled_step
 
-        load_compile_cache(folder)
+        if artifacts["kind"] == "aot":
+            load_precompiled_step(chat.gpt.generate, folder / artifacts["file"], artifacts["sampling"])
+        else:
+            from quantkit.compile import load_compile_cache
+
+            load_compile_cache(folder)
     chat.quantkit_source = str(folder)
     return chat
