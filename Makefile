@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# The main job's output; the committed example lives in reports/.
-OUT    ?= out/eval
+# The main job's output: its committed example is reports/example-synthetic-cpu.
+OUT    ?= reports/example-synthetic-cpu
+RECIPES ?= stock,fp32,bf16,int8-dynamic-fbgemm,int8-dynamic-compiled
 
 .PHONY: install system-deps run test clean
 
@@ -22,7 +23,8 @@ system-deps:
 
 # The main job on the offline default: synthetic ChatTTS, bundled Whisper weights.
 run: install
-	$(BIN)/python -m quantkit eval --model synthetic --out $(OUT)
+	$(BIN)/python -m quantkit eval --model synthetic --recipes $(RECIPES) --texts en --limit 4 \
+		--runs 3 --max-new-tokens 96 --out $(OUT)
 
 test: install system-deps
 	$(BIN)/python -m pytest -q

@@ -83,10 +83,6 @@ def apply_recipe(chat, recipe: Recipe, compile_step: bool = True,
     ``preapplied`` components already hold quantized weights (an exported variant)."""
     if recipe.baseline:
         return
-    # Inference only; and a compiled graph's cache key depends on requires_grad, which must be
-    # the same whether the weights were quantized here or loaded from an exported variant.
-    for module in (chat.gpt.gpt, chat.embed, chat.decoder, chat.vocos):
-        module.requires_grad_(False)
     device = torch.device(chat.device)
     for name in COMPONENTS:
         comp = recipe.component(name)
@@ -110,6 +106,11 @@ def apply_recipe(chat, recipe: Recipe, compile_step: bool = True,
                 f"recipe '{recipe.name}': component {name} ({comp.dtype}, {comp.quantize}) cannot "
                 f"run on {device.type}: {reason}") from None
         log.info("recipe %s: %s -> %s, %s", recipe.name, name, comp.dtype, comp.quantize)
+    # Inference only; and a compiled graph's cache key depends on requires_grad, which must be
+    # the same whether the weights were quantized here or loaded from an exported variant.
+    # (After folding: a folded weight stays a Parameter only if its originals required grad.)
+    for module in (chat.gpt.gpt, chat.embed, chat.decoder, chat.vocos):
+        module.requires_grad_(False)
     if recipe.compile.enabled:
         from quantkit.compile import enable_compiled_decoding
 

@@ -134,10 +134,11 @@ def worker(spec_path: str) -> int:
     from quantkit.texts import load_texts
 
     spec = json.loads(Path(spec_path).read_text())
-    cfg, name, out = EvalConfig(**spec["config"]), spec["recipe"], Path(spec["out"])
+    cfg, out = EvalConfig(**spec["config"]), Path(spec["out"])
     _lang, texts = load_texts(cfg.texts)
     texts = dict(list(texts.items())[: cfg.limit])
-    recipe = get_recipe(name)
+    recipe = get_recipe(spec["recipe"])
+    name = recipe.name
     import ChatTTS  # noqa: F401 - import time is not load time
 
     t0 = time.perf_counter()
@@ -148,6 +149,7 @@ def worker(spec_path: str) -> int:
     result = {"name": recipe.name, "load_s": t1 - t0, "apply_s": t2 - t1}
     result.update(_measure(chat, recipe, cfg, next(iter(texts.values()))))
     ref_path = out / ".work" / "fp32_reference.pt"
+    # fp32_reference.pt is this run's own file, written by the fp32 process a moment ago
     reference = None if name == REFERENCE else torch.load(ref_path, weights_only=False)
     rows, ref_out, fid = _utterances(chat, cfg, texts, out, name, reference)
     if ref_out is not None:
@@ -162,29 +164,30 @@ def worker(spec_path: str) -> int:
 
 # ---------------------------------------------------------------- the parent
 
-def _run_worker(name: str, cfg: EvalConfig, out: Path) -> tuple[dict, list[dict]]:
+def _run_worker(source: str, cfg: EvalConfig, out: Path) -> tuple[dict, list[dict]]:
+    """Run one recipe (a name or .toml path) in its own process."""
+    from quantkit.recipes import get_recipe
+
+    name = get_recipe(source).name
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
-    spec = {"config": asdict(cfg), "recipe": name, "out": str(out), "result": str(work / f"{name}.json")}
+    spec = {"config": asdict(cfg), "recipe": source, "out": str(out), "result": str(work / f"{name}.json")}
     spec_path = work / f"{name}.spec.json"
     spec_path.write_text(json.dumps(spec))
     Path(spec["result"]).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "quantkit.evaluate", str(spec_path)]
+    result_path = Path(spec["result"])
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.timeout_s)
-        error = None if proc.returncode == 0 else _last_error(proc.stderr, proc.returncode)
+        # stderr passes through: the worker's progress bars are the user's progress display
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=cfg.timeout_s)
+        data = json.loads(result_path.read_text()) if result_path.exists() else {}
+        error = data.get("error") or (None if proc.returncode == 0 else
+                                      f"the recipe's process exited with code {proc.returncode}")
     except subprocess.TimeoutExpired:
-        error = f"timed out after {cfg.timeout_s:.0f} s"
-    if error is None and Path(spec["result"]).exists():
-        data = json.loads(Path(spec["result"]).read_text())
+        data, error = {}, f"timed out after {cfg.timeout_s:.0f} s"
+    if error is None and "result" in data:
         return {"status": "ok", "error": None, **data["result"]}, data["utterances"]
     return {"name": name, "status": "failed", "error": error or "no result written"}, []
-
-
-def _last_error(stderr: str, code: int) -> str:
-    lines = [l.strip() for l in stderr.splitlines() if l.strip() and not l.startswith(" ")]
-    errors = [l for l in lines if l.startswith("error: ") or "Error" in l or "error" in l]
-    return (errors or lines or [f"exit code {code}"])[-1][:300]
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -314,7 +317,7 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     names = cfg.recipes or recipe_names()
     for n in names:
         get_recipe(n)  # every name valid before anything runs
-    names = [REFERENCE] + [n for n in dict.fromkeys(names) if n != REFERENCE]
+    names = [REFERENCE] + [n for n in dict.fromkeys(names) if get_recipe(n).name != REFERENCE]
     language, texts = load_texts(cfg.texts)
     if cfg.limit:
         texts = dict(list(texts.items())[: cfg.limit])
@@ -325,7 +328,7 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
         log.warning("[%d/%d] %s", i, len(names), name)
         t = time.perf_counter()
         res, utt = _run_worker(name, cfg, out)
-        log.warning("[%d/%d] %s: %s in %.0f s%s", i, len(names), name, res["status"],
+        log.warning("[%d/%d] %s: %s in %.0f s%s", i, len(names), res["name"], res["status"],
                     time.perf_counter() - t, f" ({res['error']})" if res["error"] else "")
         results.append(res)
         rows += utt
@@ -351,11 +354,24 @@ def default_command(argv: list[str]) -> str:
     return "python -m quantkit " + " ".join(shlex.quote(a) for a in argv)
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("ChatTTS").setLevel(logging.ERROR)
+def _worker_main(spec_path: str) -> int:
+    """Run a worker; whatever stops it is written where the parent looks for the result."""
+    import warnings
+
+    warnings.filterwarnings("ignore")  # library deprecation chatter would bury the progress bars
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    result_path = Path(json.loads(Path(spec_path).read_text())["result"])
     try:
-        sys.exit(worker(sys.argv[1]))
+        return worker(spec_path)
     except QuantkitError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        sys.exit(2)
+        message, code = str(exc), 2
+    except Exception as exc:  # noqa: BLE001 - recorded as the recipe's failure, the run goes on
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        message, code = f"{type(exc).__name__}: {first}", 1
+    result_path.write_text(json.dumps({"error": message}))
+    sys.stderr.write(f"error: {message}\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1]))
