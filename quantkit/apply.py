@@ -10,7 +10,7 @@ import torch.nn.utils.parametrize as P
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.precision import DTYPES, cast_module
+from quantkit.precision import cast_module
 from quantkit.quantize import module_weight_bytes, quantize_module
 from quantkit.recipes import COMPONENTS, Recipe
 
@@ -121,5 +121,3 @@ def component_dtype(chat, name: str) -> torch.dtype:
     module = component_module(chat, name)
     return next(p for p in module.parameters() if p.is_floating_point()).dtype
 
-
-__all__ = ["apply_recipe", "component_module", "component_dtype", "weight_bytes", "WeightBytes", "DTYPES"]

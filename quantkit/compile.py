@@ -235,7 +235,7 @@ class CompiledGenerate:
             nxt = nxt.view(1, num_vq)
             tokens.append(nxt)
             if return_hidden:
-                hiddens.append(hidden.clone())  # CUDA graphs reuse their output buffers
+                hiddens.append(hidden)
             if bool(nxt.eq(s.eos).any()) or (context is not None and context.get()):
                 break
             n_out += 1
@@ -245,7 +245,7 @@ class CompiledGenerate:
             pos = torch.tensor([length + i], device=device)
             hidden, probs = step(self.model, nxt, pos, window, temp,
                                  torch.tensor(i + 1 < min_new_token, device=device))
-            hidden, probs = hidden.clone(), probs.clone()
+            hidden, probs = hidden.clone(), probs.clone()  # CUDA graphs reuse their output buffers
         ids = torch.cat([inputs_ids[0], torch.cat(tokens).to(inputs_ids.dtype)])[None]
         hid = [torch.cat(hiddens)[:n_out]] if return_hidden else []
         return GPT.GenerationOutputs(ids=[ids[0].narrow(0, length, n_out)], attentions=[], hiddens=hid)

@@ -166,3 +166,14 @@ def test_compiled_variant_starts_without_compiling(tiny_dir, tmp_path):
     graphs, tokens = json.loads(proc.stdout.strip().splitlines()[-1])
     assert graphs == 0  # nothing traced or compiled in the fresh process
     assert tokens == expected
+
+
+@pytest.mark.parametrize("recipe,fragment", [
+    (str(Path(__file__).parent / "data" / "recipes" / "heads-int8.toml"), "quantized heads is not supported"),
+    ("bnb-int8", "bitsandbytes int8 variants cannot be exported"),
+    ("stock", "changes nothing"),
+])
+def test_recipes_that_cannot_be_exported_say_why(recipe, fragment, tmp_path):
+    assert_one_line_error(run_cli("export", recipe, "--model", "synthetic-tiny", "--out", str(tmp_path / "v")),
+                          fragment)
+    assert not (tmp_path / "v").exists()

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from conftest import assert_one_line_error, run_cli
-from quantkit.apply import apply_recipe, component_dtype, component_module
+from quantkit.apply import apply_recipe, component_dtype
 from quantkit.errors import QuantkitError
 from quantkit.models import load_chat
 from quantkit.quantize import is_quantized_linear, module_weight_bytes
