@@ -82,8 +82,10 @@ def plot_pareto(doc: dict, path: Path) -> None:
         ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", lw=1.2, marker="o",
                 mfc="none", ms=10, drawstyle="steps-post", label="Pareto front", zorder=2)
         ax.legend(loc="best", fontsize=8)
-        if "KL" in label and all(p[1] > 0 for p in points):
-            ax.set_yscale("log")
+        positive = [p[1] for p in points if p[1] > 0]
+        if "KL" in label and positive:
+            # KL spans orders of magnitude and is exactly 0 for fp32 itself
+            ax.set_yscale("symlog", linthresh=min(positive))
     ax.set_xlabel("GPT latency, ms per step (warm median)")
     ax.set_ylabel(label)
     title = f"{doc['model']} on {doc['device']}"
