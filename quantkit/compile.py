@@ -263,8 +263,27 @@ def compile_kwargs(settings: CompileSettings) -> dict:
     return {"options": options}
 
 
+def column_major_fp32_weights(module: nn.Module) -> int:
+    """Store plain fp32 Linear weights transposed in memory (same shape, column-major strides).
+
+    A decode step is batch-1 GEMVs; on x86 CPUs the BLAS GEMV over a K-major weight streams
+    memory about 1.6x faster than over PyTorch's default row-major (out, in) layout (measured
+    here: 16.8 against 10.4 GB/s). bf16 runs the other way (9 against 14 GB/s), and quantized
+    weights keep their own packing, so only plain fp32 weights on CPU are touched."""
+    changed = 0
+    for lin in module.modules():
+        w = getattr(lin, "weight", None)
+        if (isinstance(lin, nn.Linear) and type(w) is nn.Parameter and w.dtype == torch.float32
+                and w.device.type == "cpu" and w.is_contiguous()):
+            lin.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
+            changed += 1
+    return changed
+
+
 def enable_compiled_decoding(chat, settings: CompileSettings, compile_step: bool = True) -> CompiledGenerate:
     """Route ChatTTS's code generation through the static-cache path (compiled unless told not)."""
+    column_major_fp32_weights(chat.gpt.gpt)
+    column_major_fp32_weights(chat.embed.head_code)
     if compile_step:
         skip_vec_isa_probe()
     gen = CompiledGenerate(chat, settings, compile_step=compile_step)
