@@ -180,8 +180,10 @@ def _run_worker(source: str, cfg: EvalConfig, out: Path) -> tuple[dict, list[dic
     cmd = [sys.executable, "-m", "quantkit.evaluate", str(spec_path)]
     result_path = Path(spec["result"])
     try:
-        # stderr passes through: the worker's progress bars are the user's progress display
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=cfg.timeout_s)
+        # stderr passes through: the worker's progress bars are the user's progress display.
+        # A fresh Inductor cache per recipe: its first call is a real cold compile.
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str((work / f"inductor-{name}").resolve())}
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=cfg.timeout_s, env=env)
         data = json.loads(result_path.read_text()) if result_path.exists() else {}
         error = data.get("error") or (None if proc.returncode == 0 else
                                       f"the recipe's process exited with code {proc.returncode}")
