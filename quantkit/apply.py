@@ -10,7 +10,7 @@ import torch.nn.utils.parametrize as P
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.precision import cast_module
+from quantkit.precision import cast_module, float_dtype
 from quantkit.quantize import module_weight_bytes, quantize_module
 from quantkit.recipes import COMPONENTS, Recipe
 
@@ -51,7 +51,7 @@ def _probe(chat, name: str) -> None:
     hidden = chat.config.gpt.hidden_size
     dev = chat.device
     if name == "gpt":
-        dtype = next(p for p in chat.gpt.gpt.parameters() if p.is_floating_point()).dtype
+        dtype = float_dtype(chat.gpt.gpt)
         chat.gpt.gpt(inputs_embeds=torch.randn(1, 3, hidden, device=dev, dtype=dtype), use_cache=False)
     elif name == "heads":
         chat.gpt.head_code[0](torch.randn(1, hidden, device=dev))
@@ -118,6 +118,5 @@ def apply_recipe(chat, recipe: Recipe, compile_step: bool = True,
 
 
 def component_dtype(chat, name: str) -> torch.dtype:
-    module = component_module(chat, name)
-    return next(p for p in module.parameters() if p.is_floating_point()).dtype
+    return float_dtype(component_module(chat, name))
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from quantkit.precision import float_dtype
 from quantkit.recipes import CompileSettings
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class StaticCacheGPT(nn.Module):
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        dtype = next(p for p in self.llama.parameters() if p.is_floating_point()).dtype
+        dtype = float_dtype(self.llama)
         self.dtype = dtype
         device = torch.device(chat.device_gpt)
         shape = (1, self.kv_heads, capacity, self.head_dim)

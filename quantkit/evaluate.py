@@ -312,7 +312,7 @@ def write_utterances_csv(path: Path, rows: list[dict]) -> None:
 
 
 def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
-    from quantkit.models import SYNTHETIC_CONFIGS, resolve_device
+    from quantkit.models import OVERRIDES_FILE, SYNTHETIC_CONFIGS, resolve_device
     from quantkit.recipes import get_recipe, recipe_names
     from quantkit.report import write_report
     from quantkit.texts import load_texts
@@ -339,7 +339,7 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     if not cfg.skip_asr and rows:
         _transcribe_all(cfg, language, rows, out)
         _score(results, rows, language)
-    synthetic = cfg.model in SYNTHETIC_CONFIGS or (Path(cfg.model) / "quantkit_config.json").exists()
+    synthetic = cfg.model in SYNTHETIC_CONFIGS or (Path(cfg.model) / OVERRIDES_FILE).exists()
     doc = {
         "schema": SCHEMA, "model": cfg.model, "synthetic_weights": synthetic, "device": cfg.device,
         "language": language, "texts": cfg.texts, "utterances": len(texts), "runs": cfg.runs,

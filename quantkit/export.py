@@ -295,7 +295,7 @@ def _prepare_skeleton(model: nn.Module, method: str) -> bool:
 def load_variant(folder: str | Path, device: str = "cpu"):
     """A ready ChatTTS ``Chat`` from an exported variant (checked, not re-quantized)."""
     from quantkit.apply import apply_recipe
-    from quantkit.models import new_chat, resolve_device
+    from quantkit.models import new_chat, read_overrides, resolve_device
     from quantkit.recipes import parse_recipe
 
     folder = Path(folder)
@@ -304,9 +304,7 @@ def load_variant(folder: str | Path, device: str = "cpu"):
     dev = resolve_device(device)
     recipe_data = dict(manifest["recipe"])
     recipe = parse_recipe(recipe_data.pop("name"), recipe_data, where=f"{folder}/{MANIFEST}")
-    overrides_path = folder / "quantkit_config.json"
-    overrides = json.loads(overrides_path.read_text())["config"] if overrides_path.exists() else {}
-    chat = new_chat(overrides)
+    chat = new_chat(read_overrides(folder))
     paths = {k: str(folder / v) for k, v in asdict(chat.config.path).items()}
     try:
         with _stored_gpt(folder, manifest):

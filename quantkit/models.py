@@ -247,14 +247,18 @@ def check_assets(root: Path) -> None:
         raise QuantkitError(f"model directory {root} is incomplete: missing {', '.join(missing)}")
 
 
+def read_overrides(root: Path) -> dict[str, Any]:
+    """The Config overrides a synthetic asset directory was written with ({} for real weights)."""
+    path = Path(root) / OVERRIDES_FILE
+    return json.loads(path.read_text())["config"] if path.exists() else {}
+
+
 def load_chat(model: str = "synthetic-tiny", device: str = "cpu"):
     """Load ChatTTS through its own ``Chat._load`` from any model source."""
     dev = resolve_device(device)
     root = resolve_source(model)
     check_assets(root)
-    overrides_path = root / OVERRIDES_FILE
-    overrides = json.loads(overrides_path.read_text())["config"] if overrides_path.exists() else {}
-    chat = new_chat(overrides)
+    chat = new_chat(read_overrides(root))
     paths = {k: str(root / v) for k, v in asdict(chat.config.path).items()}
     try:
         ok = chat._load(device=dev, compile=False, **paths)

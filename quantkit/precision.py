@@ -19,6 +19,11 @@ def _cast(value, dtype: torch.dtype):
     return value
 
 
+def float_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter (its compute precision)."""
+    return next(p for p in module.parameters() if p.is_floating_point()).dtype
+
+
 def cast_module(module: nn.Module, dtype_name: str) -> None:
     """Cast ``module``'s weights to ``dtype_name`` with fp32 at its boundary."""
     dtype = DTYPES[dtype_name]

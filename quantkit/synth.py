@@ -102,8 +102,9 @@ def teacher_forced(chat, text: str, tokens: torch.Tensor, seed: int = 0,
     code = torch.stack([chat.gpt.emb_code[i](tokens[:, i]) for i in range(tokens.shape[1])]).sum(0)
     # position L-1+i predicts token i, as in ChatTTS's loop (its hidden feeds the decoder too)
     inputs = torch.cat([emb[0], code[:-1].to(emb.dtype)])[None]
-    gpt_dtype = next(p for p in chat.gpt.gpt.parameters() if p.is_floating_point()).dtype
-    hidden = chat.gpt.gpt(inputs_embeds=inputs.to(gpt_dtype), use_cache=False).last_hidden_state
+    from quantkit.precision import float_dtype
+
+    hidden = chat.gpt.gpt(inputs_embeds=inputs.to(float_dtype(chat.gpt.gpt)), use_cache=False).last_hidden_state
     hidden = hidden[0, emb.shape[1] - 1:].float()
     logits = torch.stack([head(hidden) for head in chat.gpt.head_code], 1).float()
     wav = chat._decode_to_wavs([hidden], True)[0]
