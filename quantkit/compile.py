@@ -113,12 +113,18 @@ class StaticCacheGPT(nn.Module):
         self.emb_code = chat.embed.emb_code
         self.head_code = chat.embed.head_code
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x: (1, T, H) embeddings at positions pos (T,) -> final hidden states (1, T, H), fp32."""
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """x: (1, T, H) embeddings at positions pos (T,), attending to the cache slots ``keys``
+        (a prefix ``slots[:n]``, n >= pos.max() + 1) -> final hidden states (1, T, H), fp32.
+
+        Attention reads only those n slots, not the whole capacity: at capacity 1024 the full
+        cache is 126 MB of fp32 per step, as much as the int8 weights. The compiled step takes n
+        as a symbolic size (one graph for every length), the rest of its shapes are static."""
         x = x.to(self.dtype)
-        t = x.shape[1]
+        t, n = x.shape[1], keys.shape[0]
         cos, sin = self.llama.rotary_emb(x, pos[None])
-        mask = (self.slots[None, :] <= pos[:, None])[None, None]  # (1, 1, T, capacity)
+        # One new token attends to every filled slot: no mask needed.
+        mask = None if t == 1 else (keys[None, :] <= pos[:, None])[None, None]  # (1, 1, T, n)
         for i, layer in enumerate(self.llama.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -129,21 +135,22 @@ class StaticCacheGPT(nn.Module):
             k_cache, v_cache = getattr(self, f"k{i}"), getattr(self, f"v{i}")
             k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
             v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
-            o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
+            o = F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n], attn_mask=mask,
                                                enable_gqa=self.kv_heads != self.heads)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(1, t, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.llama.norm(x).float()
 
 
-def decode_step(model: StaticCacheGPT, ids: torch.Tensor, pos: torch.Tensor, window: torch.Tensor,
-                temperature: torch.Tensor, mask_eos: torch.Tensor):
-    """One step: last tokens (1, num_vq) at position pos (1,) -> (hidden (1, H), probs).
+def decode_step(model: StaticCacheGPT, ids: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,
+                window: torch.Tensor, temperature: torch.Tensor, mask_eos: torch.Tensor):
+    """One step: last tokens (1, num_vq) at position pos (1,), attending to slots ``keys``
+    (``slots[:pos + 1]``) -> (hidden (1, H), probs).
 
     A free function of the model (not a bound method) so that it can be compiled ahead of time
     and saved; the sampling constants come from ``model.sampling``."""
     emb = torch.stack([emb(ids[:, i]) for i, emb in enumerate(model.emb_code)], 2).sum(2)
-    hidden = model(emb[:, None].float(), pos)[:, -1]
+    hidden = model(emb[:, None].float(), pos, keys)[:, -1]
     logits = torch.stack([head(hidden) for head in model.head_code], 1).float()
     probs = process_logits(logits.reshape(-1, logits.shape[-1]), window, temperature, mask_eos,
                            model.sampling)
@@ -173,8 +180,10 @@ class CompiledGenerate:
         num_vq = len(self.model.emb_code)
         device = self.model.slots.device
         self.model.sampling = self._interned.setdefault(s, s)
+        keys = self.model.slots[:2]
+        torch._dynamo.mark_dynamic(keys, 0)
         return (self.model, torch.zeros(1, num_vq, dtype=torch.long, device=device),
-                torch.tensor([1], device=device),
+                torch.tensor([1], device=device), keys,
                 torch.full((num_vq, s.past_window), -1, dtype=torch.long, device=device),
                 torch.ones(num_vq, 1, device=device), torch.tensor(False, device=device))
 
@@ -223,7 +232,8 @@ class CompiledGenerate:
         window = torch.full((num_vq, s.past_window), -1, dtype=torch.long, device=device)
         generator = self.gpt.generator
 
-        hidden = self.model(emb, torch.arange(length, device=device))[:, -1]  # prefill, eager
+        slots = self.model.slots
+        hidden = self.model(emb, slots[:length], slots[:length])[:, -1]  # prefill, eager
         logits = torch.stack([head(hidden) for head in self.model.head_code], 1).float()
         probs = process_logits(logits.reshape(num_vq, -1), window, temp,
                                torch.tensor(min_new_token > 0, device=device), s)
@@ -244,7 +254,9 @@ class CompiledGenerate:
                 break
             window = torch.cat([window[:, 1:], nxt.view(num_vq, 1)], 1)
             pos = torch.tensor([length + i], device=device)
-            hidden, probs = step(self.model, nxt, pos, window, temp,
+            keys = slots[:length + i + 1]
+            torch._dynamo.maybe_mark_dynamic(keys, 0)  # one graph for every length
+            hidden, probs = step(self.model, nxt, pos, keys, window, temp,
                                  torch.tensor(i + 1 < min_new_token, device=device))
             hidden, probs = hidden.clone(), probs.clone()  # CUDA graphs reuse their output buffers
         ids = torch.cat([inputs_ids[0], torch.cat(tokens).to(inputs_ids.dtype)])[None]
