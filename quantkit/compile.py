@@ -112,6 +112,11 @@ class StaticCacheGPT(nn.Module):
         self.register_buffer("slots", torch.arange(capacity, device=device), persistent=False)
         self.emb_code = chat.embed.emb_code
         self.head_code = chat.embed.head_code
+        # The Linears this forward calls: the model's own, or a plain-tensor twin of a torchao
+        # int8 one (same arithmetic; see PlainInt8Linear).
+        self.proj = nn.ModuleList(
+            nn.ModuleDict({name: plain_int8_twin(lin) for name, lin in _layer_linears(layer).items()})
+            for layer in self.llama.layers)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """x: (1, T, H) embeddings at positions pos (T,), attending to the cache slots ``keys``
@@ -125,21 +130,83 @@ class StaticCacheGPT(nn.Module):
         cos, sin = self.llama.rotary_emb(x, pos[None])
         # One new token attends to every filled slot: no mask needed.
         mask = None if t == 1 else (keys[None, :] <= pos[:, None])[None, None]  # (1, 1, T, n)
-        for i, layer in enumerate(self.llama.layers):
-            attn = layer.self_attn
+        for i, (layer, p) in enumerate(zip(self.llama.layers, self.proj)):
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(1, t, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = p.q(h).view(1, t, self.heads, self.head_dim).transpose(1, 2)
+            k = p.k(h).view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = p.v(h).view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             k_cache, v_cache = getattr(self, f"k{i}"), getattr(self, f"v{i}")
             k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
             v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
             o = F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n], attn_mask=mask,
                                                enable_gqa=self.kv_heads != self.heads)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + p.o(o.transpose(1, 2).reshape(1, t, -1))
+            h = layer.post_attention_layernorm(x)
+            x = x + p.down(layer.mlp.act_fn(p.gate(h)) * p.up(h))  # LlamaMLP
         return self.llama.norm(x).float()
+
+
+def _layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
+            "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+
+
+class PlainInt8Linear(nn.Module):
+    """A torchao int8 Linear (``Int8Tensor`` weight) computed on its plain int8 data and scales.
+
+    Same arithmetic as torchao's Int8Tensor linear for per-row weights (with torch < 2.12,
+    whose CPU path is s8s8 ``_int_mm``): per-row symmetric int8 activations, int8 x int8 -> int32,
+    times the activation scale, times the weight scale; weight-only: matmul on the int8 weight
+    cast to the activation dtype, times the scale. Inside a compiled step a tensor subclass per
+    weight costs guard checks and unwrapping on every call (about 4 ms of an 18 ms step for the
+    140 GPT Linears); plain buffers cost nothing. The buffers are views of torchao's tensors."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.register_buffer("qdata_t", weight.qdata.t(), persistent=False)
+        self.register_buffer("scale", weight.scale.flatten(), persistent=False)
+        self.dynamic = weight.act_quant_kwargs is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchao.quantization.quant_primitives import (MappingType, choose_qparams_affine,
+                                                           quantize_affine)
+
+        k = x.shape[-1]
+        x2 = x.reshape(-1, k)
+        if self.dynamic:
+            block = (1, k)
+            x_scale, zero = choose_qparams_affine(
+                x2, MappingType.SYMMETRIC, block, torch.int8, -128, 127, scale_dtype=torch.float32,
+                zero_point_dtype=torch.int8, keepdim=True, eps=torch.finfo(torch.float32).eps)
+            xq = quantize_affine(x2, block, x_scale, zero, torch.int8, -128, 127)
+            y = (torch._int_mm(xq, self.qdata_t).float() * x_scale.reshape(-1, 1).float()).to(x.dtype)
+            y = y * self.scale
+        else:
+            y = torch.mm(x2, self.qdata_t.to(x.dtype))
+            y = y * self.scale.to(y.dtype)
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def plain_int8_twin(lin: nn.Module) -> nn.Module:
+    """A PlainInt8Linear for a torchao per-row int8 Linear this twin reproduces exactly; any
+    other module is returned as it is."""
+    try:
+        from torchao.quantization import Int8Tensor
+    except ImportError:  # pragma: no cover - torchao is a dependency
+        return lin
+    w = getattr(lin, "weight", None)
+    if not isinstance(w, Int8Tensor) or getattr(lin, "bias", None) is not None:
+        return lin
+    act = w.act_quant_kwargs
+    per_row = list(w.block_size) == [1, w.shape[-1]]
+    plain_act = act is None or (type(act.granularity).__name__ == "PerRow"
+                                and act.mapping_type.name == "SYMMETRIC" and not act.reduce_range
+                                and w.act_quant_scale is None)
+    if not per_row or not plain_act or w.act_pre_scale is not None or torch.__version__ >= "2.12":
+        return lin
+    return PlainInt8Linear(w)
 
 
 def decode_step(model: StaticCacheGPT, ids: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,

@@ -108,8 +108,8 @@ INDUCTOR_CACHE = "compile_cache.bin"
 
 def _compile_artifacts(chat, folder: Path) -> dict:
     """The decode step compiled ahead of time, with the sampling constants it bakes in; where
-    that is not supported (Inductor freezing, torchao tensor subclasses in torch 2.11), Inductor's
-    cache artifacts instead, which spare code generation but not tracing."""
+    that is not supported (Inductor freezing in torch 2.11), Inductor's cache artifacts instead,
+    which spare code generation but not tracing."""
     from quantkit.compile import save_compile_cache, save_precompiled_step
     from quantkit.synth import synthesize
 

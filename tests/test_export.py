@@ -150,11 +150,12 @@ def test_export_best_from_an_eval_directory(tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_variant_starts_without_compiling(tiny_dir, tmp_path):
-    info = export_variant(tmp_path / "v", recipe="fp32-compiled", model="synthetic-tiny")
+@pytest.mark.parametrize("recipe", ["fp32-compiled", "int8-dynamic-compiled"])
+def test_compiled_variant_starts_without_compiling(recipe, tiny_dir, tmp_path):
+    info = export_variant(tmp_path / "v", recipe=recipe, model="synthetic-tiny")
     assert info["compile_artifacts"] and (tmp_path / "v" / "decode_step.aot").stat().st_size > 0
     applied = load_chat("synthetic-tiny")
-    apply_recipe(applied, get_recipe("fp32-compiled"), compile_step=False)
+    apply_recipe(applied, get_recipe(recipe), compile_step=False)
     expected = synthesize(applied, TEXT, seed=0, steps=12).tokens.tolist()
     code = ("import json, sys, torch, quantkit; from quantkit.synth import synthesize;"
             "c = quantkit.load_variant(sys.argv[1]); t = synthesize(c, sys.argv[2], seed=0, steps=12);"
