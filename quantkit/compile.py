@@ -320,15 +320,39 @@ class CompiledGenerate:
             if i + 1 == max_new_token:
                 break
             window = torch.cat([window[:, 1:], nxt.view(num_vq, 1)], 1)
-            pos = torch.tensor([length + i], device=device)
-            keys = slots[:length + i + 1]
-            torch._dynamo.maybe_mark_dynamic(keys, 0)  # one graph for every length
-            hidden, probs = step(self.model, nxt, pos, keys, window, temp,
-                                 torch.tensor(i + 1 < min_new_token, device=device))
-            hidden, probs = hidden.clone(), probs.clone()  # CUDA graphs reuse their output buffers
+            hidden, probs = self._advance(step, nxt, length + i, window, temp,
+                                          torch.tensor(i + 1 < min_new_token, device=device))
         ids = torch.cat([inputs_ids[0], torch.cat(tokens).to(inputs_ids.dtype)])[None]
         hid = [torch.cat(hiddens)[:n_out]] if return_hidden else []
         return GPT.GenerationOutputs(ids=[ids[0].narrow(0, length, n_out)], attentions=[], hiddens=hid)
+
+    def _advance(self, step, ids: torch.Tensor, pos: int, window, temp, mask_eos):
+        """Run the decode step for tokens ``ids`` (1, num_vq) at position ``pos``."""
+        keys = self.model.slots[:pos + 1]
+        torch._dynamo.maybe_mark_dynamic(keys, 0)  # one graph for every length
+        hidden, probs = step(self.model, ids, torch.tensor([pos], device=ids.device), keys, window,
+                             temp, mask_eos)
+        return hidden.clone(), probs.clone()  # CUDA graphs reuse their output buffers
+
+    @torch.no_grad()
+    def forced_hidden(self, emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Hidden states this path computes over a given code sequence (teacher forcing): the
+        prompt embeddings ``emb`` (1, L, H), then ``tokens`` (n, num_vq) one step at a time
+        through the (compiled) step -> (n, H) fp32, row i being what predicts token i. None
+        when the sequence does not fit the cache."""
+        length, n = emb.shape[1], tokens.shape[0]
+        if length + n > self.settings.cache_capacity:
+            return None
+        s = self.default_sampling()
+        step = self._step_fn(s)
+        num_vq, device = tokens.shape[1], emb.device
+        window = torch.full((num_vq, s.past_window), -1, dtype=torch.long, device=device)
+        temp, no_mask = torch.ones(num_vq, 1, device=device), torch.tensor(False, device=device)
+        slots = self.model.slots
+        hiddens = [self.model(emb, slots[:length], slots[:length])[:, -1]]
+        for i in range(n - 1):
+            hiddens.append(self._advance(step, tokens[i:i + 1], length + i, window, temp, no_mask)[0])
+        return torch.cat(hiddens).float()
 
 
 def compile_kwargs(settings: CompileSettings) -> dict:
