@@ -161,7 +161,11 @@ class PlainInt8Linear(nn.Module):
     times the activation scale, times the weight scale; weight-only: matmul on the int8 weight
     cast to the activation dtype, times the scale. Inside a compiled step a tensor subclass per
     weight costs guard checks and unwrapping on every call (about 4 ms of an 18 ms step for the
-    140 GPT Linears); plain buffers cost nothing. The buffers are views of torchao's tensors."""
+    140 GPT Linears); plain buffers cost nothing. The buffers are views of torchao's tensors.
+
+    It also sidesteps a wrong result: compiling torchao's own linear, Inductor hands ``_int_mm``
+    the (1, K) activation with strides (0, 1), and torch 2.11's CPU ``_int_mm`` then returns
+    zeros (tokens agreed with eager int8 5% of the time). The tests compare the two paths."""
 
     def __init__(self, weight):
         super().__init__()
