@@ -165,7 +165,8 @@ class PlainInt8Linear(nn.Module):
 
     It also sidesteps a wrong result: compiling torchao's own linear, Inductor hands ``_int_mm``
     the (1, K) activation with strides (0, 1), and torch 2.11's CPU ``_int_mm`` then returns
-    zeros (tokens agreed with eager int8 5% of the time). The tests compare the two paths."""
+    zeros (tokens agreed with eager int8 5% of the time). The tests compare the two paths.
+    (Weight-only at one token sums in another order than torchao's mm: equal to rounding.)"""
 
     def __init__(self, weight):
         super().__init__()
@@ -187,6 +188,11 @@ class PlainInt8Linear(nn.Module):
             xq = quantize_affine(x2, block, x_scale, zero, torch.int8, -128, 127)
             y = (torch._int_mm(xq, self.qdata_t).float() * x_scale.reshape(-1, 1).float()).to(x.dtype)
             y = y * self.scale
+        elif x2.shape[0] == 1:
+            # A decode step's GEMV written as a multiply-and-sum that Inductor fuses with the
+            # int8 -> float conversion (gpt-fast's int8 weight-only recipe): compiled, mm on
+            # `qdata.to(float)` writes the whole float weight out first (about 1 GB/s here).
+            y = (self.qdata_t.t() * x2).sum(-1, keepdim=True).t() * self.scale.to(x.dtype)
         else:
             y = torch.mm(x2, self.qdata_t.to(x.dtype))
             y = y * self.scale.to(y.dtype)

