@@ -134,7 +134,8 @@ def test_int8_static_cache_path_matches_torchao_in_chattts_loop(tiny_dir):
 
 
 @pytest.mark.parametrize("eager_recipe,compiled_recipe", [("fp32", "fp32-compiled"),
-                                                          ("int8-dynamic", "int8-dynamic-compiled")])
+                                                          ("int8-dynamic", "int8-dynamic-compiled"),
+                                                          ("int8-weight-only", "int8-weight-only-compiled")])
 def test_teacher_forcing_goes_through_the_compiled_step(eager_recipe, compiled_recipe, tiny_dir):
     """Fidelity of a compiled recipe is measured on its compiled step: same predictions as the
     recipe's eager modules over the same code sequence."""
