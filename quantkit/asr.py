@@ -11,13 +11,13 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from quantkit.atomic import atomic_path, write_text
 from quantkit.audio import resample
 from quantkit.errors import QuantkitError
 from quantkit.models import cache_dir
@@ -183,15 +183,10 @@ def convert_bundle(name: str) -> Path:
     log.info("converting the bundled Whisper '%s' into %s", name, target)
     *parts, config = files
     checkpoint = ct2_to_whisper(read_ct2(b"".join(p.read_bytes() for p in parts)))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_path(target) as tmp:
         torch.save(checkpoint, tmp)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     heads = json.loads(config.read_text()).get("alignment_heads", [])
-    config_target.write_text(json.dumps({"alignment_heads": heads}))
+    write_text(config_target, json.dumps({"alignment_heads": heads}))
     return target
 
 

@@ -16,7 +16,6 @@ code generation. Text refinement, streaming and batches fall back to ChatTTS's l
 from __future__ import annotations
 
 import logging
-import os
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from quantkit.atomic import write_bytes
 from quantkit.precision import float_dtype
 from quantkit.recipes import CompileSettings
 
@@ -414,10 +414,7 @@ def save_compile_cache(directory: str | Path) -> Path | None:
         return None
     data, _info = saved
     path = Path(directory) / "compile_cache.bin"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes(path, data)
     return path
 
 

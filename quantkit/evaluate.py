@@ -19,7 +19,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from quantkit.atomic import write_text
 from quantkit.errors import QuantkitError
 
 log = logging.getLogger(__name__)
@@ -293,13 +293,6 @@ def recommend(results: list[dict], synthetic: bool, cfg: EvalConfig) -> dict[str
     return {"name": best["name"], "reason": rule + speed}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def write_utterances_csv(path: Path, rows: list[dict]) -> None:
     import io
 
@@ -308,7 +301,7 @@ def write_utterances_csv(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(path, buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
@@ -347,7 +340,7 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
         "command": cfg.command, "recipes": results,
         "recommendation": recommend(results, synthetic, cfg),
     }
-    _write_atomic(out / "results.json", json.dumps(doc, indent=1, ensure_ascii=False))
+    write_text(out / "results.json", json.dumps(doc, indent=1, ensure_ascii=False))
     write_utterances_csv(out / "utterances.csv", rows)
     write_report(out)
     shutil.rmtree(out / ".work", ignore_errors=True)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from quantkit.atomic import atomic_path, write_text
 from quantkit.errors import QuantkitError
 
 SYNTHETIC_NOTE = ("**Synthetic weights.** The model has ChatTTS's real architecture and sizes but "
@@ -92,11 +91,9 @@ def plot_pareto(doc: dict, path: Path) -> None:
     ax.set_title(title + (" — synthetic weights" if doc.get("synthetic_weights") else ""), fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".pareto.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def render_markdown(doc: dict) -> str:
@@ -168,8 +165,5 @@ def write_report(out: Path) -> None:
     out = Path(out)
     doc = load_results(out)
     text = render_markdown(doc)
-    fd, tmp = tempfile.mkstemp(prefix=".report.", dir=out)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, out / "report.md")
+    write_text(out / "report.md", text)
     plot_pareto(doc, out / "pareto.png")

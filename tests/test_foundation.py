@@ -180,3 +180,18 @@ def test_recipes_command_lists_names_and_descriptions():
     assert proc.returncode == 0
     for name in SHIPPED:
         assert any(line.startswith(name + " ") for line in proc.stdout.splitlines())
+
+
+def test_atomic_writes_keep_the_old_file_when_a_write_fails(tmp_path):
+    from quantkit.atomic import atomic_path, write_text
+
+    target = tmp_path / "out" / "report.md"
+    write_text(target, "old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    write_text(target, "new")
+    assert target.read_text() == "new"
+    assert [p.name for p in target.parent.iterdir()] == ["report.md"]  # no temporaries left
+    assert target.stat().st_mode & 0o777 == 0o644
