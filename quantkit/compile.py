@@ -202,10 +202,9 @@ class PlainInt8Linear(nn.Module):
 def plain_int8_twin(lin: nn.Module) -> nn.Module:
     """A PlainInt8Linear for a torchao per-row int8 Linear this twin reproduces exactly; any
     other module is returned as it is."""
-    try:
-        from torchao.quantization import Int8Tensor
-    except ImportError:  # pragma: no cover - torchao is a dependency
-        return lin
+    from torchao.quantization import Int8Tensor
+    from torchao.utils import torch_version_at_least
+
     w = getattr(lin, "weight", None)
     if not isinstance(w, Int8Tensor) or getattr(lin, "bias", None) is not None:
         return lin
@@ -214,7 +213,8 @@ def plain_int8_twin(lin: nn.Module) -> nn.Module:
     plain_act = act is None or (type(act.granularity).__name__ == "PerRow"
                                 and act.mapping_type.name == "SYMMETRIC" and not act.reduce_range
                                 and w.act_quant_scale is None)
-    if not per_row or not plain_act or w.act_pre_scale is not None or torch.__version__ >= "2.12":
+    # torch >= 2.12: torchao switches CPU matmuls to u8s8 with a compensation term.
+    if not per_row or not plain_act or w.act_pre_scale is not None or torch_version_at_least("2.12.0.dev"):
         return lin
     return PlainInt8Linear(w)
 
