@@ -155,3 +155,21 @@ def test_teacher_forcing_goes_through_the_compiled_step(eager_recipe, compiled_r
     assert out.logprobs.shape == ref.logprobs.shape
     assert torch.equal(out.logprobs.argmax(-1), ref.logprobs.argmax(-1))
     assert (out.logprobs - ref.logprobs).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_twin_matches_linear(dtype):
+    from torch import nn
+
+    from quantkit.compile import GemvLinear, decode_twin
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96).to(dtype)
+    twin = decode_twin(lin, torch.device("cpu"))
+    assert isinstance(twin, GemvLinear) and twin.weight is lin.weight  # shared, not copied
+    with torch.no_grad():
+        one, many = torch.randn(1, 1, 64, dtype=dtype), torch.randn(1, 5, 64, dtype=dtype)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(twin(one), lin(one), rtol=tol, atol=tol)
+        assert torch.equal(twin(many), lin(many))  # prefill: F.linear itself
+    assert decode_twin(lin, torch.device("cuda")) is lin  # cuBLAS's GEMV is left alone
