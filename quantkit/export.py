@@ -325,5 +325,8 @@ def load_variant(folder: str | Path, device: str = "cpu"):
             from quantkit.compile import load_compile_cache
 
             load_compile_cache(folder)
+    # ChatTTS's text normalizer JIT-compiles a numba function on its first text (1-1.7 s here,
+    # as long as the whole first synthesis of an int8 variant): a loaded variant is ready.
+    chat.normalizer("Ready.", True, True, None)
     chat.quantkit_source = str(folder)
     return chat
