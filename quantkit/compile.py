@@ -224,7 +224,8 @@ def decode_twin(lin: nn.Module, device: torch.device) -> nn.Module:
     import torch.nn.utils.parametrize as P
 
     twin = plain_int8_twin(lin)
-    if twin is not lin:
+    if twin is not lin and (device.type == "cpu" or not twin.dynamic):
+        # (CUDA's _int_mm wants more than 16 rows; torchao's own path pads for it.)
         return twin
     if (device.type == "cpu" and type(lin) is nn.Linear and not P.is_parametrized(lin)
             and lin.weight.is_floating_point() and lin.weight.is_contiguous()):
