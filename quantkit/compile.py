@@ -4,7 +4,8 @@ ChatTTS's own loop grows its KV cache and attention mask every step, so every st
 shapes and torch.compile recompiles constantly. Here, as in gpt-fast's generate.py, the cache
 has a fixed capacity and the decode step (code embeddings -> transformer -> code heads ->
 repetition penalty, temperature, top-p, top-k, EOS mask -> probabilities) always sees the same
-shapes, so it compiles once. The prompt (prefill) runs eagerly: its length varies.
+shapes but for the number of filled cache slots, which it takes as one symbolic size, so it
+compiles once. The prompt (prefill) runs eagerly: its length varies.
 
 Sampling stays outside the compiled step, with ChatTTS's own seeded ``torch.multinomial``, so
 the same seed draws the same tokens as ChatTTS's loop (the equivalence test relies on it).
