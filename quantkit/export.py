@@ -214,8 +214,8 @@ def read_manifest(folder: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise QuantkitError(f"{path} is not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise QuantkitError(f"{path}: unsupported manifest schema {manifest.get('schema') if isinstance(manifest, dict) else None!r} "
-                            f"(this quantkit reads {SCHEMA})")
+        found = manifest.get("schema") if isinstance(manifest, dict) else None
+        raise QuantkitError(f"{path}: unsupported manifest schema {found!r} (this quantkit reads {SCHEMA})")
     for key in ("recipe", "files", "versions", "gpt_weights"):
         if key not in manifest:
             raise QuantkitError(f"{path}: missing '{key}'")
