@@ -263,10 +263,17 @@ def decode_step(model: StaticCacheGPT, ids: torch.Tensor, pos: torch.Tensor, key
     and saved; the sampling constants come from ``model.sampling``."""
     emb = torch.stack([emb(ids[:, i]) for i, emb in enumerate(model.emb_code)], 2).sum(2)
     hidden = model(emb[:, None].float(), pos, keys)[:, -1]
-    logits = torch.stack([head(hidden) for head in model.heads_code], 1).float()
-    probs = process_logits(logits.reshape(-1, logits.shape[-1]), window, temperature, mask_eos,
-                           model.sampling)
+    probs = process_logits(code_logits(model, hidden), window, temperature, mask_eos, model.sampling)
     return hidden, probs
+
+
+def code_logits(model: StaticCacheGPT, hidden: torch.Tensor) -> torch.Tensor:
+    """Hidden (1, H) -> the four code heads' logits (num_vq, vocab), fp32."""
+    return torch.stack([head(hidden) for head in model.heads_code], 1).float()[0]
+
+
+def compile_decode_step(settings: CompileSettings) -> Callable:
+    return torch.compile(decode_step, fullgraph=True, dynamic=False, **compile_kwargs(settings))
 
 
 class CompiledGenerate:
@@ -278,20 +285,27 @@ class CompiledGenerate:
         self.fallback = chat.gpt.generate
         self.settings = settings
         self.model = StaticCacheGPT(chat, settings.cache_capacity)
-        self.step = (torch.compile(decode_step, fullgraph=True, dynamic=False, **compile_kwargs(settings))
-                     if compile_step else decode_step)
+        self.step = compile_decode_step(settings) if compile_step else decode_step
         self.precompiled: dict[Sampling, Callable] = {}  # loaded ahead-of-time compilations
         self._interned: dict[Sampling, Sampling] = {}
 
-    def _step_fn(self, s: Sampling):
+    def _use_sampling(self, s: Sampling) -> None:
         # One Sampling object per value: the compiled step guards on model.sampling.
         self.model.sampling = self._interned.setdefault(s, s)
+
+    def _step_fn(self, s: Sampling):
+        self._use_sampling(s)
         return self.precompiled.get(s, self.step)
+
+    def _prefill(self, emb: torch.Tensor) -> torch.Tensor:
+        """The prompt (1, L, H) through the cache, eagerly -> last hidden state (1, H)."""
+        prompt = self.model.slots[:emb.shape[1]]
+        return self.model(emb, prompt, prompt)[:, -1]
 
     def example_inputs(self, s: Sampling) -> tuple:
         num_vq = len(self.model.emb_code)
         device = self.model.slots.device
-        self.model.sampling = self._interned.setdefault(s, s)
+        self._use_sampling(s)
         keys = self.model.slots[:2]
         torch._dynamo.mark_dynamic(keys, 0)
         return (self.model, torch.zeros(1, num_vq, dtype=torch.long, device=device),
@@ -344,10 +358,8 @@ class CompiledGenerate:
         window = torch.full((num_vq, s.past_window), -1, dtype=torch.long, device=device)
         generator = self.gpt.generator
 
-        slots = self.model.slots
-        hidden = self.model(emb, slots[:length], slots[:length])[:, -1]  # prefill, eager
-        logits = torch.stack([head(hidden) for head in self.model.heads_code], 1).float()
-        probs = process_logits(logits.reshape(num_vq, -1), window, temp,
+        hidden = self._prefill(emb)
+        probs = process_logits(code_logits(self.model, hidden), window, temp,
                                torch.tensor(min_new_token > 0, device=device), s)
         tokens, hiddens, n_out = [], [], 0
         for i in range(max_new_token):
@@ -393,8 +405,7 @@ class CompiledGenerate:
         num_vq, device = tokens.shape[1], emb.device
         window = torch.full((num_vq, s.past_window), -1, dtype=torch.long, device=device)
         temp, no_mask = torch.ones(num_vq, 1, device=device), torch.tensor(False, device=device)
-        slots = self.model.slots
-        hiddens = [self.model(emb, slots[:length], slots[:length])[:, -1]]
+        hiddens = [self._prefill(emb)]
         for i in range(n - 1):
             hiddens.append(self._advance(step, tokens[i:i + 1], length + i, window, temp, no_mask)[0])
         return torch.cat(hiddens).float()
@@ -439,7 +450,7 @@ def save_precompiled_step(gen: CompiledGenerate, path: str | Path) -> dict:
     sampling and save it: a fresh process then skips tracing and code generation entirely."""
     torch._dynamo.config.enable_aot_compile = True
     s = gen.default_sampling()
-    fn = torch.compile(decode_step, fullgraph=True, dynamic=False, **compile_kwargs(gen.settings))
+    fn = compile_decode_step(gen.settings)
     with torch.no_grad():
         compiled = fn.aot_compile((gen.example_inputs(s), {}))
     compiled.save_compiled_function(str(path))
