@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from quantkit import int8_gemv
 from quantkit.atomic import write_bytes
 from quantkit.precision import float_dtype
 from quantkit.recipes import CompileSettings
@@ -114,9 +115,16 @@ class StaticCacheGPT(nn.Module):
         self.emb_code = chat.embed.emb_code
         # The Linears this path calls: the model's own or twins sharing their weights that
         # compile to faster code (decode_twin).
-        self.heads_code = nn.ModuleList(decode_twin(head, device) for head in chat.embed.head_code)
+        # The Linears this path calls: the model's own or twins sharing their weights that
+        # compile to faster code (decode_twin); Linears reading the same input run as one where
+        # their twins can be fused (SharedInput).
+        self.heads_code = SharedInput(list(chat.embed.head_code), device)
         self.proj = nn.ModuleList(
-            nn.ModuleDict({name: decode_twin(lin, device) for name, lin in _layer_linears(layer).items()})
+            nn.ModuleDict({"qkv": SharedInput([layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                               layer.self_attn.v_proj], device),
+                           "o": decode_twin(layer.self_attn.o_proj, device),
+                           "gate_up": SharedInput([layer.mlp.gate_proj, layer.mlp.up_proj], device),
+                           "down": decode_twin(layer.mlp.down_proj, device)})
             for layer in self.llama.layers)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -133,9 +141,10 @@ class StaticCacheGPT(nn.Module):
         mask = None if t == 1 else (keys[None, :] <= pos[:, None])[None, None]  # (1, 1, T, n)
         for i, (layer, p) in enumerate(zip(self.llama.layers, self.proj)):
             h = layer.input_layernorm(x)
-            q = p.q(h).view(1, t, self.heads, self.head_dim).transpose(1, 2)
-            k = p.k(h).view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = p.v(h).view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = p.qkv(h)
+            q = q.view(1, t, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             k_cache, v_cache = getattr(self, f"k{i}"), getattr(self, f"v{i}")
             k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
@@ -144,14 +153,9 @@ class StaticCacheGPT(nn.Module):
                                                enable_gqa=self.kv_heads != self.heads)
             x = x + p.o(o.transpose(1, 2).reshape(1, t, -1))
             h = layer.post_attention_layernorm(x)
-            x = x + p.down(layer.mlp.act_fn(p.gate(h)) * p.up(h))  # LlamaMLP
+            gate, up = p.gate_up(h)
+            x = x + p.down(layer.mlp.act_fn(gate) * up)  # LlamaMLP
         return self.llama.norm(x).float()
-
-
-def _layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
-    attn, mlp = layer.self_attn, layer.mlp
-    return {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
-            "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
 
 
 class PlainInt8Linear(nn.Module):
@@ -169,11 +173,23 @@ class PlainInt8Linear(nn.Module):
     zeros (tokens agreed with eager int8 5% of the time). The tests compare the two paths.
     (Weight-only at one token sums in another order than torchao's mm: equal to rounding.)"""
 
-    def __init__(self, weight):
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, dynamic: bool, use_kernel: bool = True):
         super().__init__()
-        self.register_buffer("qdata_t", weight.qdata.t(), persistent=False)
-        self.register_buffer("scale", weight.scale.flatten(), persistent=False)
-        self.dynamic = weight.act_quant_kwargs is not None
+        self.register_buffer("scale", scale.flatten(), persistent=False)
+        self.dynamic = dynamic
+        self.packed = use_kernel and dynamic and _vnni_usable(qdata)
+        if self.packed:
+            # A copy of the int8 weight in the VNNI kernel's order (the model keeps its own).
+            blocks, comp = int8_gemv.pack(qdata)
+            self.register_buffer("blocks", blocks, persistent=False)
+            self.register_buffer("comp", comp, persistent=False)
+        else:
+            self.register_buffer("qdata_t", qdata.t(), persistent=False)
+
+    @classmethod
+    def of(cls, weight, use_kernel: bool = True) -> "PlainInt8Linear":
+        """The twin of one torchao Int8Tensor weight (its buffers are views of torchao's)."""
+        return cls(weight.qdata, weight.scale, weight.act_quant_kwargs is not None, use_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from torchao.quantization.quant_primitives import (MappingType, choose_qparams_affine,
@@ -187,7 +203,11 @@ class PlainInt8Linear(nn.Module):
                 x2, MappingType.SYMMETRIC, block, torch.int8, -128, 127, scale_dtype=torch.float32,
                 zero_point_dtype=torch.int8, keepdim=True, eps=torch.finfo(torch.float32).eps)
             xq = quantize_affine(x2, block, x_scale, zero, torch.int8, -128, 127)
-            y = (torch._int_mm(xq, self.qdata_t).float() * x_scale.reshape(-1, 1).float()).to(x.dtype)
+            if self.packed:
+                acc = int8_gemv.int8_gemv(xq, self.blocks, self.comp)[:, :self.scale.shape[0]]
+            else:
+                acc = torch._int_mm(xq, self.qdata_t)
+            y = (acc.float() * x_scale.reshape(-1, 1).float()).to(x.dtype)
             y = y * self.scale
         elif x2.shape[0] == 1:
             # A decode step's GEMV written as a multiply-and-sum that Inductor fuses with the
@@ -198,6 +218,35 @@ class PlainInt8Linear(nn.Module):
             y = torch.mm(x2, self.qdata_t.to(x.dtype))
             y = y * self.scale.to(y.dtype)
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+class SharedInput(nn.Module):
+    """Linears that read the same input (q, k, v; gate, up; the code heads) -> their outputs.
+
+    Where every twin is a kernel-packed int8 Linear, they run as one: one activation
+    quantization and one kernel call streaming all their weights, instead of one each (each call
+    costs a few microseconds of dispatch and thread start, 140 of them per step)."""
+
+    def __init__(self, linears: list[nn.Module], device: torch.device):
+        super().__init__()
+        self.sizes = [lin.weight.shape[0] for lin in linears]
+        views = [plain_int8_twin(lin, use_kernel=False) for lin in linears]
+        self.fused = None
+        if len(views) > 1 and all(isinstance(v, PlainInt8Linear) and v.dynamic for v in views):
+            fused = PlainInt8Linear(torch.cat([v.qdata_t.t() for v in views]), torch.cat([v.scale for v in views]),
+                                    dynamic=True)
+            self.fused = fused if fused.packed else None
+        self.twins = nn.ModuleList([] if self.fused else [decode_twin(lin, device) for lin in linears])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.fused is not None:
+            return list(self.fused(x).split(self.sizes, -1))
+        return [twin(x) for twin in self.twins]
+
+
+def _vnni_usable(qdata: torch.Tensor) -> bool:
+    return (qdata.device.type == "cpu" and qdata.shape[-1] % int8_gemv.LANES == 0
+            and int8_gemv.library() is not None)
 
 
 class GemvLinear(nn.Module):
@@ -234,7 +283,7 @@ def decode_twin(lin: nn.Module, device: torch.device) -> nn.Module:
     return lin
 
 
-def plain_int8_twin(lin: nn.Module) -> nn.Module:
+def plain_int8_twin(lin: nn.Module, use_kernel: bool = True) -> nn.Module:
     """A PlainInt8Linear for a torchao per-row int8 Linear this twin reproduces exactly; any
     other module is returned as it is."""
     from torchao.quantization import Int8Tensor
@@ -251,7 +300,7 @@ def plain_int8_twin(lin: nn.Module) -> nn.Module:
     # torch >= 2.12: torchao switches CPU matmuls to u8s8 with a compensation term.
     if not per_row or not plain_act or w.act_pre_scale is not None or torch_version_at_least("2.12.0.dev"):
         return lin
-    return PlainInt8Linear(w)
+    return PlainInt8Linear.of(w, use_kernel)
 
 
 def decode_step(model: StaticCacheGPT, ids: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,
@@ -269,7 +318,7 @@ def decode_step(model: StaticCacheGPT, ids: torch.Tensor, pos: torch.Tensor, key
 
 def code_logits(model: StaticCacheGPT, hidden: torch.Tensor) -> torch.Tensor:
     """Hidden (1, H) -> the four code heads' logits (num_vq, vocab), fp32."""
-    return torch.stack([head(hidden) for head in model.heads_code], 1).float()[0]
+    return torch.stack(model.heads_code(hidden), 1).float()[0]
 
 
 def compile_decode_step(settings: CompileSettings) -> Callable:

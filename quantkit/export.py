@@ -113,9 +113,10 @@ def _compile_artifacts(chat, folder: Path) -> dict:
     from quantkit.compile import save_compile_cache, save_precompiled_step
     from quantkit.synth import synthesize
 
+    kernel = _copy_kernel(chat.gpt.generate, folder)
     try:
         sampling = save_precompiled_step(chat.gpt.generate, folder / PRECOMPILED)
-        return {"kind": "aot", "file": PRECOMPILED, "sampling": sampling}
+        return {"kind": "aot", "file": PRECOMPILED, "sampling": sampling, "kernel": kernel}
     except Exception as exc:  # noqa: BLE001 - an experimental API: any failure means "not here"
         log.warning("ahead-of-time compilation unavailable for this recipe (%s: %s); saving "
                     "Inductor cache artifacts instead", type(exc).__name__, str(exc)[:120])
@@ -123,7 +124,22 @@ def _compile_artifacts(chat, folder: Path) -> dict:
     torch._dynamo.reset()
     synthesize(chat, "Compile.", seed=0, steps=4)
     save_compile_cache(folder)
-    return {"kind": "inductor-cache", "file": INDUCTOR_CACHE}
+    return {"kind": "inductor-cache", "file": INDUCTOR_CACHE, "kernel": kernel}
+
+
+KERNEL = "kernels/int8_gemv.so"
+
+
+def _copy_kernel(gen, folder: Path) -> str | None:
+    """The built int8 kernel library, where the compiled step calls it: a fresh process loads
+    it instead of compiling it (about 25 s)."""
+    from quantkit import int8_gemv
+
+    if not any(getattr(m, "packed", False) for m in gen.model.modules()):
+        return None
+    (folder / KERNEL).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(int8_gemv.library(), folder / KERNEL)
+    return KERNEL
 
 
 def _recipe_and_metrics(recipe: str | None, best: str | None) -> tuple[Any, dict | None]:
@@ -314,8 +330,14 @@ def load_variant(folder: str | Path, device: str = "cpu"):
     except Exception as exc:  # noqa: BLE001
         raise QuantkitError(f"variant {folder} could not be loaded: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
-    apply_recipe(chat, recipe, preapplied=("gpt",))
     artifacts = manifest.get("compile_artifacts")
+    if artifacts and artifacts.get("kernel"):
+        from quantkit import int8_gemv
+
+        if not int8_gemv.load_library(folder / artifacts["kernel"]):
+            raise QuantkitError(f"variant {folder} was compiled for CPUs with AVX512-VNNI, which this "
+                                "one lacks: export it again here")
+    apply_recipe(chat, recipe, preapplied=("gpt",))
     if artifacts:
         from quantkit.compile import load_precompiled_step
 

@@ -23,8 +23,8 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
     assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    errors = [l for l in lines if l.startswith("error: ")]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
     assert len(errors) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     for fragment in fragments:

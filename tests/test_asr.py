@@ -108,7 +108,7 @@ def test_transcribe_cli_with_references(tmp_path):
                    "--references", str(refs))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert [l.split("\t")[0] for l in lines[:2]] == ["z03", "z07"]
+    assert [ln.split("\t")[0] for ln in lines[:2]] == ["z03", "z07"]
     assert lines[-1].startswith("CER ") and float(lines[-1].split()[1]) < 0.2
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import quantkit
 from conftest import assert_one_line_error, run_cli
-from quantkit import export as export_mod
+from quantkit import export as export_mod, int8_gemv
 from quantkit.apply import apply_recipe
 from quantkit.errors import QuantkitError
 from quantkit.export import export_variant, load_variant
@@ -160,12 +160,17 @@ def test_compiled_variant_starts_without_compiling(recipe, tiny_dir, tmp_path):
     code = ("import json, sys, torch, quantkit; from quantkit.synth import synthesize;"
             "c = quantkit.load_variant(sys.argv[1]); t = synthesize(c, sys.argv[2], seed=0, steps=12);"
             "print(json.dumps([torch._dynamo.utils.counters['stats']['unique_graphs'], t.tokens.tolist()]))")
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "fresh")}
+    kernel = json.loads((tmp_path / "v" / "manifest.json").read_text())["compile_artifacts"]["kernel"]
+    assert (kernel is not None) == (recipe == "int8-dynamic-compiled" and int8_gemv.cpu_supported())
+    # Empty caches: neither Inductor's nor a built int8 kernel to fall back on.
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "fresh"),
+           "QUANTKIT_CACHE": str(tmp_path / "fresh-quantkit")}
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "v"), TEXT], capture_output=True,
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     graphs, tokens = json.loads(proc.stdout.strip().splitlines()[-1])
     assert graphs == 0  # nothing traced or compiled in the fresh process
+    assert not (tmp_path / "fresh-quantkit" / "kernels").exists()  # the variant's kernel, not rebuilt
     assert tokens == expected
 
 

@@ -1,0 +1,193 @@
+"""An int8 x int8 -> int32 product for decode steps on x86 CPUs with AVX512-VNNI.
+
+A decode step multiplies one activation row by every weight: it is bound by how fast the
+weights stream from memory. torch 2.11 has no CPU kernel that streams int8 weights at memory
+speed for one row: ``_int_mm`` (s8s8) moves 10-15 GB/s here, oneDNN's ``qlinear_pointwise``
+19 GB/s for one large matrix and 11 GB/s over a step's 80 smaller ones (call overhead), an
+Inductor-fused multiply-and-sum 13 GB/s (the int8 -> float conversion, three instructions per
+16 weights, is the limit), while a plain sum reads 25-30 GB/s at the same moment. VNNI's
+``vpdpbusd`` multiplies 64 unsigned by 64 signed bytes and accumulates in int32 in one
+instruction; with the weights stored in the order the loop reads them it streams them as fast
+as a sum does (``tests/test_int8_gemv.py``; figures in the README). torchao moves its CPU
+``_int_mm`` to this u8s8 form with torch >= 2.12.
+
+The activation is int8 made unsigned by adding 128; ``comp`` (128 x each weight row's sum)
+takes that back, so the result equals the s8s8 product exactly.
+
+The kernel is compiled on first use with torch's C++ extension builder (the compiler Inductor
+already needs) and registered as the operator ``quantkit::int8_gemv`` that compiled steps, and
+ahead-of-time compiled ones, call by name; an exported variant carries the built library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ROWS = 4  # weight rows per packed block: one accumulator each
+LANES = 64  # bytes per VNNI instruction
+
+_SOURCE = r"""
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+constexpr int64_t kRows = 4, kLanes = 64;
+
+// One block of kRows weight rows, stored [K / 64][kRows][64], against every activation row.
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void block(const uint8_t* x, int64_t m_rows, int64_t k_len, const int8_t* w,
+                  const int32_t* comp, int32_t* y, int64_t ldy) {
+  for (int64_t m = 0; m < m_rows; m++) {
+    const uint8_t* xm = x + m * k_len;
+    const int8_t* r = w;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < k_len; k += kLanes, r += kRows * kLanes) {
+      __m512i xv = _mm512_loadu_si512(xm + k);
+      a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_loadu_si512(r));
+      a1 = _mm512_dpbusd_epi32(a1, xv, _mm512_loadu_si512(r + kLanes));
+      a2 = _mm512_dpbusd_epi32(a2, xv, _mm512_loadu_si512(r + 2 * kLanes));
+      a3 = _mm512_dpbusd_epi32(a3, xv, _mm512_loadu_si512(r + 3 * kLanes));
+    }
+    int32_t* ym = y + m * ldy;
+    ym[0] = _mm512_reduce_add_epi32(a0) - comp[0];
+    ym[1] = _mm512_reduce_add_epi32(a1) - comp[1];
+    ym[2] = _mm512_reduce_add_epi32(a2) - comp[2];
+    ym[3] = _mm512_reduce_add_epi32(a3) - comp[3];
+  }
+}
+
+// x (M, K) uint8, w (N / 4, K / 64, 4, 64) int8, comp (N,) int32 -> (M, N) int32
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& comp) {
+  TORCH_CHECK(x.dtype() == at::kByte && x.dim() == 2 && x.is_contiguous(), "x: contiguous (M, K) uint8");
+  TORCH_CHECK(w.dtype() == at::kChar && w.dim() == 4 && w.is_contiguous() && w.size(2) == kRows
+              && w.size(3) == kLanes && w.size(1) * kLanes == x.size(1), "w: packed (N/4, K/64, 4, 64) int8");
+  TORCH_CHECK(comp.dtype() == at::kInt && comp.numel() == w.size(0) * kRows, "comp: (N,) int32");
+  const int64_t m_rows = x.size(0), k_len = x.size(1), n = comp.numel();
+  auto y = at::empty({m_rows, n}, x.options().dtype(at::kInt));
+  const uint8_t* xp = x.data_ptr<uint8_t>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const int32_t* cp = comp.data_ptr<int32_t>();
+  int32_t* yp = y.data_ptr<int32_t>();
+  at::parallel_for(0, w.size(0), 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++)
+      block(xp, m_rows, k_len, wp + b * kRows * k_len, cp + b * kRows, yp + b * kRows, n);
+  });
+  return y;
+}
+
+TORCH_LIBRARY(quantkit, m) { m.def("int8_gemv(Tensor x, Tensor w, Tensor comp) -> Tensor"); }
+TORCH_LIBRARY_IMPL(quantkit, CPU, m) { m.impl("int8_gemv", &int8_gemv); }
+"""
+
+
+def cpu_supported() -> bool:
+    """Linux x86 with AVX512-VNNI (the kernel's instructions)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return {"avx512f", "avx512bw", "avx512_vnni"} <= set(flags.split(":", 1)[1].split())
+
+
+@lru_cache(maxsize=None)
+def library() -> str | None:
+    """Build (first use; cached by source hash) and load the kernel -> the shared library's path,
+    or None where this CPU lacks VNNI or no compiler works (callers then use their own path)."""
+    if not cpu_supported():
+        return None
+    if _op_registered():
+        return _loaded_path
+    from torch.utils.cpp_extension import load_inline
+
+    from quantkit.models import cache_dir
+
+    _ninja_on_path()
+    digest = hashlib.sha256((_SOURCE + torch.__version__).encode()).hexdigest()[:12]
+    build = cache_dir() / "kernels" / f"int8_gemv-{digest}"
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        path = load_inline(f"quantkit_int8_gemv_{digest}", cpp_sources=_SOURCE, build_directory=str(build),
+                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           is_python_module=False)
+    except Exception as exc:  # noqa: BLE001 - no compiler, no ninja...: fall back, say why
+        log.warning("int8 VNNI kernel not built (%s: %s); int8 steps use the portable path",
+                    type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        return None
+    _register_fake()
+    return _remember(path)
+
+
+def _ninja_on_path() -> None:
+    # torch's builder runs `ninja` from PATH; the pip package's binary is not on it unless the
+    # virtual environment is activated.
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def load_library(path: str | Path) -> bool:
+    """Load a built kernel library (an exported variant's copy) without building anything."""
+    if not cpu_supported():
+        return False
+    if not _op_registered():
+        torch.ops.load_library(str(path))
+        _register_fake()
+        _remember(str(path))
+    return True
+
+
+_loaded_path: str | None = None
+
+
+def _remember(path: str) -> str:
+    global _loaded_path
+    _loaded_path = path
+    return path
+
+
+def _op_registered() -> bool:
+    return hasattr(torch.ops.quantkit, "int8_gemv")
+
+
+def _register_fake() -> None:
+    if getattr(_register_fake, "done", False):
+        return
+
+    @torch.library.register_fake("quantkit::int8_gemv")
+    def _(x, w, comp):
+        return x.new_empty((x.shape[0], comp.shape[0]), dtype=torch.int32)
+
+    _register_fake.done = True
+
+
+def pack(qdata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weight (N, K), K a multiple of 64 -> (blocks (ceil(N/4), K/64, 4, 64), comp (N'))
+    with N padded to a multiple of 4 by zero rows (their outputs are sliced off by the caller)."""
+    n, k = qdata.shape
+    pad = -n % ROWS
+    w = torch.cat([qdata, qdata.new_zeros(pad, k)]) if pad else qdata
+    blocks = w.reshape(-1, ROWS, k // LANES, LANES).transpose(1, 2).contiguous()
+    comp = w.sum(1, dtype=torch.int32) * 128
+    return blocks, comp
+
+
+def int8_gemv(xq: torch.Tensor, blocks: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
+    """int8 activations (M, K) times packed int8 weights -> (M, N') int32, exact."""
+    xu = (xq.to(torch.int16) + 128).to(torch.uint8)
+    return torch.ops.quantkit.int8_gemv(xu.contiguous(), blocks, comp)

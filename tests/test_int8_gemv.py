@@ -1,0 +1,73 @@
+"""The AVX512-VNNI int8 kernel: exact against int32 arithmetic, and the same results as the
+portable int8 path wherever the decode step uses it (fused Linears included)."""
+
+import pytest
+import torch
+from torch import nn
+
+from quantkit import int8_gemv
+from quantkit.compile import PlainInt8Linear, SharedInput, plain_int8_twin
+from quantkit.quantize import quantize_module
+
+pytestmark = pytest.mark.skipif(not int8_gemv.cpu_supported(), reason="this CPU has no AVX512-VNNI")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert int8_gemv.library() is not None  # a supported CPU must build it: no silent fallback
+
+
+@pytest.mark.parametrize("n,k,m", [(96, 64, 1), (626, 768, 1), (130, 128, 7)])
+def test_kernel_is_exact(n, k, m):
+    torch.manual_seed(n)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    x[0, :] = -128  # extremes: the unsigned shift must not overflow
+    w[0, :] = -128
+    blocks, comp = int8_gemv.pack(w)
+    assert blocks.shape == (-(-n // 4), k // 64, 4, 64)
+    y = int8_gemv.int8_gemv(x, blocks, comp)
+    assert y.dtype == torch.int32 and y.shape == (m, blocks.shape[0] * 4)
+    assert torch.equal(y[:, :n], x.int() @ w.int().t())
+    assert not y[:, n:].any()  # padding rows
+
+
+def test_kernel_inside_a_compiled_graph():
+    torch.manual_seed(0)
+    blocks, comp = int8_gemv.pack(torch.randint(-128, 128, (64, 128), dtype=torch.int8))
+    x = torch.randint(-128, 128, (1, 128), dtype=torch.int8)
+
+    def f(x):
+        return int8_gemv.int8_gemv(x, blocks, comp).float() * 0.5
+
+    assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+def _dynamic_int8(*shapes):
+    torch.manual_seed(1)
+    model = nn.Sequential(*(nn.Linear(k, n, bias=False) for n, k in shapes))
+    quantize_module(model, "int8-dynamic", torch.device("cpu"))
+    return model
+
+
+def test_kernel_twin_equals_the_portable_twin():
+    model = _dynamic_int8((96, 128))
+    kernel, portable = plain_int8_twin(model[0]), plain_int8_twin(model[0], use_kernel=False)
+    assert kernel.packed and not portable.packed
+    with torch.no_grad():
+        for shape in [(1, 1, 128), (1, 9, 128)]:
+            x = torch.randn(shape) * 3
+            assert torch.equal(kernel(x), portable(x))
+            assert torch.equal(kernel(x), model[0](x))  # and torchao's own linear
+
+
+def test_linears_on_one_input_run_fused():
+    model = _dynamic_int8((64, 128), (32, 128), (130, 128))
+    fused = SharedInput(list(model), torch.device("cpu"))
+    assert isinstance(fused.fused, PlainInt8Linear) and len(fused.twins) == 0
+    with torch.no_grad():
+        x = torch.randn(1, 1, 128)
+        outs = fused(x)
+        assert [o.shape[-1] for o in outs] == [64, 32, 130]
+        for out, lin in zip(outs, model):
+            assert torch.equal(out, lin(x))
