@@ -343,8 +343,18 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     write_text(out / "results.json", json.dumps(doc, indent=1, ensure_ascii=False))
     write_utterances_csv(out / "utterances.csv", rows)
     write_report(out)
+    _drop_stale_audio(out, {r["name"] for r in results})
     shutil.rmtree(out / ".work", ignore_errors=True)
     return doc
+
+
+def _drop_stale_audio(out: Path, names: set[str]) -> None:
+    """An earlier run into the same directory may have left audio of recipes this one did not
+    run: the new results.json and report no longer mention them."""
+    audio = out / "audio"
+    for folder in audio.iterdir() if audio.is_dir() else ():
+        if folder.is_dir() and folder.name not in names:
+            shutil.rmtree(folder)
 
 
 def default_command(argv: list[str]) -> str:

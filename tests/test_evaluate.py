@@ -19,6 +19,9 @@ RECIPE_KEYS = {"name", "status", "error", "load_s", "apply_s", "first_call_s", "
 @pytest.fixture(scope="module")
 def eval_dir(tmp_path_factory, tiny_dir):
     out = tmp_path_factory.mktemp("eval")
+    stale = out / "audio" / "int8-dynamic"  # from an earlier run into the same directory
+    stale.mkdir(parents=True)
+    (stale / "a.wav").write_bytes(b"RIFF")
     proc = run_cli("eval", "--model", "synthetic-tiny", "--recipes", f"bf16,{BROKEN}", "--limit", "2",
                    "--max-new-tokens", "16", "--runs", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -62,6 +65,7 @@ def test_eval_outputs_report_plot_csv_and_audio(eval_dir):
     rows = (eval_dir / "utterances.csv").read_text().splitlines()
     assert rows[0].startswith("recipe,id,steps,wav,text,transcript,error") and len(rows) == 1 + 2 * 2
     assert len(list((eval_dir / "audio" / "bf16").glob("*.wav"))) == 2
+    assert sorted(p.name for p in (eval_dir / "audio").iterdir()) == ["bf16", "fp32"]  # stale audio gone
     assert not (eval_dir / ".work").exists()
 
 
