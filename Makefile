@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The main job's output: its committed example is reports/example-synthetic-cpu.
 OUT    ?= reports/example-synthetic-cpu
-RECIPES ?= stock,fp32,bf16,int8-dynamic-fbgemm,fp32-compiled,int8-weight-only-compiled
+RECIPES ?= stock,fp32,bf16,int8-dynamic-fbgemm,fp32-compiled,int8-dynamic-compiled
 
 .PHONY: install system-deps run test clean
 
