@@ -114,8 +114,6 @@ class StaticCacheGPT(nn.Module):
         self.register_buffer("slots", torch.arange(capacity, device=device), persistent=False)
         self.emb_code = chat.embed.emb_code
         # The Linears this path calls: the model's own or twins sharing their weights that
-        # compile to faster code (decode_twin).
-        # The Linears this path calls: the model's own or twins sharing their weights that
         # compile to faster code (decode_twin); Linears reading the same input run as one where
         # their twins can be fused (SharedInput).
         self.heads_code = SharedInput(list(chat.embed.head_code), device)
@@ -171,7 +169,10 @@ class PlainInt8Linear(nn.Module):
     It also sidesteps a wrong result: compiling torchao's own linear, Inductor hands ``_int_mm``
     the (1, K) activation with strides (0, 1), and torch 2.11's CPU ``_int_mm`` then returns
     zeros (tokens agreed with eager int8 5% of the time). The tests compare the two paths.
-    (Weight-only at one token sums in another order than torchao's mm: equal to rounding.)"""
+    (Weight-only at one token sums in another order than torchao's mm: equal to rounding.)
+
+    Dynamic int8 on a CPU with AVX512-VNNI runs on quantkit's kernel (``int8_gemv``) over a
+    packed copy of the weight: the same int32 products, streamed about twice as fast."""
 
     def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, dynamic: bool, use_kernel: bool = True):
         super().__init__()

@@ -102,14 +102,17 @@ def cpu_supported() -> bool:
     return {"avx512f", "avx512bw", "avx512_vnni"} <= set(flags.split(":", 1)[1].split())
 
 
+_loaded: str | None = None  # the library registered in this process
+
+
 @lru_cache(maxsize=None)
 def library() -> str | None:
     """Build (first use; cached by source hash) and load the kernel -> the shared library's path,
     or None where this CPU lacks VNNI or no compiler works (callers then use their own path)."""
     if not cpu_supported():
         return None
-    if _op_registered():
-        return _loaded_path
+    if _loaded is not None:
+        return _loaded
     from torch.utils.cpp_extension import load_inline
 
     from quantkit.models import cache_dir
@@ -126,8 +129,29 @@ def library() -> str | None:
         log.warning("int8 VNNI kernel not built (%s: %s); int8 steps use the portable path",
                     type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
         return None
-    _register_fake()
-    return _remember(path)
+    return _registered(path)
+
+
+def load_library(path: str | Path) -> bool:
+    """Load a built kernel library (an exported variant's copy) without building anything."""
+    if not cpu_supported():
+        return False
+    if _loaded is None:
+        torch.ops.load_library(str(path))
+        _registered(str(path))
+    return True
+
+
+def _registered(path: str) -> str:
+    """Note the loaded library and give the operator its shape function, for tracing."""
+    global _loaded
+    torch.library.register_fake("quantkit::int8_gemv")(_fake_int8_gemv)
+    _loaded = path
+    return path
+
+
+def _fake_int8_gemv(x: torch.Tensor, w: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], comp.shape[0]), dtype=torch.int32)
 
 
 def _ninja_on_path() -> None:
@@ -139,41 +163,6 @@ def _ninja_on_path() -> None:
         except ImportError:
             return
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-
-
-def load_library(path: str | Path) -> bool:
-    """Load a built kernel library (an exported variant's copy) without building anything."""
-    if not cpu_supported():
-        return False
-    if not _op_registered():
-        torch.ops.load_library(str(path))
-        _register_fake()
-        _remember(str(path))
-    return True
-
-
-_loaded_path: str | None = None
-
-
-def _remember(path: str) -> str:
-    global _loaded_path
-    _loaded_path = path
-    return path
-
-
-def _op_registered() -> bool:
-    return hasattr(torch.ops.quantkit, "int8_gemv")
-
-
-def _register_fake() -> None:
-    if getattr(_register_fake, "done", False):
-        return
-
-    @torch.library.register_fake("quantkit::int8_gemv")
-    def _(x, w, comp):
-        return x.new_empty((x.shape[0], comp.shape[0]), dtype=torch.int32)
-
-    _register_fake.done = True
 
 
 def pack(qdata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
