@@ -233,10 +233,10 @@ class SharedInput(nn.Module):
         self.sizes = [lin.weight.shape[0] for lin in linears]
         views = [plain_int8_twin(lin, use_kernel=False) for lin in linears]
         self.fused = None
-        if len(views) > 1 and all(isinstance(v, PlainInt8Linear) and v.dynamic for v in views):
-            fused = PlainInt8Linear(torch.cat([v.qdata_t.t() for v in views]), torch.cat([v.scale for v in views]),
-                                    dynamic=True)
-            self.fused = fused if fused.packed else None
+        if (len(views) > 1 and all(isinstance(v, PlainInt8Linear) and v.dynamic for v in views)
+                and _vnni_usable(views[0].qdata_t.t())):  # one input: same K and device for all
+            self.fused = PlainInt8Linear(torch.cat([v.qdata_t.t() for v in views]),
+                                         torch.cat([v.scale for v in views]), dynamic=True)
         self.twins = nn.ModuleList([] if self.fused else [decode_twin(lin, device) for lin in linears])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
