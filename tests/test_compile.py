@@ -30,6 +30,7 @@ def reference(tiny_dir):
 def compiled(tiny_dir, tmp_path_factory):
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # count this fixture's graphs, not earlier tests'
     chat = load_chat("synthetic-tiny")
     apply_recipe(chat, get_recipe("fp32-compiled"))
     assert isinstance(chat.gpt.generate, CompiledGenerate)
