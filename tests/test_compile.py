@@ -116,6 +116,24 @@ def test_plain_int8_twin_computes_exactly_what_torchao_does(method):
     assert plain_int8_twin(nn.Linear(4, 4)).__class__ is nn.Linear  # nothing to unwrap
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_quantization_is_torchaos(dtype):
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+
+    from quantkit.compile import quantize_rows
+
+    torch.manual_seed(0)
+    x = (torch.randn(5, 96) * torch.tensor([1e-3, 1.0, 30.0, 1.0, 1.0])[:, None]).to(dtype)
+    x[3] = 0  # all-zero row: the scale's eps floor
+    x[4, :2] = torch.tensor([-7.0, 7.0])  # ties at +-max|x|
+    scale, zero = choose_qparams_affine(x, MappingType.SYMMETRIC, (1, 96), torch.int8, -128, 127,
+                                        scale_dtype=torch.float32, zero_point_dtype=torch.int8,
+                                        keepdim=True, eps=torch.finfo(torch.float32).eps)
+    xq, ours = quantize_rows(x)
+    assert ours.dtype == torch.float32 and torch.equal(ours, scale)
+    assert torch.equal(xq, quantize_affine(x, (1, 96), scale, zero, torch.int8, -128, 127))
+
+
 def test_int8_static_cache_path_matches_torchao_in_chattts_loop(tiny_dir):
     """int8-dynamic through the static-cache step (plain int8 twins), eager and compiled, against
     the same quantized weights run through ChatTTS's loop on torchao's tensor subclass."""
@@ -174,3 +192,15 @@ def test_gemv_twin_matches_linear(dtype):
         torch.testing.assert_close(twin(one), lin(one), rtol=tol, atol=tol)
         assert torch.equal(twin(many), lin(many))  # prefill: F.linear itself
     assert decode_twin(lin, torch.device("cuda")) is lin  # cuBLAS's GEMV is left alone
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_one_query_attention_is_sdpa(dtype, tol):
+    from quantkit.compile import attend_one
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 12, n, 64).to(dtype) for n in (1, 37, 37))
+    ours = attend_one(q, k, v)
+    assert ours.dtype == dtype and ours.shape == (1, 12, 1, 64)
+    torch.testing.assert_close(ours, torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                               rtol=tol, atol=tol)

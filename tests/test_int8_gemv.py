@@ -17,7 +17,7 @@ def built():
     assert int8_gemv.library() is not None  # a supported CPU must build it: no silent fallback
 
 
-@pytest.mark.parametrize("n,k,m", [(96, 64, 1), (626, 768, 1), (130, 128, 7)])
+@pytest.mark.parametrize("n,k,m", [(96, 64, 1), (626, 768, 1), (130, 128, 7), (64, 192, 6), (36, 128, 13)])
 def test_kernel_is_exact(n, k, m):
     torch.manual_seed(n)
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
