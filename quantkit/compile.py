@@ -479,15 +479,14 @@ class CompiledGenerate:
 
 
 def compile_kwargs(settings: CompileSettings) -> dict:
-    """torch.compile arguments: inductor options (freezing is per recipe) or a named mode."""
-    if not settings.freezing:
-        return {"mode": settings.mode}
-    options = {"freezing": True}
-    if settings.mode in ("reduce-overhead", "max-autotune"):
-        options["triton.cudagraphs"] = True
-    if settings.mode.startswith("max-autotune"):
-        options["max_autotune"] = True
-    return {"options": options}
+    """torch.compile's Inductor options: the recipe's mode and freezing, and no size asserts.
+
+    Inductor's generated code asserts every input's sizes and strides in Python on each call
+    (about 0.8 us each, 336 inputs in the int8 step: 0.3 ms); Dynamo's guards have checked the
+    same before the graph runs."""
+    from torch._inductor import list_mode_options
+
+    return {"options": {**list_mode_options(settings.mode), "freezing": settings.freezing, "size_asserts": False}}
 
 
 def enable_compiled_decoding(chat, settings: CompileSettings, compile_step: bool = True) -> CompiledGenerate:

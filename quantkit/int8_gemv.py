@@ -44,26 +44,30 @@ _SOURCE = r"""
 
 constexpr int64_t kRows = 4, kLanes = 64;
 
-// One block of kRows weight rows, stored [K / 64][kRows][64], against every activation row.
+// S blocks of kRows weight rows each (block b stored [K / 64][kRows][64] at w + b * kRows * K),
+// blocks[s] its index, against every activation row. Two blocks far apart are two memory
+// streams: one core reads faster from two streams than from one (README, kernel notes).
+template <int S>
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-static void block(const uint8_t* x, int64_t m_rows, int64_t k_len, const int8_t* w,
-                  const int32_t* comp, int32_t* y, int64_t ldy) {
+static void blocks(const uint8_t* x, int64_t m_rows, int64_t k_len, const int8_t* w, const int64_t* idx,
+                   const int32_t* comp, int32_t* y, int64_t ldy) {
   for (int64_t m = 0; m < m_rows; m++) {
     const uint8_t* xm = x + m * k_len;
-    const int8_t* r = w;
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t k = 0; k < k_len; k += kLanes, r += kRows * kLanes) {
+    __m512i acc[S][kRows];
+    for (int s = 0; s < S; s++)
+      for (int r = 0; r < kRows; r++) acc[s][r] = _mm512_setzero_si512();
+    for (int64_t k = 0, off = 0; k < k_len; k += kLanes, off += kRows * kLanes) {
       __m512i xv = _mm512_loadu_si512(xm + k);
-      a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_loadu_si512(r));
-      a1 = _mm512_dpbusd_epi32(a1, xv, _mm512_loadu_si512(r + kLanes));
-      a2 = _mm512_dpbusd_epi32(a2, xv, _mm512_loadu_si512(r + 2 * kLanes));
-      a3 = _mm512_dpbusd_epi32(a3, xv, _mm512_loadu_si512(r + 3 * kLanes));
+      for (int s = 0; s < S; s++) {
+        const int8_t* r = w + idx[s] * kRows * k_len + off;
+        for (int j = 0; j < kRows; j++) acc[s][j] = _mm512_dpbusd_epi32(acc[s][j], xv, _mm512_loadu_si512(r + j * kLanes));
+      }
     }
-    int32_t* ym = y + m * ldy;
-    ym[0] = _mm512_reduce_add_epi32(a0) - comp[0];
-    ym[1] = _mm512_reduce_add_epi32(a1) - comp[1];
-    ym[2] = _mm512_reduce_add_epi32(a2) - comp[2];
-    ym[3] = _mm512_reduce_add_epi32(a3) - comp[3];
+    for (int s = 0; s < S; s++)
+      for (int j = 0; j < kRows; j++) {
+        int64_t row = idx[s] * kRows + j;
+        y[m * ldy + row] = _mm512_reduce_add_epi32(acc[s][j]) - comp[row];
+      }
   }
 }
 
@@ -80,8 +84,15 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const int32_t* cp = comp.data_ptr<int32_t>();
   int32_t* yp = y.data_ptr<int32_t>();
   at::parallel_for(0, w.size(0), 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; b++)
-      block(xp, m_rows, k_len, wp + b * kRows * k_len, cp + b * kRows, yp + b * kRows, n);
+    const int64_t half = (b1 - b0) / 2;  // this thread walks both halves of its range at once
+    for (int64_t i = 0; i < half; i++) {
+      const int64_t idx[2] = {b0 + i, b0 + half + i};
+      blocks<2>(xp, m_rows, k_len, wp, idx, cp, yp, n);
+    }
+    if ((b1 - b0) % 2) {
+      const int64_t idx[1] = {b1 - 1};
+      blocks<1>(xp, m_rows, k_len, wp, idx, cp, yp, n);
+    }
   });
   return y;
 }
