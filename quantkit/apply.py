@@ -64,15 +64,17 @@ def _probe(chat, name: str) -> None:
 @dataclass
 class WeightBytes:
     total: int
-    decode: int  # what one GPT step reads: transformer, code embeddings and code heads
+    decode: int  # the weights one GPT step streams: transformer and code heads
 
 
 def weight_bytes(chat) -> WeightBytes:
     gpt = module_weight_bytes(chat.gpt.gpt)
-    heads = module_weight_bytes(chat.embed.head_code) + module_weight_bytes(chat.embed.emb_code)
+    heads = module_weight_bytes(chat.embed.head_code)
+    # A step looks up one row of each code embedding (4 x 3 KB), it does not stream the tables.
+    tables = module_weight_bytes(chat.embed.emb_code)
     rest = sum(module_weight_bytes(m) for m in (chat.embed.emb_text, chat.embed.head_text,
                                                  chat.decoder, chat.vocos))
-    return WeightBytes(total=gpt + heads + rest, decode=gpt + heads)
+    return WeightBytes(total=gpt + heads + tables + rest, decode=gpt + heads)
 
 
 def apply_recipe(chat, recipe: Recipe, compile_step: bool = True,

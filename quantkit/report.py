@@ -121,10 +121,14 @@ def render_markdown(doc: dict) -> str:
     out += ["## Memory and size", "",
             "Peak memory is the process's peak RSS on CPU (load included) or "
             "`torch.cuda.max_memory_allocated` on CUDA. Bandwidth = bytes read per GPT step "
-            "(transformer, code embeddings and heads) x steps per second.", "",
-            _table(["recipe", "peak memory MiB", "weights MiB", "per-step weights MiB", "bandwidth GB/s"],
+            "(transformer and code heads; the code embeddings are looked up, not streamed) x steps per "
+            "second; read bandwidth: best of five sums over 1 GiB, measured by each recipe's own "
+            "process after its runs (CPU); fraction = bandwidth / read bandwidth.", "",
+            _table(["recipe", "peak memory MiB", "weights MiB", "per-step weights MiB", "bandwidth GB/s",
+                    "read bandwidth GB/s", "fraction"],
                    [[r["name"], _mb(r["peak_mem_bytes"]), _mb(r["weight_bytes"]),
-                     _mb(r.get("decode_weight_bytes")), _f(r["bandwidth_gbs"])] for r in ok]), ""]
+                     _mb(r.get("decode_weight_bytes")), _f(r["bandwidth_gbs"]),
+                     _f(r.get("read_bandwidth_gbs")), _f(r.get("bandwidth_fraction"), ".0%")] for r in ok]), ""]
     if any(r.get("error_rate") for r in ok):
         metric = next(r["error_rate"]["metric"] for r in ok if r.get("error_rate")).upper()
         out += ["## Intelligibility", "",

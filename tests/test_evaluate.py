@@ -13,7 +13,7 @@ from quantkit.synth import synthesize, teacher_forced
 BROKEN = Path(__file__).parent / "data" / "recipes" / "fp16-fbgemm.toml"
 RECIPE_KEYS = {"name", "status", "error", "load_s", "apply_s", "first_call_s", "warm_s_median",
                "warm_s_p90", "steps", "ms_per_step", "rtf", "peak_mem_bytes", "weight_bytes",
-               "bandwidth_gbs", "error_rate", "fidelity"}
+               "bandwidth_gbs", "read_bandwidth_gbs", "bandwidth_fraction", "error_rate", "fidelity"}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def test_eval_writes_schema_valid_results(eval_dir):
         assert r["status"] == "ok" and RECIPE_KEYS <= set(r)
         assert r["steps"] == 16 and r["warm_s_p90"] >= r["warm_s_median"] > 0
         assert r["bandwidth_gbs"] > 0 and r["peak_mem_bytes"] > r["weight_bytes"] > 0
+        assert r["bandwidth_fraction"] == pytest.approx(r["bandwidth_gbs"] / r["read_bandwidth_gbs"])
         assert r["error_rate"]["metric"] == "wer" and 0 <= r["error_rate"]["mean"] <= 1
     assert fp32["fidelity"]["token_agreement"] == 1.0 and fp32["fidelity"]["kl"] == 0.0
     assert fp32["error_rate"]["delta_vs_fp32"] == 0.0
