@@ -214,7 +214,7 @@ class PlainInt8Linear(nn.Module):
                 acc = int8_gemv.int8_gemv(xq, self.blocks, self.comp)[:, :self.scale.shape[0]]
             else:
                 acc = torch._int_mm(xq, self.qdata_t)
-            y = (acc.float() * x_scale.reshape(-1, 1).float()).to(x.dtype)
+            y = (acc.float() * x_scale).to(x.dtype)  # x_scale: (rows, 1) fp32
             y = y * self.scale
         elif x2.shape[0] == 1:
             # A decode step's GEMV written as a multiply-and-sum that Inductor fuses with the
