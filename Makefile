@@ -9,10 +9,12 @@ RECIPES ?= stock,fp32,bf16,int8-dynamic-fbgemm,fp32-compiled,int8-dynamic-compil
 
 .PHONY: install system-deps run test clean
 
+# --no-cache-dir: torch's CUDA build brings ~3.5 GB of wheels; caching them as well as installing
+# them (~6 GB) filled CI's disk once.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-cache-dir --upgrade pip
+	$(BIN)/python -m pip install -q --no-cache-dir -e ".[test]"
 	touch $@
 
 install: $(BIN)/.installed
