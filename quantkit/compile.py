@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from quantkit import int8_gemv
+from quantkit import hugepages, int8_gemv
 from quantkit.atomic import write_bytes
 from quantkit.precision import float_dtype
 from quantkit.recipes import CompileSettings
@@ -107,10 +107,15 @@ class StaticCacheGPT(nn.Module):
         dtype = float_dtype(self.llama)
         self.dtype = dtype
         device = torch.device(chat.device_gpt)
-        shape = (1, self.kv_heads, capacity, self.head_dim)
+        shape = (2 * cfg.num_hidden_layers, 1, self.kv_heads, capacity, self.head_dim)
+        if device.type == "cpu":  # every step reads the filled part: huge pages, as the weights
+            nbytes = torch.Size(shape).numel() * torch.finfo(dtype).bits // 8
+            cache = hugepages.empty(nbytes).view(dtype).view(shape).zero_()
+        else:
+            cache = torch.zeros(shape, dtype=dtype, device=device)
         for i in range(cfg.num_hidden_layers):
-            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer(f"k{i}", cache[2 * i], persistent=False)
+            self.register_buffer(f"v{i}", cache[2 * i + 1], persistent=False)
         self.register_buffer("slots", torch.arange(capacity, device=device), persistent=False)
         self.emb_code = chat.embed.emb_code
         # The Linears this path calls: the model's own or twins sharing their weights that
@@ -124,6 +129,18 @@ class StaticCacheGPT(nn.Module):
                            "gate_up": SharedInput([layer.mlp.gate_proj, layer.mlp.up_proj], device),
                            "down": decode_twin(layer.mlp.down_proj, device)})
             for layer in self.llama.layers)
+        if device.type == "cpu":
+            self._rehouse_packed()
+
+    def _rehouse_packed(self) -> None:
+        """The int8 kernel's packed weights into one huge-page buffer, in the order a step reads
+        them (see quantkit.hugepages)."""
+        packed = [m for m in (*self.proj.modules(), *self.heads_code.modules())
+                  if isinstance(m, PlainInt8Linear) and m.packed]
+        if not packed:
+            return
+        for m, blocks in zip(packed, hugepages.rehouse([m.blocks for m in packed])):
+            m.blocks = blocks
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """x: (1, T, H) embeddings at positions pos (T,), attending to the cache slots ``keys``

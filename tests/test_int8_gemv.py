@@ -71,3 +71,17 @@ def test_linears_on_one_input_run_fused():
         assert [o.shape[-1] for o in outs] == [64, 32, 130]
         for out, lin in zip(outs, model):
             assert torch.equal(out, lin(x))
+
+
+def test_static_cache_path_keeps_packed_weights_in_one_huge_page_buffer(tiny_dir):
+    from quantkit.apply import apply_recipe
+    from quantkit.models import load_chat
+    from quantkit.recipes import get_recipe
+
+    chat = load_chat("synthetic-tiny")
+    apply_recipe(chat, get_recipe("int8-dynamic-compiled"))
+    packed = [m for m in chat.gpt.generate.model.modules() if isinstance(m, PlainInt8Linear) and m.packed]
+    assert len(packed) == 4 * chat.gpt.gpt.config.num_hidden_layers  # qkv, o, gate+up, down
+    assert len({m.blocks.untyped_storage().data_ptr() for m in packed}) == 1
+    ptrs = [m.blocks.data_ptr() for m in packed]
+    assert ptrs == sorted(ptrs)  # laid out in the order a step reads them
