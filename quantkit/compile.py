@@ -130,17 +130,22 @@ class StaticCacheGPT(nn.Module):
                            "down": decode_twin(layer.mlp.down_proj, device)})
             for layer in self.llama.layers)
         if device.type == "cpu":
-            self._rehouse_packed()
+            self._rehouse_weights()
 
-    def _rehouse_packed(self) -> None:
-        """The int8 kernel's packed weights into one huge-page buffer, in the order a step reads
-        them (see quantkit.hugepages)."""
-        packed = [m for m in (*self.proj.modules(), *self.heads_code.modules())
-                  if isinstance(m, PlainInt8Linear) and m.packed]
-        if not packed:
+    def _rehouse_weights(self) -> None:
+        """The weights a step streams into one huge-page buffer, in the order it reads them (see
+        quantkit.hugepages): the int8 kernel's packed copies, and the float weights of GemvLinears
+        (the model's own parameters, moved: eager calls read the same memory)."""
+        modules = [m for m in (*self.proj.modules(), *self.heads_code.modules())
+                   if isinstance(m, GemvLinear) or (isinstance(m, PlainInt8Linear) and m.packed)]
+        if not modules:
             return
-        for m, blocks in zip(packed, hugepages.rehouse([m.blocks for m in packed])):
-            m.blocks = blocks
+        tensors = [m.blocks if isinstance(m, PlainInt8Linear) else m.weight.data for m in modules]
+        for m, t in zip(modules, hugepages.rehouse(tensors)):
+            if isinstance(m, PlainInt8Linear):
+                m.blocks = t
+            else:
+                m.weight.data = t
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """x: (1, T, H) embeddings at positions pos (T,), attending to the cache slots ``keys``
