@@ -204,3 +204,13 @@ def test_one_query_attention_is_sdpa(dtype, tol):
     assert ours.dtype == dtype and ours.shape == (1, 12, 1, 64)
     torch.testing.assert_close(ours, torch.nn.functional.scaled_dot_product_attention(q, k, v),
                                rtol=tol, atol=tol)
+
+
+def test_streamed_float_weights_move_to_one_huge_page_buffer(compiled):
+    from quantkit.compile import GemvLinear
+
+    twins = [m for m in compiled.gpt.generate.model.modules() if isinstance(m, GemvLinear)]
+    assert len(twins) == 7 * compiled.gpt.gpt.config.num_hidden_layers + 4  # q k v o gate up down, heads
+    assert len({t.weight.untyped_storage().data_ptr() for t in twins}) == 1
+    down = compiled.gpt.gpt.layers[0].mlp.down_proj
+    assert any(t.weight is down.weight for t in twins)  # moved, not copied: eager reads it too
