@@ -60,20 +60,48 @@ def _peak_memory(device) -> int:
         import torch
 
         return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    try:  # Linux: VmHWM, which _reset_peak_rss can reset
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:", 1)[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    except OSError as exc:
+        log.debug("peak RSS not reset (%s): it includes the bandwidth probe", exc)
+
+
+PROBE_BYTES = 256 << 20  # 8x this machine's L3
 
 
 def _measure(chat, cfg: EvalConfig, bench_text: str) -> dict[str, Any]:
+    """First call, then ``cfg.runs`` warm calls. On CPU each warm call sits between two sums over
+    a 256 MiB buffer: this machine's read bandwidth swings between about 30 and 65 GB/s within
+    seconds as neighbours come and go, so each call's achieved bandwidth is taken against the
+    read bandwidth at that moment (the mean of the two sums around it)."""
     from quantkit.apply import weight_bytes
     from quantkit.synth import synthesize
 
     first = synthesize(chat, bench_text, seed=cfg.seed, steps=cfg.max_new_tokens)
-    warm = [synthesize(chat, bench_text, seed=cfg.seed, steps=cfg.max_new_tokens) for _ in range(cfg.runs)]
-    totals = np.array([w.total_s for w in warm])
-    gpt_s = float(np.median([w.gpt_s for w in warm]))
     steps = first.steps
     sizes = weight_bytes(chat)
-    return {
+    peak = _peak_memory(chat.device)  # before the probe's buffer
+    probe = _probe_buffer() if cfg.device == "cpu" else None
+    reads = [read_bandwidth_gbs(buffer=probe, repeats=3)] if probe is not None else []
+    warm = []
+    for _ in range(cfg.runs):
+        warm.append(synthesize(chat, bench_text, seed=cfg.seed, steps=cfg.max_new_tokens))
+        if probe is not None:
+            reads.append(read_bandwidth_gbs(buffer=probe, repeats=3))
+    if probe is not None:
+        del probe
+        _reset_peak_rss()
+    totals = np.array([w.total_s for w in warm])
+    gpt_s = float(np.median([w.gpt_s for w in warm]))
+    result = {
         "first_call_s": first.total_s,
         "warm_s_median": float(np.median(totals)),
         "warm_s_p90": float(np.percentile(totals, 90)),
@@ -85,7 +113,15 @@ def _measure(chat, cfg: EvalConfig, bench_text: str) -> dict[str, Any]:
         "weight_bytes": sizes.total,
         "decode_weight_bytes": sizes.decode,
         "bandwidth_gbs": sizes.decode * steps / gpt_s / 1e9,
+        "peak_before_probe_bytes": peak,
     }
+    if reads:
+        runs = [{"achieved_gbs": sizes.decode * steps / w.gpt_s / 1e9, "read_gbs": (a + b) / 2}
+                for w, a, b in zip(warm, reads, reads[1:])]
+        result["bandwidth_runs"] = runs
+        result["read_bandwidth_gbs"] = float(np.median([r["read_gbs"] for r in runs]))
+        result["bandwidth_fraction"] = float(np.median([r["achieved_gbs"] / r["read_gbs"] for r in runs]))
+    return result
 
 
 def _utterances(chat, cfg: EvalConfig, texts: dict[str, str], out: Path, name: str,
@@ -158,14 +194,8 @@ def worker(spec_path: str) -> int:
         ref_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(ref_out, ref_path)
     result["fidelity"] = fid
-    result["peak_mem_bytes"] = _peak_memory(chat.device)
+    result["peak_mem_bytes"] = max(result.pop("peak_before_probe_bytes"), _peak_memory(chat.device))
     result["device"] = str(chat.device)
-    if cfg.device == "cpu":
-        # This machine's bandwidth swings (27-55 GB/s on the 2-core one) as neighbours come and
-        # go: the achieved fraction is taken against a figure measured by this recipe's process
-        # itself (after its peak memory was read: the probe buffer is 1 GiB).
-        result["read_bandwidth_gbs"] = read_bandwidth_gbs()
-        result["bandwidth_fraction"] = result["bandwidth_gbs"] / result["read_bandwidth_gbs"]
     Path(spec["result"]).write_text(json.dumps({"result": result, "utterances": rows}))
     return 0
 
@@ -219,22 +249,26 @@ def environment(device: str) -> dict[str, Any]:
             "read_bandwidth_gbs": read_bandwidth_gbs() if device == "cpu" else None}
 
 
-def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
-    """This machine's memory read bandwidth (best of a few sums over a buffer far beyond cache):
-    the ceiling for a memory-bound decode step, measured in the same run as the recipes. The
-    buffer is on huge pages, as the compiled steps' weights are (8% faster here than 4 KiB
-    pages): the higher, fair ceiling."""
+def _probe_buffer(nbytes: int = PROBE_BYTES):
     import torch
 
     from quantkit import hugepages
 
-    x = hugepages.empty(int(gib * 2**30)).view(torch.float32).fill_(1.0)
+    return hugepages.empty(nbytes).view(torch.float32).fill_(1.0)
+
+
+def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, buffer=None) -> float:
+    """This machine's memory read bandwidth (best of a few sums over a buffer far beyond cache,
+    ``buffer`` or a new one of ``gib``): the ceiling for a memory-bound decode step. The buffer
+    is on huge pages, as the compiled steps' weights are (8% faster here than 4 KiB pages): the
+    higher, fair ceiling."""
+    x = _probe_buffer(int(gib * 2**30)) if buffer is None else buffer
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best / 1e9
+    return x.numel() * x.element_size() / best / 1e9
 
 
 def _cpu_name() -> str:

@@ -122,8 +122,9 @@ def render_markdown(doc: dict) -> str:
             "Peak memory is the process's peak RSS on CPU (load included) or "
             "`torch.cuda.max_memory_allocated` on CUDA. Bandwidth = bytes read per GPT step "
             "(transformer and code heads; the code embeddings are looked up, not streamed) x steps per "
-            "second; read bandwidth: best of five sums over 1 GiB on huge pages, measured by each "
-            "recipe's own process after its runs (CPU); fraction = bandwidth / read bandwidth.", "",
+            "second; read bandwidth (CPU): per warm call, the mean of two sums over 256 MiB on huge pages "
+            "right before and after it (best of three each), median over the calls; fraction: median over "
+            "the calls of each one's bandwidth / the read bandwidth around it.", "",
             _table(["recipe", "peak memory MiB", "weights MiB", "per-step weights MiB", "bandwidth GB/s",
                     "read bandwidth GB/s", "fraction"],
                    [[r["name"], _mb(r["peak_mem_bytes"]), _mb(r["weight_bytes"]),
