@@ -3,7 +3,8 @@
 A decode step reads every weight once: from 4 KiB pages that is a TLB miss every 4 KiB, and in
 a virtual machine each miss walks two page tables. From 2 MiB pages, here (one process, steps
 interleaved against 4 KiB pages): int8-dynamic-compiled steps 3% faster (weights and KV cache),
-bf16-compiled 10%, fp32-compiled 2%; a plain sum over 1 GiB 8%. Linux backs anonymous
+bf16-compiled 10%, fp32-compiled 2% (not taken: see StaticCacheGPT._rehouse_weights); a plain
+sum over 1 GiB 8%. Linux backs anonymous
 memory with huge pages only where asked (``madvise``) on most systems, and torch's allocator
 asks only with ``THP_MEM_ALLOC_ENABLE=1`` set before its first allocation; so the weights are
 moved into one buffer that asks. Where the kernel refuses (another OS, THP off) the buffer is
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import mmap
 import platform
+from typing import Iterator
 
 import torch
 
@@ -42,17 +44,19 @@ def empty(nbytes: int) -> torch.Tensor:
     return buf[start:start + nbytes]
 
 
-def rehouse(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def rehouse(tensors: list[torch.Tensor]) -> Iterator[torch.Tensor]:
     """Copies of CPU tensors laid end to end, in the given order (the order a step reads them),
-    in one huge-page buffer -> views with the same dtypes, shapes and values."""
+    in one huge-page buffer: yields each copy (same dtype, shape and values) as soon as it is
+    made, and drops the list's reference to the original, so that a caller who swaps each copy
+    in at once never holds two copies of everything (727 MB more peak memory for fp32)."""
     assert all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
     sizes = [-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for t in tensors]
-    buf = empty(sum(sizes))
-    views, offset = [], 0
-    for t, size in zip(tensors, sizes):
-        nbytes = t.numel() * t.element_size()
-        view = buf[offset:offset + nbytes].view(t.dtype).view(t.shape)
+    buf = empty(sum(sizes))  # pages are only committed as the copies touch them
+    offset = 0
+    for i, size in enumerate(sizes):
+        t, tensors[i] = tensors[i], None
+        view = buf[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
         view.copy_(t)
-        views.append(view)
+        del t
         offset += size
-    return views
+        yield view
