@@ -12,7 +12,9 @@ from quantkit import hugepages
 def test_rehoused_tensors_keep_values_in_one_buffer_in_order():
     tensors = [torch.randint(-128, 127, (5, 3, 4, 64), dtype=torch.int8), torch.randn(7, 3),
                torch.arange(130, dtype=torch.int32)]
-    views = hugepages.rehouse(tensors)
+    given = list(tensors)
+    views = list(hugepages.rehouse(given))
+    assert given == [None] * 3  # originals released as copied
     base = views[0].untyped_storage().data_ptr()
     for t, v in zip(tensors, views):
         assert v.dtype == t.dtype and v.shape == t.shape and torch.equal(v, t)
