@@ -109,8 +109,7 @@ class StaticCacheGPT(nn.Module):
         device = torch.device(chat.device_gpt)
         shape = (2 * cfg.num_hidden_layers, 1, self.kv_heads, capacity, self.head_dim)
         if device.type == "cpu":  # every step reads the filled part: huge pages, as the weights
-            nbytes = torch.Size(shape).numel() * torch.finfo(dtype).bits // 8
-            cache = hugepages.empty(nbytes).view(dtype).view(shape).zero_()
+            cache = hugepages.empty(shape, dtype).zero_()
         else:
             cache = torch.zeros(shape, dtype=dtype, device=device)
         for i in range(cfg.num_hidden_layers):

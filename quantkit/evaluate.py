@@ -254,7 +254,7 @@ def _probe_buffer(nbytes: int = PROBE_BYTES):
 
     from quantkit import hugepages
 
-    return hugepages.empty(nbytes).view(torch.float32).fill_(1.0)
+    return hugepages.empty((nbytes // 4,), torch.float32).fill_(1.0)
 
 
 def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, buffer=None) -> float:

@@ -14,6 +14,7 @@ plain memory and everything works as before.
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import platform
 from typing import Iterator
@@ -26,14 +27,15 @@ HUGE_PAGE = 2 << 20
 _ALIGN = 64  # a cache line: every view starts on one
 
 
-def empty(nbytes: int) -> torch.Tensor:
-    """An uninitialised uint8 CPU tensor of ``nbytes``, starting on a huge-page boundary, whose
+def empty(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype)`` on the CPU, starting on a huge-page boundary, whose
     pages come as huge pages where the OS gives them.
 
     Its own private anonymous mapping, not torch's allocator: below 32 MiB glibc may hand back
     heap pages already touched as 4 KiB pages, which ``madvise`` no longer changes."""
     if platform.system() != "Linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(nbytes, dtype=torch.uint8)
+        return torch.empty(shape, dtype=dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
     try:
         region.madvise(mmap.MADV_HUGEPAGE)
@@ -41,7 +43,7 @@ def empty(nbytes: int) -> torch.Tensor:
         log.debug("no huge pages: %s", exc)
     buf = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
     start = -buf.data_ptr() % HUGE_PAGE
-    return buf[start:start + nbytes]
+    return buf[start:start + nbytes].view(dtype).view(shape)
 
 
 def rehouse(tensors: list[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -51,7 +53,7 @@ def rehouse(tensors: list[torch.Tensor]) -> Iterator[torch.Tensor]:
     in at once never holds two copies of everything (364 MB more peak memory for bf16)."""
     assert all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
     sizes = [-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for t in tensors]
-    buf = empty(sum(sizes))  # pages are only committed as the copies touch them
+    buf = empty((sum(sizes),))  # pages are only committed as the copies touch them
     offset = 0
     for i, size in enumerate(sizes):
         t, tensors[i] = tensors[i], None

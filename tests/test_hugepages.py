@@ -45,5 +45,11 @@ def _anon_huge_kib(address: int) -> int:
 
 @pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="transparent huge pages are off here")
 def test_buffer_is_backed_by_huge_pages():
-    buf = hugepages.empty(16 << 20).fill_(1)  # first touch after madvise: faults in huge pages
+    buf = hugepages.empty((16 << 20,)).fill_(1)  # first touch after madvise: faults in huge pages
     assert _anon_huge_kib(buf.data_ptr()) >= 2048
+
+
+def test_empty_is_a_typed_tensor_on_a_huge_page_boundary():
+    t = hugepages.empty((3, 1024, 64), torch.bfloat16)
+    assert t.shape == (3, 1024, 64) and t.dtype == torch.bfloat16 and t.is_contiguous()
+    assert t.data_ptr() % hugepages.HUGE_PAGE == 0
