@@ -34,7 +34,7 @@ from quantkit.errors import QuantkitError
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the decode step samples (its saved signature changed)
 MANIFEST = "manifest.json"
 CHECKED_VERSIONS = ("torch", "torchao", "chattts", "transformers", "bitsandbytes")
 

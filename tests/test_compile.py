@@ -60,6 +60,42 @@ def test_compiled_step_matches_and_never_recompiles(compiled, reference):
     assert frames == 1, dict(torch._dynamo.utils.counters["stats"])
 
 
+def test_draw_is_torch_multinomial_given_its_noise():
+    from quantkit.compile import draw
+
+    g = torch.Generator()
+    for seed in range(200):
+        probs = torch.softmax(torch.randn(4, 626, generator=g.manual_seed(10_000 + seed)) * 3, -1)
+        probs[:, ::3] = 0  # masked tokens (top-p, top-k) are never drawn
+        probs /= probs.sum(-1, keepdim=True)
+        ref = torch.multinomial(probs, 1, generator=g.manual_seed(seed)).view(1, -1)
+        noise = torch.empty_like(probs).exponential_(1, generator=g.manual_seed(seed))
+        assert torch.equal(draw(probs, noise), ref), seed
+
+
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_unseeded_sampling_draws_from_the_global_generator_as_chattts(tiny_dir, compiled, compile_step):
+    """manual_seed=None: each step's noise comes from torch's global generator, as ChatTTS's
+    torch.multinomial call takes it, so the same global seed gives the same tokens."""
+    from quantkit.synth import infer_params
+
+    ref_chat = load_chat("synthetic-tiny")
+    chat = compiled if compile_step else load_chat("synthetic-tiny")
+    if not compile_step:
+        apply_recipe(chat, get_recipe("fp32-compiled"), compile_step=False)
+
+    def tokens(c):
+        params = infer_params(c, 5, None, 60, None)
+        params.manual_seed = None
+        torch.manual_seed(123)
+        out = next(c._infer_code([c.normalizer(TEXTS[1], True, True, None)], False, c.device, True, params))
+        return out.ids[0]
+
+    ref = tokens(ref_chat)
+    assert ref.shape[0] > 10
+    assert torch.equal(tokens(chat), ref)
+
+
 def test_fallback_beyond_cache_capacity_still_works(compiled):
     out = synthesize(compiled, TEXTS[1], seed=1, steps=1100)  # capacity 1024: ChatTTS's loop
     assert out.steps == 1100

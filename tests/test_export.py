@@ -14,7 +14,7 @@ from conftest import assert_one_line_error, run_cli
 from quantkit import export as export_mod, int8_gemv
 from quantkit.apply import apply_recipe
 from quantkit.errors import QuantkitError
-from quantkit.export import export_variant, load_variant
+from quantkit.export import SCHEMA, export_variant, load_variant
 from quantkit.models import load_chat
 from quantkit.recipes import get_recipe
 from quantkit.synth import synthesize
@@ -43,7 +43,7 @@ def test_round_trip_gives_the_same_audio(variants, name):
 
 def test_manifest_and_sizes(variants):
     m = json.loads((variants["int8-dynamic"] / "manifest.json").read_text())
-    assert m["schema"] == 1 and m["recipe"]["name"] == "int8-dynamic"
+    assert m["schema"] == SCHEMA and m["recipe"]["name"] == "int8-dynamic"
     assert m["recipe"]["gpt"]["quantize"] == "int8-dynamic" and m["device"] == "cpu"
     assert m["gpt_weights"]["format"] == "torch"  # torchao tensor subclasses
     assert {"torch", "torchao", "chattts", "transformers"} <= set(m["versions"])
