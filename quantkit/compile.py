@@ -190,9 +190,12 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     in fp32, as multiply-and-sums. Why not SDPA: on CPU its flash kernel runs two MKL GEMVs and
     allocates its buffers per head, about 60 us a layer at 50 keys, more than reading the keys;
     written out, Inductor fuses it into the step's own kernels (0.8 ms less of an 11.5 ms
-    int8-dynamic-compiled step, in one process against SDPA)."""
+    int8-dynamic-compiled step, in one process against SDPA). The softmax's division comes
+    after the sum over values: written as ``softmax(s) @ v``, Inductor divides inside that sum,
+    once per key and value element (5% of a 9 ms int8 step, measured in one process)."""
     scores = (q.float() * k.float()).sum(-1, keepdim=True) * q.shape[-1] ** -0.5  # (1, H, n, 1)
-    return (torch.softmax(scores, dim=2) * v.float()).sum(2, keepdim=True).to(q.dtype)
+    e = torch.exp(scores - scores.amax(2, keepdim=True))
+    return ((e * v.float()).sum(2, keepdim=True) / e.sum(2, keepdim=True)).to(q.dtype)
 
 
 class PlainInt8Linear(nn.Module):
