@@ -569,12 +569,11 @@ def save_compile_cache(directory: str | Path) -> Path | None:
 def save_precompiled_step(gen: CompiledGenerate, path: str | Path) -> dict:
     """Compile the decode step ahead of time (torch.compile(...).aot_compile) for ChatTTS's default
     sampling and save it: a fresh process then skips tracing and code generation entirely."""
-    torch._dynamo.config.enable_aot_compile = True
     s = gen.default_sampling()
-    fn = compile_decode_step(gen.settings)
-    with torch.no_grad():
-        compiled = fn.aot_compile((gen.example_inputs(s), {}))
-    compiled.save_compiled_function(str(path))
+    # Scoped: left on, the setting changes what later just-in-time compilations cache.
+    with torch._dynamo.config.patch(enable_aot_compile=True), torch.no_grad():
+        compiled = compile_decode_step(gen.settings).aot_compile((gen.example_inputs(s), {}))
+        compiled.save_compiled_function(str(path))
     gen.precompiled[s] = compiled
     return asdict(s)
 
@@ -582,8 +581,7 @@ def save_precompiled_step(gen: CompiledGenerate, path: str | Path) -> dict:
 def load_precompiled_step(gen: CompiledGenerate, path: str | Path, sampling: dict) -> None:
     """Use a saved ahead-of-time step for calls whose sampling constants are the saved ones
     (others compile as usual: the loaded function does not check them itself)."""
-    torch._dynamo.config.enable_aot_compile = True
-    with open(path, "rb") as fh:
+    with torch._dynamo.config.patch(enable_aot_compile=True), open(path, "rb") as fh:
         gen.precompiled[Sampling(**sampling)] = torch.compiler.load_compiled_function(fh)
 
 
