@@ -3,7 +3,7 @@
 ChatTTS's own loop grows its KV cache and attention mask every step, so every step has new
 shapes and torch.compile recompiles constantly. Here, as in gpt-fast's generate.py, the cache
 has a fixed capacity and the decode step (code embeddings -> transformer -> code heads ->
-repetition penalty, temperature, top-p, top-k, EOS mask -> probabilities) always sees the same
+repetition penalty, temperature, top-p, top-k, EOS mask -> next tokens) always sees the same
 shapes but for the number of filled cache slots, which it takes as one symbolic size, so it
 compiles once. The prompt (prefill) runs eagerly: its length varies.
 
