@@ -4,12 +4,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from quantkit.apply import apply_recipe
-from quantkit.compile import CompiledGenerate, save_compile_cache
+from quantkit.compile import CompiledGenerate
 from quantkit.models import load_chat
 from quantkit.recipes import get_recipe
 from quantkit.synth import synthesize
@@ -104,30 +105,38 @@ def test_fallback_beyond_cache_capacity_still_works(compiled):
 CHILD = r"""
 import json, sys, torch
 from quantkit.apply import apply_recipe
-from quantkit.compile import load_compile_cache
+from quantkit.compile import load_compile_cache, save_compile_cache
 from quantkit.models import load_chat
 from quantkit.recipes import get_recipe
 from quantkit.synth import synthesize
-loaded = load_compile_cache(sys.argv[1])
+mode, folder = sys.argv[1:]
+loaded = load_compile_cache(folder) if mode == "load" else None
 chat = load_chat("synthetic-tiny")
 apply_recipe(chat, get_recipe("fp32-compiled"))
 out = synthesize(chat, "Hi.", seed=1, steps=8)
+saved = str(save_compile_cache(folder)) if mode == "save" else None
 c = torch._dynamo.utils.counters["inductor"]
-print(json.dumps({"loaded": loaded, "hits": c["fxgraph_cache_hit"], "misses": c["fxgraph_cache_miss"],
-                  "tokens": out.tokens.tolist()}))
+print(json.dumps({"loaded": loaded, "saved": saved, "hits": c["fxgraph_cache_hit"],
+                  "misses": c["fxgraph_cache_miss"], "tokens": out.tokens.tolist()}))
 """
 
 
-def test_compile_cache_round_trip_in_a_fresh_process(compiled, tmp_path):
-    path = save_compile_cache(tmp_path / "cache")
-    assert path is not None and path.stat().st_size > 0
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "fresh-inductor")}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "cache")], capture_output=True,
+def _child(mode: str, folder, inductor_dir) -> dict:
+    # Each in a fresh process with its own empty Inductor cache: what one process compiled and
+    # saved is all the other can find.
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir)}
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(folder)], capture_output=True,
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["loaded"] and result["hits"] >= 1 and result["misses"] == 0, result
-    assert result["tokens"] == synthesize(compiled, "Hi.", seed=1, steps=8).tokens.tolist()
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_compile_cache_round_trip_in_a_fresh_process(compiled, tmp_path):
+    saver = _child("save", tmp_path / "cache", tmp_path / "inductor-1")
+    assert saver["misses"] >= 1 and Path(saver["saved"]).stat().st_size > 0
+    loader = _child("load", tmp_path / "cache", tmp_path / "inductor-2")
+    assert loader["loaded"] and loader["hits"] >= 1 and loader["misses"] == 0, loader
+    assert loader["tokens"] == saver["tokens"] == synthesize(compiled, "Hi.", seed=1, steps=8).tokens.tolist()
 
 
 @pytest.mark.parametrize("method", ["int8-dynamic", "int8-weight-only"])
