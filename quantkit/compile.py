@@ -5,7 +5,7 @@ shapes and torch.compile recompiles constantly. Here, as in gpt-fast's generate.
 has a fixed capacity and the decode step (code embeddings -> transformer -> code heads ->
 repetition penalty, temperature, top-p, top-k, EOS mask -> next tokens) always sees the same
 shapes but for the number of filled cache slots, which it takes as one symbolic size, so it
-compiles once. The prompt (prefill) runs eagerly: its length varies.
+compiles once. The prompt pass (prefill) is compiled apart, its length one symbolic size too.
 
 Sampling happens inside the compiled step: ``torch.multinomial`` draws one sample as the argmax
 of probabilities over Exp(1) noise, so the step takes the noise ChatTTS's seeded call would
@@ -375,6 +375,12 @@ def draw(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return (probs / noise).argmax(-1).view(1, -1)
 
 
+def prefill(model: StaticCacheGPT, emb: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """The prompt's embeddings (1, L, H) into cache slots ``prompt`` (``slots[:L]``) -> the last
+    hidden state (1, H). A free function, as decode_step, to be compiled ahead of time."""
+    return model(emb, prompt, prompt)[:, -1]
+
+
 def code_logits(model: StaticCacheGPT, hidden: torch.Tensor) -> torch.Tensor:
     """Hidden (1, H) -> the four code heads' logits (num_vq, vocab), fp32."""
     return torch.stack(model.heads_code(hidden), 1).float()[0]
@@ -382,6 +388,13 @@ def code_logits(model: StaticCacheGPT, hidden: torch.Tensor) -> torch.Tensor:
 
 def compile_decode_step(settings: CompileSettings) -> Callable:
     return torch.compile(decode_step, fullgraph=True, dynamic=False, **compile_kwargs(settings))
+
+
+def compile_prefill(settings: CompileSettings) -> Callable:
+    """The prompt pass, compiled: eagerly, its ~30 small operations per layer around the int8
+    products cost 55 ms of a 40-token prompt, compiled 38 (int8-dynamic, full-size synthetic, one
+    process). Never as CUDA graphs: one graph would be recorded per prompt length."""
+    return torch.compile(prefill, fullgraph=True, dynamic=False, **compile_kwargs(settings, cuda_graphs=False))
 
 
 class CompiledGenerate:
@@ -394,7 +407,9 @@ class CompiledGenerate:
         self.settings = settings
         self.model = StaticCacheGPT(chat, settings.cache_capacity)
         self.step = compile_decode_step(settings) if compile_step else decode_step
+        self.prefill = compile_prefill(settings) if compile_step else prefill
         self.precompiled: dict[Sampling, Callable] = {}  # loaded ahead-of-time compilations
+        self.precompiled_prefill: Callable | None = None
         self._interned: dict[Sampling, Sampling] = {}
 
     def _use_sampling(self, s: Sampling) -> None:
@@ -406,9 +421,16 @@ class CompiledGenerate:
         return self.precompiled.get(s, self.step)
 
     def _prefill(self, emb: torch.Tensor) -> torch.Tensor:
-        """The prompt (1, L, H) through the cache, eagerly -> last hidden state (1, H)."""
+        """The prompt (1, L, H) through the cache -> last hidden state (1, H)."""
+        if not emb.is_inference():  # as ChatTTS's embeddings are: the saved prompt pass guards on it
+            with torch.inference_mode():
+                emb = emb.clone()
         prompt = self.model.slots[:emb.shape[1]]
-        return self.model(emb, prompt, prompt)[:, -1]
+        torch._dynamo.maybe_mark_dynamic(prompt, 0)  # one graph for every prompt length
+        torch._dynamo.maybe_mark_dynamic(emb, 1)
+        # The saved graph was traced for prompts of 2 tokens or more (it masks; one token does not).
+        fn = self.precompiled_prefill if self.precompiled_prefill and emb.shape[1] > 1 else self.prefill
+        return fn(self.model, emb, prompt)
 
     def example_inputs(self, s: Sampling) -> tuple:
         num_vq = len(self.model.emb_code)
@@ -420,6 +442,15 @@ class CompiledGenerate:
                 torch.full((num_vq, s.past_window), -1, dtype=torch.long, device=device),
                 torch.ones(num_vq, 1, device=device), torch.tensor(False, device=device),
                 torch.ones(num_vq, self.chat.config.gpt.num_audio_tokens, device=device))
+
+    def example_prompt(self) -> tuple:
+        """Arguments for compiling the prompt pass ahead of time (any length from 2)."""
+        with torch.inference_mode():
+            emb = torch.zeros(1, 2, self.model.llama.config.hidden_size, device=self.model.slots.device)
+        prompt = self.model.slots[:2]
+        torch._dynamo.mark_dynamic(emb, 1)
+        torch._dynamo.mark_dynamic(prompt, 0)
+        return self.model, emb, prompt
 
     def default_sampling(self) -> Sampling:
         """What ChatTTS's default InferCodeParams give (the harness uses them)."""
@@ -533,15 +564,17 @@ class _ExpNoise:
         return self.fixed
 
 
-def compile_kwargs(settings: CompileSettings) -> dict:
-    """torch.compile's Inductor options: the recipe's mode and freezing, and no size asserts.
+def compile_kwargs(settings: CompileSettings, cuda_graphs: bool = True) -> dict:
+    """torch.compile's Inductor options: the recipe's mode (less CUDA graphs if not
+    ``cuda_graphs``) and freezing, and no size asserts.
 
     Inductor's generated code asserts every input's sizes and strides in Python on each call
     (about 0.8 us each, 336 inputs in the int8 step: 0.3 ms); Dynamo's guards have checked the
     same before the graph runs."""
     from torch._inductor import list_mode_options
 
-    return {"options": {**list_mode_options(settings.mode), "freezing": settings.freezing, "size_asserts": False}}
+    mode = {k: v for k, v in list_mode_options(settings.mode).items() if cuda_graphs or k != "triton.cudagraphs"}
+    return {"options": {**mode, "freezing": settings.freezing, "size_asserts": False}}
 
 
 def enable_compiled_decoding(chat, settings: CompileSettings, compile_step: bool = True) -> CompiledGenerate:
@@ -566,23 +599,31 @@ def save_compile_cache(directory: str | Path) -> Path | None:
     return path
 
 
-def save_precompiled_step(gen: CompiledGenerate, path: str | Path) -> dict:
-    """Compile the decode step ahead of time (torch.compile(...).aot_compile) for ChatTTS's default
-    sampling and save it: a fresh process then skips tracing and code generation entirely."""
+def save_precompiled(gen: CompiledGenerate, step_path: str | Path, prefill_path: str | Path) -> dict:
+    """Compile the decode step (for ChatTTS's default sampling) and the prompt pass ahead of time
+    (torch.compile(...).aot_compile) and save them: a fresh process then skips tracing and code
+    generation entirely. -> the sampling constants the step bakes in."""
     s = gen.default_sampling()
     # Scoped: left on, the setting changes what later just-in-time compilations cache.
     with torch._dynamo.config.patch(enable_aot_compile=True), torch.no_grad():
-        compiled = compile_decode_step(gen.settings).aot_compile((gen.example_inputs(s), {}))
-        compiled.save_compiled_function(str(path))
-    gen.precompiled[s] = compiled
+        step = compile_decode_step(gen.settings).aot_compile((gen.example_inputs(s), {}))
+        step.save_compiled_function(str(step_path))
+        first = compile_prefill(gen.settings).aot_compile((gen.example_prompt(), {}))
+        first.save_compiled_function(str(prefill_path))
+    gen.precompiled[s], gen.precompiled_prefill = step, first
     return asdict(s)
 
 
-def load_precompiled_step(gen: CompiledGenerate, path: str | Path, sampling: dict) -> None:
+def load_precompiled(gen: CompiledGenerate, step_path: str | Path, prefill_path: str | Path,
+                     sampling: dict) -> None:
     """Use a saved ahead-of-time step for calls whose sampling constants are the saved ones
-    (others compile as usual: the loaded function does not check them itself)."""
-    with torch._dynamo.config.patch(enable_aot_compile=True), open(path, "rb") as fh:
-        gen.precompiled[Sampling(**sampling)] = torch.compiler.load_compiled_function(fh)
+    (others compile as usual: the loaded function does not check them itself), and the saved
+    prompt pass."""
+    with torch._dynamo.config.patch(enable_aot_compile=True):
+        with open(step_path, "rb") as fh:
+            gen.precompiled[Sampling(**sampling)] = torch.compiler.load_compiled_function(fh)
+        with open(prefill_path, "rb") as fh:
+            gen.precompiled_prefill = torch.compiler.load_compiled_function(fh)
 
 
 def skip_vec_isa_probe() -> None:

@@ -7,7 +7,8 @@ Layout of a variant directory::
     asset/                   ChatTTS asset layout minus the fp32 GPT weights
     gpt.safetensors|gpt.pt   the GPT after the recipe (torch format where tensor subclasses
                              or packed int8 weights cannot be safetensors)
-    decode_step.aot          the decode step compiled ahead of time (compiled recipes), or
+    decode_step.aot          the decode step compiled ahead of time (compiled recipes),
+    prefill.aot              and the prompt pass; or
     compile_cache.bin        Inductor's cache artifacts where ahead-of-time compilation fails
 
 Loading goes through ChatTTS's own ``Chat._load``; only its one call that reads fp32 GPT
@@ -34,7 +35,7 @@ from quantkit.errors import QuantkitError
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 2  # 2: the decode step samples (its saved signature changed)
+SCHEMA = 3  # 2: the decode step samples (its saved signature changed); 3: prompt pass saved too
 MANIFEST = "manifest.json"
 CHECKED_VERSIONS = ("torch", "torchao", "chattts", "transformers", "bitsandbytes")
 
@@ -101,26 +102,29 @@ def _copy_assets(src: Path, dst: Path) -> None:
 
 
 PRECOMPILED = "decode_step.aot"
+PRECOMPILED_PREFILL = "prefill.aot"
 
 
 INDUCTOR_CACHE = "compile_cache.bin"
 
 
 def _compile_artifacts(chat, folder: Path) -> dict:
-    """The decode step compiled ahead of time, with the sampling constants it bakes in; where
-    that is not supported (Inductor freezing in torch 2.11), Inductor's cache artifacts instead,
-    which spare code generation but not tracing."""
-    from quantkit.compile import save_compile_cache, save_precompiled_step
+    """The decode step and the prompt pass compiled ahead of time, with the sampling constants
+    the step bakes in; where that is not supported (Inductor freezing in torch 2.11), Inductor's
+    cache artifacts instead, which spare code generation but not tracing."""
+    from quantkit.compile import save_compile_cache, save_precompiled
     from quantkit.synth import synthesize
 
     kernel = _copy_kernel(chat.gpt.generate, folder)
     try:
-        sampling = save_precompiled_step(chat.gpt.generate, folder / PRECOMPILED)
-        return {"kind": "aot", "file": PRECOMPILED, "sampling": sampling, "kernel": kernel}
+        sampling = save_precompiled(chat.gpt.generate, folder / PRECOMPILED, folder / PRECOMPILED_PREFILL)
+        return {"kind": "aot", "file": PRECOMPILED, "prefill": PRECOMPILED_PREFILL, "sampling": sampling,
+                "kernel": kernel}
     except Exception as exc:  # noqa: BLE001 - an experimental API: any failure means "not here"
         log.warning("ahead-of-time compilation unavailable for this recipe (%s: %s); saving "
                     "Inductor cache artifacts instead", type(exc).__name__, str(exc)[:120])
-        (folder / PRECOMPILED).unlink(missing_ok=True)
+        for name in (PRECOMPILED, PRECOMPILED_PREFILL):
+            (folder / name).unlink(missing_ok=True)
     torch._dynamo.reset()
     synthesize(chat, "Compile.", seed=0, steps=4)
     save_compile_cache(folder)
@@ -339,10 +343,11 @@ def load_variant(folder: str | Path, device: str = "cpu"):
                                 "one lacks: export it again here")
     apply_recipe(chat, recipe, preapplied=("gpt",))
     if artifacts:
-        from quantkit.compile import load_precompiled_step
+        from quantkit.compile import load_precompiled
 
         if artifacts["kind"] == "aot":
-            load_precompiled_step(chat.gpt.generate, folder / artifacts["file"], artifacts["sampling"])
+            load_precompiled(chat.gpt.generate, folder / artifacts["file"], folder / artifacts["prefill"],
+                             artifacts["sampling"])
         else:
             from quantkit.compile import load_compile_cache
 

@@ -153,7 +153,8 @@ def test_export_best_from_an_eval_directory(tiny_dir, tmp_path):
 @pytest.mark.parametrize("recipe", ["fp32-compiled", "int8-dynamic-compiled"])
 def test_compiled_variant_starts_without_compiling(recipe, tiny_dir, tmp_path):
     info = export_variant(tmp_path / "v", recipe=recipe, model="synthetic-tiny")
-    assert info["compile_artifacts"] and (tmp_path / "v" / "decode_step.aot").stat().st_size > 0
+    assert info["compile_artifacts"] and all((tmp_path / "v" / f).stat().st_size > 0
+                                             for f in ("decode_step.aot", "prefill.aot"))
     applied = load_chat("synthetic-tiny")
     apply_recipe(applied, get_recipe(recipe), compile_step=False)
     expected = synthesize(applied, TEXT, seed=0, steps=12).tokens.tolist()
