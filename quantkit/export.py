@@ -101,34 +101,14 @@ def _copy_assets(src: Path, dst: Path) -> None:
         shutil.copy2(src / OVERRIDES_FILE, dst / OVERRIDES_FILE)
 
 
-PRECOMPILED = "decode_step.aot"
-PRECOMPILED_PREFILL = "prefill.aot"
-
-
-INDUCTOR_CACHE = "compile_cache.bin"
-
-
 def _compile_artifacts(chat, folder: Path) -> dict:
-    """The decode step and the prompt pass compiled ahead of time, with the sampling constants
-    the step bakes in; where that is not supported (Inductor freezing in torch 2.11), Inductor's
-    cache artifacts instead, which spare code generation but not tracing."""
-    from quantkit.compile import save_compile_cache, save_precompiled
+    """The compiled step and prompt pass (quantkit.compile.save_compiled), compiled here by a
+    first call, and the int8 kernel they call."""
+    from quantkit.compile import save_compiled
     from quantkit.synth import synthesize
 
-    kernel = _copy_kernel(chat.gpt.generate, folder)
-    try:
-        sampling = save_precompiled(chat.gpt.generate, folder / PRECOMPILED, folder / PRECOMPILED_PREFILL)
-        return {"kind": "aot", "file": PRECOMPILED, "prefill": PRECOMPILED_PREFILL, "sampling": sampling,
-                "kernel": kernel}
-    except Exception as exc:  # noqa: BLE001 - an experimental API: any failure means "not here"
-        log.warning("ahead-of-time compilation unavailable for this recipe (%s: %s); saving "
-                    "Inductor cache artifacts instead", type(exc).__name__, str(exc)[:120])
-        for name in (PRECOMPILED, PRECOMPILED_PREFILL):
-            (folder / name).unlink(missing_ok=True)
-    torch._dynamo.reset()
     synthesize(chat, "Compile.", seed=0, steps=4)
-    save_compile_cache(folder)
-    return {"kind": "inductor-cache", "file": INDUCTOR_CACHE, "kernel": kernel}
+    return {**save_compiled(chat.gpt.generate, folder), "kernel": _copy_kernel(chat.gpt.generate, folder)}
 
 
 KERNEL = "kernels/int8_gemv.so"
@@ -343,15 +323,9 @@ def load_variant(folder: str | Path, device: str = "cpu"):
                                 "one lacks: export it again here")
     apply_recipe(chat, recipe, preapplied=("gpt",))
     if artifacts:
-        from quantkit.compile import load_precompiled
+        from quantkit.compile import load_compiled
 
-        if artifacts["kind"] == "aot":
-            load_precompiled(chat.gpt.generate, folder / artifacts["file"], folder / artifacts["prefill"],
-                             artifacts["sampling"])
-        else:
-            from quantkit.compile import load_compile_cache
-
-            load_compile_cache(folder)
+        load_compiled(chat.gpt.generate, folder, artifacts)
     # ChatTTS's text normalizer JIT-compiles a numba function on its first text (1-1.7 s here,
     # as long as the whole first synthesis of an int8 variant): a loaded variant is ready.
     chat.normalizer("Ready.", True, True, None)

@@ -3,11 +3,14 @@ and `eval` collects."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from quantkit.apply import apply_recipe, weight_bytes
+from quantkit.atomic import write_text
 from quantkit.audio import write_wav
 from quantkit.models import load_chat
 from quantkit.recipes import get_recipe
@@ -29,15 +32,11 @@ def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
     apply_recipe(chat, recipe)
     cache_state = None
     if compile_cache and recipe.compile.enabled:
-        from quantkit.compile import load_compile_cache
-
-        cache_state = "loaded" if load_compile_cache(compile_cache) else "saved"
+        cache_state = "loaded" if _load_compiled(chat, _key(recipe, model), Path(compile_cache)) else "saved"
     t2 = time.perf_counter()
     first = synthesize(chat, text, seed=seed, steps=steps, max_new_tokens=max_new_tokens)
     if cache_state == "saved":
-        from quantkit.compile import save_compile_cache
-
-        save_compile_cache(compile_cache)
+        _save_compiled(chat, _key(recipe, model), Path(compile_cache))
     warm = synthesize(chat, text, seed=seed, steps=steps, max_new_tokens=max_new_tokens)
     if out_wav:
         write_wav(out_wav, warm.wav, SAMPLE_RATE)
@@ -57,3 +56,33 @@ def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
         # first_call_s includes compilation: with a loaded cache it is the cold start a user sees
         "compile_cache": cache_state,
     }
+
+
+COMPILED_INFO = "compiled.json"
+
+
+def _key(recipe, model: str) -> dict:
+    """What saved compilations are for: the recipe's settings and the model (as JSON reads back)."""
+    return json.loads(json.dumps({"recipe": recipe.to_dict(), "model": model}))
+
+
+def _load_compiled(chat, key: dict, folder: Path) -> bool:
+    """Load what an earlier run saved in ``folder`` for the same recipe and model; False if none."""
+    from quantkit.compile import load_compiled
+
+    try:
+        info = json.loads((folder / COMPILED_INFO).read_text())
+    except (OSError, ValueError):
+        return False
+    if info.get("for") != key:  # another recipe's graphs: compile, then replace them
+        return False
+    load_compiled(chat.gpt.generate, folder, info)
+    return True
+
+
+def _save_compiled(chat, key: dict, folder: Path) -> None:
+    from quantkit.compile import save_compiled
+
+    folder.mkdir(parents=True, exist_ok=True)
+    info = save_compiled(chat.gpt.generate, folder)
+    write_text(folder / COMPILED_INFO, json.dumps({**info, "for": key}, indent=1))

@@ -104,39 +104,43 @@ def test_fallback_beyond_cache_capacity_still_works(compiled):
 
 CHILD = r"""
 import json, sys, torch
-from quantkit.apply import apply_recipe
-from quantkit.compile import load_compile_cache, save_compile_cache
-from quantkit.models import load_chat
-from quantkit.recipes import get_recipe
-from quantkit.synth import synthesize
-mode, folder = sys.argv[1:]
-loaded = load_compile_cache(folder) if mode == "load" else None
-chat = load_chat("synthetic-tiny")
-apply_recipe(chat, get_recipe("fp32-compiled"))
-out = synthesize(chat, "Hi.", seed=1, steps=8)
-saved = str(save_compile_cache(folder)) if mode == "save" else None
-c = torch._dynamo.utils.counters["inductor"]
-print(json.dumps({"loaded": loaded, "saved": saved, "hits": c["fxgraph_cache_hit"],
-                  "misses": c["fxgraph_cache_miss"], "tokens": out.tokens.tolist()}))
+from quantkit.run import run_recipe
+recipe, folder, wav = sys.argv[1:]
+out = run_recipe(recipe, model="synthetic-tiny", text="Hi.", seed=1, steps=8, out_wav=wav, compile_cache=folder)
+c = torch._dynamo.utils.counters
+print(json.dumps({"state": out["compile_cache"], "graphs": c["stats"]["unique_graphs"],
+                  "hits": c["inductor"]["fxgraph_cache_hit"], "misses": c["inductor"]["fxgraph_cache_miss"]}))
 """
 
 
-def _child(mode: str, folder, inductor_dir) -> dict:
+def _child(recipe: str, folder, wav, inductor_dir) -> dict:
     # Each in a fresh process with its own empty Inductor cache: what one process compiled and
     # saved is all the other can find.
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir)}
-    proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(folder)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", CHILD, recipe, str(folder), str(wav)], capture_output=True,
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_compile_cache_round_trip_in_a_fresh_process(compiled, tmp_path):
-    saver = _child("save", tmp_path / "cache", tmp_path / "inductor-1")
-    assert saver["misses"] >= 1 and Path(saver["saved"]).stat().st_size > 0
-    loader = _child("load", tmp_path / "cache", tmp_path / "inductor-2")
-    assert loader["loaded"] and loader["hits"] >= 1 and loader["misses"] == 0, loader
-    assert loader["tokens"] == saver["tokens"] == synthesize(compiled, "Hi.", seed=1, steps=8).tokens.tolist()
+FROZEN = str(Path(__file__).parent / "data" / "recipes" / "fp32-frozen.toml")
+
+
+@pytest.mark.parametrize("recipe", ["fp32-compiled", FROZEN])
+def test_saved_compilation_round_trip_in_a_fresh_process(recipe, tiny_dir, tmp_path):
+    """`apply --compile-cache`: one process compiles and saves, a fresh one loads and compiles
+    nothing (ahead-of-time step and prompt pass), or, where the recipe cannot be compiled ahead
+    of time (freezing), finds every Inductor kernel in the saved cache."""
+    saver = _child(recipe, tmp_path / "cache", tmp_path / "a.wav", tmp_path / "inductor-1")
+    loader = _child(recipe, tmp_path / "cache", tmp_path / "b.wav", tmp_path / "inductor-2")
+    assert saver["state"] == "saved" and loader["state"] == "loaded"
+    info = json.loads((tmp_path / "cache" / "compiled.json").read_text())
+    if recipe == "fp32-compiled":
+        assert info["kind"] == "aot" and saver["graphs"] == 2 and loader["graphs"] == 0, (saver, loader)
+    else:
+        assert info["kind"] == "inductor-cache" and saver["misses"] >= 1, saver
+        assert loader["hits"] >= 1 and loader["misses"] == 0, loader
+    assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
 
 
 @pytest.mark.parametrize("method", ["int8-dynamic", "int8-weight-only"])
@@ -212,8 +216,9 @@ def test_teacher_forcing_goes_through_the_compiled_step(eager_recipe, compiled_r
     tokens = synthesize(eager, text, seed=4, steps=24).tokens
     calls = []
     gen = compiled.gpt.generate
-    step = gen.step
-    gen.step = lambda *a: calls.append(1) or step(*a)
+    s = gen.default_sampling()
+    step = gen._step_fn(s)
+    gen.precompiled[s] = lambda *a: calls.append(1) or step(*a)
     ref, out = teacher_forced(eager, text, tokens, seed=4), teacher_forced(compiled, text, tokens, seed=4)
     assert len(calls) == tokens.shape[0] - 1  # one compiled step per forced token after the prompt
     assert out.logprobs.shape == ref.logprobs.shape
