@@ -137,6 +137,9 @@ def test_saved_compilation_round_trip_in_a_fresh_process(recipe, tiny_dir, tmp_p
     info = json.loads((tmp_path / "cache" / "compiled.json").read_text())
     if recipe == "fp32-compiled":
         assert info["kind"] == "aot" and saver["graphs"] == 2 and loader["graphs"] == 0, (saver, loader)
+        shipped = {p.name: p.stat().st_mtime for p in (tmp_path / "cache" / info["kernels"]).rglob("*.main.so")}
+        loaded = {p.name: p.stat().st_mtime for p in (tmp_path / "inductor-2").rglob("*.main.so")}
+        assert shipped and loaded == shipped  # the saved kernels, copied (a rebuilt one is newer)
     else:
         assert info["kind"] == "inductor-cache" and saver["misses"] >= 1, saver
         assert loader["hits"] >= 1 and loader["misses"] == 0, loader

@@ -171,6 +171,10 @@ def test_compiled_variant_starts_without_compiling(recipe, tiny_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     graphs, tokens = json.loads(proc.stdout.strip().splitlines()[-1])
     assert graphs == 0  # nothing traced or compiled in the fresh process
+    # The graphs' C++ kernels (*.main.so) are the variant's copies, none rebuilt (a rebuilt one
+    # is newer; Inductor's one-line ISA checks are built per machine).
+    shipped = {p.name: p.stat().st_mtime for p in (tmp_path / "v" / "inductor").rglob("*.main.so")}
+    assert shipped and {p.name: p.stat().st_mtime for p in (tmp_path / "fresh").rglob("*.main.so")} == shipped
     assert not (tmp_path / "fresh-quantkit" / "kernels").exists()  # the variant's kernel, not rebuilt
     assert tokens == expected
 
