@@ -8,7 +8,8 @@ Layout of a variant directory::
     gpt.safetensors|gpt.pt   the GPT after the recipe (torch format where tensor subclasses
                              or packed int8 weights cannot be safetensors)
     decode_step.aot          the decode step compiled ahead of time (compiled recipes),
-    prefill.aot              and the prompt pass; or
+    prefill.aot              the prompt pass,
+    inductor/                their C++ kernels, built; or
     compile_cache.bin        Inductor's cache artifacts where ahead-of-time compilation fails
 
 Loading goes through ChatTTS's own ``Chat._load``; only its one call that reads fp32 GPT
