@@ -84,5 +84,6 @@ def _save_compiled(chat, key: dict, folder: Path) -> None:
     from quantkit.compile import save_compiled
 
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / COMPILED_INFO).unlink(missing_ok=True)  # written last: never names half-written files
     info = save_compiled(chat.gpt.generate, folder)
     write_text(folder / COMPILED_INFO, json.dumps({**info, "for": key}, indent=1))
