@@ -427,18 +427,16 @@ class CompiledGenerate:
     def _step_fn(self, s: Sampling):
         self._use_sampling(s)
         if s not in self.precompiled and self.ahead:
-            self.precompiled[s] = self.ahead_of_time(compile_decode_step, self.example_inputs(s), self.step)
+            self.precompiled[s] = _or_just_in_time(lambda: self.precompile_step(s), self.step)
         return self.precompiled.get(s, self.step)
 
-    def ahead_of_time(self, compile_fn: Callable, example: tuple, fallback: Callable) -> Callable:
-        """``compile_fn(settings)`` compiled ahead of time on ``example`` arguments, falling back
-        to ``fallback`` where that compilation fails or a call's inputs fail its guards."""
-        try:
-            return Precompiled(_aot(compile_fn, self.settings, example), fallback)
-        except Exception as exc:  # noqa: BLE001 - an experimental API (Inductor freezing is refused)
-            log.warning("ahead-of-time compilation failed (%s: %s); compiling just in time",
-                        type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
-            return fallback
+    def precompile_step(self, s: Sampling) -> "Precompiled":
+        """The decode step for sampling ``s`` compiled ahead of time (raises where that fails)."""
+        return Precompiled(_aot(compile_decode_step, self.settings, self.example_inputs(s)), self.step)
+
+    def precompile_prefill(self) -> "Precompiled":
+        """The prompt pass compiled ahead of time (raises where that fails)."""
+        return Precompiled(_aot(compile_prefill, self.settings, self.example_prompt()), self.prefill)
 
     def _prefill(self, emb: torch.Tensor) -> torch.Tensor:
         """The prompt (1, L, H) through the cache -> last hidden state (1, H)."""
@@ -449,7 +447,7 @@ class CompiledGenerate:
         torch._dynamo.maybe_mark_dynamic(prompt, 0)  # one graph for every prompt length
         torch._dynamo.maybe_mark_dynamic(emb, 1)
         if self.precompiled_prefill is None and self.ahead:
-            self.precompiled_prefill = self.ahead_of_time(compile_prefill, self.example_prompt(), self.prefill)
+            self.precompiled_prefill = _or_just_in_time(self.precompile_prefill, self.prefill)
         return (self.precompiled_prefill or self.prefill)(self.model, emb, prompt)
 
     def example_inputs(self, s: Sampling) -> tuple:
@@ -566,6 +564,16 @@ class CompiledGenerate:
         for i in range(n - 1):
             hiddens.append(self._advance(step, tokens[i:i + 1], length + i, window, temp, no_mask, noise)[0])
         return torch.cat(hiddens).float()
+
+
+def _or_just_in_time(precompile: Callable[[], "Precompiled"], fallback: Callable) -> Callable:
+    """``precompile()``, or ``fallback`` where ahead-of-time compilation fails."""
+    try:
+        return precompile()
+    except Exception as exc:  # noqa: BLE001 - an experimental API (Inductor freezing is refused)
+        log.warning("ahead-of-time compilation failed (%s: %s); compiling just in time",
+                    type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
+        return fallback
 
 
 class Precompiled:
@@ -701,12 +709,10 @@ def save_precompiled(gen: CompiledGenerate, step_path: str | Path, prefill_path:
     s = gen.default_sampling()
     step = gen.precompiled.get(s)
     if not isinstance(step, Precompiled):
-        step = gen.precompiled[s] = Precompiled(_aot(compile_decode_step, gen.settings, gen.example_inputs(s)),
-                                                gen.step)
+        step = gen.precompiled[s] = gen.precompile_step(s)
     first = gen.precompiled_prefill
     if not isinstance(first, Precompiled):
-        first = gen.precompiled_prefill = Precompiled(_aot(compile_prefill, gen.settings, gen.example_prompt()),
-                                                      gen.prefill)
+        first = gen.precompiled_prefill = gen.precompile_prefill()
     step.save(step_path)
     first.save(prefill_path)
     return asdict(s)

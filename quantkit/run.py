@@ -30,13 +30,13 @@ def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
     chat = load_chat(model, device)
     t1 = time.perf_counter()
     apply_recipe(chat, recipe)
-    cache_state = None
+    cache_state, key = None, _key(recipe, model)
     if compile_cache and recipe.compile.enabled:
-        cache_state = "loaded" if _load_compiled(chat, _key(recipe, model), Path(compile_cache)) else "saved"
+        cache_state = "loaded" if _load_compiled(chat, key, Path(compile_cache)) else "saved"
     t2 = time.perf_counter()
     first = synthesize(chat, text, seed=seed, steps=steps, max_new_tokens=max_new_tokens)
     if cache_state == "saved":
-        _save_compiled(chat, _key(recipe, model), Path(compile_cache))
+        _save_compiled(chat, key, Path(compile_cache))
     warm = synthesize(chat, text, seed=seed, steps=steps, max_new_tokens=max_new_tokens)
     if out_wav:
         write_wav(out_wav, warm.wav, SAMPLE_RATE)
