@@ -12,6 +12,7 @@ from typing import Any
 from quantkit.apply import apply_recipe, weight_bytes
 from quantkit.atomic import write_text
 from quantkit.audio import write_wav
+from quantkit.errors import QuantkitError
 from quantkit.models import load_chat
 from quantkit.recipes import get_recipe
 from quantkit.synth import SAMPLE_RATE, synthesize
@@ -76,7 +77,11 @@ def _load_compiled(chat, key: dict, folder: Path) -> bool:
         return False
     if info.get("for") != key:  # another recipe's graphs: compile, then replace them
         return False
-    load_compiled(chat.gpt.generate, folder, info)
+    try:
+        load_compiled(chat.gpt.generate, folder, info)
+    except Exception as exc:  # noqa: BLE001 - unlike a variant's files, these carry no hashes
+        raise QuantkitError(f"compile cache {folder} could not be loaded ({type(exc).__name__}); "
+                            "delete it or give another directory") from None
     return True
 
 

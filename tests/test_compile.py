@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 
 from quantkit.apply import apply_recipe
 from quantkit.compile import CompiledGenerate
@@ -144,6 +145,22 @@ def test_saved_compilation_round_trip_in_a_fresh_process(recipe, tiny_dir, tmp_p
         assert info["kind"] == "inductor-cache" and saver["misses"] >= 1, saver
         assert loader["hits"] >= 1 and loader["misses"] == 0, loader
     assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+
+
+def test_damaged_compile_cache_is_one_clear_error(tiny_dir, tmp_path):
+    from quantkit.run import COMPILED_INFO, _key
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "decode_step.aot").write_bytes(b"not a compiled function")
+    (cache / "prefill.aot").write_bytes(b"not one either")
+    info = {"kind": "aot", "file": "decode_step.aot", "prefill": "prefill.aot", "sampling": {},
+            "for": _key(get_recipe("fp32-compiled"), "synthetic-tiny")}
+    (cache / COMPILED_INFO).write_text(json.dumps(info))
+    proc = run_cli("apply", "fp32-compiled", "--model", "synthetic-tiny", "--steps", "4",
+                   "--compile-cache", str(cache))
+    assert_one_line_error(proc, "could not be loaded", str(cache))
+    assert (cache / COMPILED_INFO).read_text() == json.dumps(info)  # nothing overwritten
 
 
 @pytest.mark.parametrize("method", ["int8-dynamic", "int8-weight-only"])
