@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import platform
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -419,6 +420,9 @@ class CompiledGenerate:
         # untested ahead of time here.
         self.ahead = compile_step and self.model.slots.device.type == "cpu"
         self._interned: dict[Sampling, Sampling] = {}
+        # (decode steps, seconds) of the last call: the steps alone, without the prompt pass and
+        # ChatTTS's work around the loop, for the evaluator's per-step bandwidth.
+        self.last_steps: tuple[int, float] | None = None
 
     def _use_sampling(self, s: Sampling) -> None:
         # One Sampling object per value: the compiled step guards on model.sampling.
@@ -520,7 +524,8 @@ class CompiledGenerate:
         probs = process_logits(code_logits(self.model, hidden), window, temp, mask_eos[min_new_token > 0], s)
         nxt = draw(probs, noise(probs))
         eos = nxt.eq(s.eos).any()
-        tokens, hiddens, n_out = [], [], 0
+        tokens, hiddens, n_out, advanced = [], [], 0, 0
+        start = time.perf_counter()
         for i in range(max_new_token):
             tokens.append(nxt)
             if return_hidden:
@@ -532,6 +537,10 @@ class CompiledGenerate:
                 break
             hidden, nxt, window, eos = self._advance(step, nxt, length + i, window, temp,
                                                      mask_eos[i + 1 < min_new_token], noise(probs))
+            advanced += 1
+        if advanced:
+            _synchronize(device)  # the last step's EOS flag may be unread
+            self.last_steps = (advanced, time.perf_counter() - start)
         ids = torch.cat([inputs_ids[0], torch.cat(tokens).to(inputs_ids.dtype)])[None]
         hid = [torch.cat(hiddens)[:n_out]] if return_hidden else []
         return GPT.GenerationOutputs(ids=[ids[0].narrow(0, length, n_out)], attentions=[], hiddens=hid)
@@ -595,6 +604,11 @@ class Precompiled:
 
     def save(self, path: str | Path) -> None:
         self.fn.save_compiled_function(str(path))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _ExpNoise:

@@ -112,24 +112,29 @@ def render_markdown(doc: dict) -> str:
     out += ["## Latency", "",
             f"Fixed {doc.get('max_new_tokens')} GPT steps per call, warm figures over {doc.get('runs')} runs; "
             "ms/step is GPT time (embedding, prefill, decode, sampling) over the step count; "
+            "decode step ms (compiled decoding only) is one decode step alone, prompt pass excluded; "
             "RTF is whole-call time over audio length (512 samples at 24 kHz per step).", "",
             _table(["recipe", "load s", "apply s", "first call s", "warm median s", "warm p90 s",
-                    "GPT ms/step", "decoder+vocoder s", "RTF", "speed-up vs stock (ms/step)"],
+                    "GPT ms/step", "decode step ms", "decoder+vocoder s", "RTF", "speed-up vs stock (ms/step)"],
                    [[r["name"], _f(r["load_s"]), _f(r["apply_s"]), _f(r["first_call_s"]),
                      _f(r["warm_s_median"]), _f(r["warm_s_p90"]), _f(r["ms_per_step"]),
-                     _f(r.get("decode_s_median")), _f(r["rtf"]), speed(r)] for r in ok]), ""]
+                     _f(r.get("step_ms_median")), _f(r.get("decode_s_median")), _f(r["rtf"]), speed(r)]
+                    for r in ok]), ""]
     out += ["## Memory and size", "",
             "Peak memory is the process's peak RSS on CPU (load included) or "
             "`torch.cuda.max_memory_allocated` on CUDA. Bandwidth = bytes read per GPT step "
             "(transformer and code heads; the code embeddings are looked up, not streamed) x steps per "
             "second; read bandwidth (CPU): per warm call, the mean of two sums over 256 MiB on huge pages "
             "right before and after it (best of three each), median over the calls; fraction: median over "
-            "the calls of each one's bandwidth / the read bandwidth around it.", "",
+            "the calls of each one's bandwidth / the read bandwidth around it. Decode-step columns: the "
+            "same over decode steps alone (compiled decoding), without the prompt pass.", "",
             _table(["recipe", "peak memory MiB", "weights MiB", "per-step weights MiB", "bandwidth GB/s",
-                    "read bandwidth GB/s", "fraction"],
+                    "read bandwidth GB/s", "fraction", "decode-step GB/s", "decode-step fraction"],
                    [[r["name"], _mb(r["peak_mem_bytes"]), _mb(r["weight_bytes"]),
                      _mb(r.get("decode_weight_bytes")), _f(r["bandwidth_gbs"]),
-                     _f(r.get("read_bandwidth_gbs")), _f(r.get("bandwidth_fraction"), ".0%")] for r in ok]), ""]
+                     _f(r.get("read_bandwidth_gbs")), _f(r.get("bandwidth_fraction"), ".0%"),
+                     _f(r.get("step_bandwidth_gbs")), _f(r.get("step_bandwidth_fraction"), ".0%")]
+                    for r in ok]), ""]
     if any(r.get("error_rate") for r in ok):
         metric = next(r["error_rate"]["metric"] for r in ok if r.get("error_rate")).upper()
         out += ["## Intelligibility", "",

@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,24 @@ def test_compiled_step_matches_and_never_recompiles(compiled, reference):
         torch._dynamo.config.error_on_recompile = False
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames == 2, dict(torch._dynamo.utils.counters["stats"])  # the step and the prompt pass
+
+
+def test_decode_steps_are_timed_apart_from_the_prompt_pass(compiled, reference):
+    from quantkit.evaluate import EvalConfig, _measure
+
+    for steps in (40, None):  # a fixed count, and a natural length ended by EOS
+        out = synthesize(compiled, TEXTS[1], seed=1, steps=steps, max_new_tokens=80)
+        advanced, seconds = compiled.gpt.generate.last_steps
+        # the prompt pass gives the first token; a call ended by EOS also stepped to find it
+        assert advanced == out.steps - 1 if steps else advanced in (out.steps - 1, out.steps)
+        assert out.step_s == pytest.approx(seconds / advanced) and 0 < seconds < out.gpt_s
+    assert reference[(TEXTS[1], 1, 40)].step_s is None  # ChatTTS's own loop: not timed
+
+    result = _measure(compiled, EvalConfig(model="synthetic-tiny", runs=2, max_new_tokens=24), TEXTS[1])
+    runs = result["bandwidth_runs"]
+    assert result["step_ms_median"] > 0 and all(run["step_gbs"] > 0 for run in runs)
+    assert result["step_bandwidth_fraction"] == pytest.approx(
+        statistics.median(run["step_gbs"] / run["read_gbs"] for run in runs))
 
 
 def test_draw_is_torch_multinomial_given_its_noise():
