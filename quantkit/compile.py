@@ -587,20 +587,19 @@ def _or_just_in_time(precompile: Callable[[], "Precompiled"], fallback: Callable
 
 class Precompiled:
     """An ahead-of-time compiled function, and what runs instead where a call fails its guards
-    (it raises there, where a just-in-time one would recompile): a one-token prompt, for one,
-    against the saved prompt pass traced for two or more."""
+    (where a just-in-time one would recompile): a one-token prompt, for one, against the saved
+    prompt pass traced for two or more. The guards are checked here, as the function would check
+    them itself, but a failure costs no exception and no explanation of which guard failed."""
 
     def __init__(self, fn: Callable, fallback: Callable):
         self.fn, self.fallback = fn, fallback
+        fn.disable_guard_check()
 
     def __call__(self, *args):
-        try:
+        if self.fn.guard_check(*args):
             return self.fn(*args)
-        except RuntimeError as exc:
-            if not str(exc).startswith("GuardManager check failed"):
-                raise
-            log.info("these inputs fail the precompiled function's guards; compiling just in time")
-            return self.fallback(*args)
+        log.debug("these inputs fail the precompiled function's guards; running it just in time")
+        return self.fallback(*args)
 
     def save(self, path: str | Path) -> None:
         self.fn.save_compiled_function(str(path))

@@ -308,3 +308,20 @@ def test_streamed_bf16_weights_move_to_one_huge_page_buffer(tiny_dir, compiled):
     # fp32 weights stay in the storage ChatTTS's loader gave them
     fp32 = [m for m in compiled.gpt.generate.model.modules() if isinstance(m, GemvLinear)]
     assert len({t.weight.untyped_storage().data_ptr() for t in fp32}) > 1
+
+
+def test_inputs_failing_the_saved_guards_run_just_in_time(compiled):
+    from quantkit.compile import Precompiled, prefill
+
+    gen = compiled.gpt.generate
+    assert isinstance(gen.precompiled_prefill, Precompiled)
+    with torch.inference_mode():
+        emb = torch.randn(1, 1, gen.model.llama.config.hidden_size)  # the prompt pass was traced for >= 2
+    ran = []
+    jit, gen.precompiled_prefill.fallback = gen.precompiled_prefill.fallback, lambda *a: ran.append(1) or jit(*a)
+    try:
+        one = gen._prefill(emb)
+    finally:
+        gen.precompiled_prefill.fallback = jit
+    assert ran == [1] and not gen.precompiled_prefill.fn.guard_check(gen.model, emb, gen.model.slots[:1])
+    torch.testing.assert_close(one, prefill(gen.model, emb, gen.model.slots[:1]), rtol=1e-5, atol=1e-5)
