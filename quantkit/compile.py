@@ -420,8 +420,8 @@ class CompiledGenerate:
         # untested ahead of time here.
         self.ahead = compile_step and self.model.slots.device.type == "cpu"
         self._interned: dict[Sampling, Sampling] = {}
-        # (decode steps, seconds) of the last call: the steps alone, without the prompt pass and
-        # ChatTTS's work around the loop, for the evaluator's per-step bandwidth.
+        # (decode steps, seconds) of the last call (None where it ran ChatTTS's loop): the steps
+        # alone, without the prompt pass and ChatTTS's work around the loop, for the evaluator.
         self.last_steps: tuple[int, float] | None = None
 
     def _use_sampling(self, s: Sampling) -> None:
@@ -488,6 +488,7 @@ class CompiledGenerate:
                  min_new_token=0, logits_processors=(), infer_text=False, return_attn=False,
                  return_hidden=False, stream=False, show_tqdm=True, ensure_non_empty=True,
                  stream_batch=24, manual_seed=None, context=None):
+        self.last_steps = None
         s = sampling_from(logits_processors, int(eos_token))
         length = inputs_ids.shape[1]
         if (infer_text or stream or return_attn or inputs_ids.shape[0] != 1 or s is None
@@ -539,7 +540,8 @@ class CompiledGenerate:
                                                      mask_eos[i + 1 < min_new_token], noise(probs))
             advanced += 1
         if advanced:
-            _synchronize(device)  # the last step's EOS flag may be unread
+            if device.type == "cuda":  # the last step's EOS flag may be unread
+                torch.cuda.synchronize(device)
             self.last_steps = (advanced, time.perf_counter() - start)
         ids = torch.cat([inputs_ids[0], torch.cat(tokens).to(inputs_ids.dtype)])[None]
         hid = [torch.cat(hiddens)[:n_out]] if return_hidden else []
@@ -603,11 +605,6 @@ class Precompiled:
 
     def save(self, path: str | Path) -> None:
         self.fn.save_compiled_function(str(path))
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _ExpNoise:

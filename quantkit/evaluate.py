@@ -119,8 +119,9 @@ def _measure(chat, cfg: EvalConfig, bench_text: str) -> dict[str, Any]:
     # prompt pass (compute-bound) and ChatTTS's work around the loop.
     timed = all(w.step_s for w in warm)
     if timed:
-        result["step_ms_median"] = 1000.0 * float(np.median([w.step_s for w in warm]))
-        result["step_bandwidth_gbs"] = sizes.decode / (result["step_ms_median"] / 1000.0) / 1e9
+        step_s = float(np.median([w.step_s for w in warm]))
+        result["step_ms_median"] = 1000.0 * step_s
+        result["step_bandwidth_gbs"] = sizes.decode / step_s / 1e9
     if reads:
         runs = [{"achieved_gbs": sizes.decode * steps / w.gpt_s / 1e9, "read_gbs": (a + b) / 2}
                 for w, a, b in zip(warm, reads, reads[1:])]

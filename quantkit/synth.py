@@ -70,9 +70,6 @@ def synthesize(chat, text: str, seed: int = 0, steps: int | None = None,
     """Same chat, text, seed and steps -> the same audio, bit for bit."""
     params = infer_params(chat, seed, steps, max_new_tokens, speaker)
     normed = chat.normalizer(text, True, True, None)
-    gen = chat.gpt.generate
-    if hasattr(gen, "last_steps"):  # compiled decoding times its steps
-        gen.last_steps = None
     _sync(chat)
     t0 = time.perf_counter()
     result = next(chat._infer_code([normed], False, chat.device, True, params))
@@ -82,7 +79,7 @@ def synthesize(chat, text: str, seed: int = 0, steps: int | None = None,
     wav = chat._decode_to_wavs(result.hiddens, True)[0]
     _sync(chat)
     t2 = time.perf_counter()
-    timed = getattr(gen, "last_steps", None)
+    timed = getattr(chat.gpt.generate, "last_steps", None)  # compiled decoding times its steps
     return Synthesis(wav=np.asarray(wav, dtype=np.float32), tokens=tokens, steps=int(tokens.shape[0]),
                      gpt_s=t1 - t0, decode_s=t2 - t1, step_s=timed[1] / timed[0] if timed else None)
 
