@@ -674,14 +674,42 @@ def save_compiled(gen: CompiledGenerate, folder: str | Path) -> dict:
 def _build_kernels(folder: Path) -> None:
     """Build the saved functions' C++ kernels into ``folder/KERNELS`` by loading them once with
     that as Inductor's cache: a saved function carries its kernels' sources, which a fresh
-    process would otherwise compile on load (22 for int8-dynamic, about 18 s on 2 cores)."""
-    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+    process would otherwise compile on load (22 for int8-dynamic, about 18 s on 2 cores).
 
-    with temporary_cache_dir(str(folder / KERNELS)):
+    This process compiled the same sources (so the same library names): the folder is seeded
+    with the libraries it has loaded, and the load builds only what is missing. The load writes
+    the source of every kernel it needs beside its library; seeds left without one are other
+    functions' kernels, and go."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, temporary_cache_dir
+
+    kernels = folder / KERNELS
+    seeded = _copy_libraries(Path(cache_dir()), kernels)
+    with temporary_cache_dir(str(kernels)):
         for name in (PRECOMPILED_STEP, PRECOMPILED_PREFILL):
             _load_aot(folder / name)
-    for lock in [*(folder / KERNELS).rglob("*.lock"), folder / KERNELS / "locks"]:
+    for lib in seeded:
+        if not lib.with_suffix(".cpp").exists():
+            lib.unlink()
+    for lock in [*kernels.rglob("*.lock"), kernels / "locks"]:
         shutil.rmtree(lock) if lock.is_dir() else lock.unlink(missing_ok=True)
+
+
+def _copy_libraries(src: Path, dst: Path) -> list[Path]:
+    """Copy the shared libraries under ``src`` that this process has loaded (Linux: its memory
+    map; elsewhere none) to the same places under ``dst`` -> the copies."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    src, copies = src.resolve(), []
+    loaded = {Path(fields[5]) for fields in (line.split(None, 5) for line in maps.splitlines())
+              if len(fields) == 6 and fields[5].endswith(".so")}
+    for lib in sorted(p for p in loaded if p.is_relative_to(src) and p.is_file()):
+        target = dst / lib.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(lib, target)
+        copies.append(target)
+    return copies
 
 
 def load_compiled(gen: CompiledGenerate, folder: str | Path, info: dict) -> None:

@@ -161,6 +161,12 @@ def test_compiled_variant_starts_without_compiling(recipe, tiny_dir, tmp_path):
     code = ("import json, sys, torch, quantkit; from quantkit.synth import synthesize;"
             "c = quantkit.load_variant(sys.argv[1]); t = synthesize(c, sys.argv[2], seed=0, steps=12);"
             "print(json.dumps([torch._dynamo.utils.counters['stats']['unique_graphs'], t.tokens.tolist()]))")
+    # The kernels shipped are this process's own builds, copied, not built again for the variant.
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    for lib in (tmp_path / "v" / "inductor").rglob("*.main.so"):
+        own = Path(cache_dir()) / lib.relative_to(tmp_path / "v" / "inductor")
+        assert own.stat().st_mtime == lib.stat().st_mtime, lib.name
     kernel = json.loads((tmp_path / "v" / "manifest.json").read_text())["compile_artifacts"]["kernel"]
     assert (kernel is not None) == (recipe == "int8-dynamic-compiled" and int8_gemv.cpu_supported())
     # Empty caches: neither Inductor's nor a built int8 kernel to fall back on.
