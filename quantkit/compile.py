@@ -692,14 +692,15 @@ def _build_kernels(folder: Path) -> None:
             lib.unlink()
     for lock in [*kernels.rglob("*.lock"), kernels / "locks"]:
         shutil.rmtree(lock) if lock.is_dir() else lock.unlink(missing_ok=True)
-    for sub in kernels.iterdir():
+    for sub in kernels.iterdir() if kernels.is_dir() else ():
         if sub.is_dir() and not any(sub.iterdir()):
             sub.rmdir()
 
 
 def _copy_libraries(src: Path, dst: Path) -> list[Path]:
-    """Copy the shared libraries under ``src`` that this process has loaded (Linux: its memory
-    map; elsewhere none) to the same places under ``dst`` -> the copies."""
+    """Copy the C++ kernel libraries (``x.so`` with its source ``x.cpp`` beside it) under ``src``
+    that this process has loaded (Linux: its memory map; elsewhere none) to the same places
+    under ``dst`` -> the copies."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
@@ -707,7 +708,7 @@ def _copy_libraries(src: Path, dst: Path) -> list[Path]:
     src, copies = src.resolve(), []
     loaded = {Path(fields[5]) for fields in (line.split(None, 5) for line in maps.splitlines())
               if len(fields) == 6 and fields[5].endswith(".so")}
-    for lib in sorted(p for p in loaded if p.is_relative_to(src) and p.is_file()):
+    for lib in sorted(p for p in loaded if p.is_relative_to(src) and p.with_suffix(".cpp").is_file()):
         target = dst / lib.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(lib, target)
