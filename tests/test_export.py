@@ -161,12 +161,16 @@ def test_compiled_variant_starts_without_compiling(recipe, tiny_dir, tmp_path):
     code = ("import json, sys, torch, quantkit; from quantkit.synth import synthesize;"
             "c = quantkit.load_variant(sys.argv[1]); t = synthesize(c, sys.argv[2], seed=0, steps=12);"
             "print(json.dumps([torch._dynamo.utils.counters['stats']['unique_graphs'], t.tokens.tolist()]))")
-    # The kernels shipped are this process's own builds, copied, not built again for the variant.
+    # The graphs' C++ kernels (*.main.so) shipped are this process's own builds, copied, not built
+    # again for the variant.
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    for lib in (tmp_path / "v" / "inductor").rglob("*.main.so"):
-        own = Path(cache_dir()) / lib.relative_to(tmp_path / "v" / "inductor")
-        assert own.stat().st_mtime == lib.stat().st_mtime, lib.name
+    kernels = tmp_path / "v" / "inductor"
+    libs = list(kernels.rglob("*.main.so"))
+    shipped = {p.name: p.stat().st_mtime for p in libs}
+    assert shipped
+    for lib in libs:
+        assert (Path(cache_dir()) / lib.relative_to(kernels)).stat().st_mtime == shipped[lib.name], lib.name
     kernel = json.loads((tmp_path / "v" / "manifest.json").read_text())["compile_artifacts"]["kernel"]
     assert (kernel is not None) == (recipe == "int8-dynamic-compiled" and int8_gemv.cpu_supported())
     # Empty caches: neither Inductor's nor a built int8 kernel to fall back on.
@@ -177,10 +181,9 @@ def test_compiled_variant_starts_without_compiling(recipe, tiny_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     graphs, tokens = json.loads(proc.stdout.strip().splitlines()[-1])
     assert graphs == 0  # nothing traced or compiled in the fresh process
-    # The graphs' C++ kernels (*.main.so) are the variant's copies, none rebuilt (a rebuilt one
-    # is newer; Inductor's one-line ISA checks are built per machine).
-    shipped = {p.name: p.stat().st_mtime for p in (tmp_path / "v" / "inductor").rglob("*.main.so")}
-    assert shipped and {p.name: p.stat().st_mtime for p in (tmp_path / "fresh").rglob("*.main.so")} == shipped
+    # The fresh process used the variant's kernels, none rebuilt (a rebuilt one is newer;
+    # Inductor's one-line ISA checks are built per machine).
+    assert {p.name: p.stat().st_mtime for p in (tmp_path / "fresh").rglob("*.main.so")} == shipped
     assert not (tmp_path / "fresh-quantkit" / "kernels").exists()  # the variant's kernel, not rebuilt
     assert tokens == expected
 
