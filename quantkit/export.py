@@ -103,9 +103,9 @@ def _copy_assets(src: Path, dst: Path) -> None:
 
 
 def _compile_artifacts(chat, folder: Path) -> dict:
-    """The compiled step and prompt pass (quantkit.compile.save_compiled), compiled here by a
+    """The compiled step and prompt pass (quantkit.compile_artifacts.save_compiled), compiled here by a
     first call, and the int8 kernel they call."""
-    from quantkit.compile import save_compiled
+    from quantkit.compile_artifacts import save_compiled
     from quantkit.synth import synthesize
 
     synthesize(chat, "Compile.", seed=0, steps=4)
@@ -324,7 +324,7 @@ def load_variant(folder: str | Path, device: str = "cpu"):
                                 "one lacks: export it again here")
     apply_recipe(chat, recipe, preapplied=("gpt",))
     if artifacts:
-        from quantkit.compile import load_compiled
+        from quantkit.compile_artifacts import load_compiled
 
         load_compiled(chat.gpt.generate, folder, artifacts)
     # ChatTTS's text normalizer JIT-compiles a numba function on its first text (1-1.7 s here,

@@ -69,7 +69,7 @@ def _key(recipe, model: str) -> dict:
 
 def _load_compiled(chat, key: dict, folder: Path) -> bool:
     """Load what an earlier run saved in ``folder`` for the same recipe and model; False if none."""
-    from quantkit.compile import load_compiled
+    from quantkit.compile_artifacts import load_compiled
 
     try:
         info = json.loads((folder / COMPILED_INFO).read_text())
@@ -86,7 +86,7 @@ def _load_compiled(chat, key: dict, folder: Path) -> bool:
 
 
 def _save_compiled(chat, key: dict, folder: Path) -> None:
-    from quantkit.compile import save_compiled
+    from quantkit.compile_artifacts import save_compiled
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / COMPILED_INFO).unlink(missing_ok=True)  # written last: never names half-written files

@@ -82,7 +82,7 @@ def test_decode_steps_are_timed_apart_from_the_prompt_pass(compiled, reference):
 
 
 def test_draw_is_torch_multinomial_given_its_noise():
-    from quantkit.compile import draw
+    from quantkit.sampling import draw
 
     g = torch.Generator()
     for seed in range(200):
@@ -187,7 +187,7 @@ def test_damaged_compile_cache_is_one_clear_error(tiny_dir, tmp_path):
 def test_plain_int8_twin_computes_exactly_what_torchao_does(method):
     from torch import nn
 
-    from quantkit.compile import PlainInt8Linear, plain_int8_twin
+    from quantkit.linears import PlainInt8Linear, plain_int8_twin
     from quantkit.quantize import quantize_module
 
     torch.manual_seed(0)
@@ -209,7 +209,7 @@ def test_plain_int8_twin_computes_exactly_what_torchao_does(method):
 def test_row_quantization_is_torchaos(dtype):
     from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
 
-    from quantkit.compile import quantize_rows
+    from quantkit.linears import quantize_rows
 
     torch.manual_seed(0)
     x = (torch.randn(5, 96) * torch.tensor([1e-3, 1.0, 30.0, 1.0, 1.0])[:, None]).to(dtype)
@@ -270,7 +270,7 @@ def test_teacher_forcing_goes_through_the_compiled_step(eager_recipe, compiled_r
 def test_gemv_twin_matches_linear(dtype):
     from torch import nn
 
-    from quantkit.compile import GemvLinear, decode_twin
+    from quantkit.linears import GemvLinear, decode_twin
 
     torch.manual_seed(0)
     lin = nn.Linear(64, 96).to(dtype)
@@ -286,7 +286,7 @@ def test_gemv_twin_matches_linear(dtype):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 def test_one_query_attention_is_sdpa(dtype, tol):
-    from quantkit.compile import attend_one
+    from quantkit.static_cache import attend_one
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 12, n, 64).to(dtype) for n in (1, 37, 37))
@@ -297,7 +297,7 @@ def test_one_query_attention_is_sdpa(dtype, tol):
 
 
 def test_streamed_bf16_weights_move_to_one_huge_page_buffer(tiny_dir, compiled):
-    from quantkit.compile import GemvLinear
+    from quantkit.linears import GemvLinear
 
     chat = load_chat("synthetic-tiny")
     apply_recipe(chat, get_recipe("bf16-compiled"))

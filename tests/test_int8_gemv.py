@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from quantkit import int8_gemv
-from quantkit.compile import PlainInt8Linear, SharedInput, plain_int8_twin
+from quantkit.linears import PlainInt8Linear, SharedInput, plain_int8_twin
 from quantkit.quantize import quantize_module
 
 pytestmark = pytest.mark.skipif(not int8_gemv.cpu_supported(), reason="this CPU has no AVX512-VNNI")

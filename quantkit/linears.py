@@ -1,0 +1,162 @@
+"""The Linears a decode step calls: plain-tensor twins of the model's own Linears (sharing
+their weights) that compile to faster code than the originals at one token."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit import int8_gemv
+
+
+class PlainInt8Linear(nn.Module):
+    """A torchao int8 Linear (``Int8Tensor`` weight) computed on its plain int8 data and scales.
+
+    Same arithmetic as torchao's Int8Tensor linear for per-row weights (with torch < 2.12,
+    whose CPU path is s8s8 ``_int_mm``): per-row symmetric int8 activations, int8 x int8 -> int32,
+    times the activation scale, times the weight scale; weight-only: matmul on the int8 weight
+    cast to the activation dtype, times the scale. Inside a compiled step a tensor subclass per
+    weight costs guard checks and unwrapping on every call (about 4 ms of an 18 ms step for the
+    140 GPT Linears); plain buffers cost nothing. The buffers are views of torchao's tensors.
+
+    It also sidesteps a wrong result: compiling torchao's own linear, Inductor hands ``_int_mm``
+    the (1, K) activation with strides (0, 1), and torch 2.11's CPU ``_int_mm`` then returns
+    zeros (tokens agreed with eager int8 5% of the time). The tests compare the two paths.
+    (Weight-only at one token sums in another order than torchao's mm: equal to rounding.)
+
+    Dynamic int8 on a CPU with AVX512-VNNI runs on quantkit's kernel (``int8_gemv``) over a
+    packed copy of the weight: the same int32 products, streamed about twice as fast."""
+
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, dynamic: bool, use_kernel: bool = True):
+        super().__init__()
+        self.register_buffer("scale", scale.flatten(), persistent=False)
+        self.dynamic = dynamic
+        self.packed = use_kernel and dynamic and _vnni_usable(qdata)
+        if self.packed:
+            # A copy of the int8 weight in the VNNI kernel's order (the model keeps its own).
+            blocks, comp = int8_gemv.pack(qdata)
+            self.register_buffer("blocks", blocks, persistent=False)
+            self.register_buffer("comp", comp, persistent=False)
+        else:
+            self.register_buffer("qdata_t", qdata.t(), persistent=False)
+
+    @classmethod
+    def of(cls, weight, use_kernel: bool = True) -> "PlainInt8Linear":
+        """The twin of one torchao Int8Tensor weight (its buffers are views of torchao's)."""
+        return cls(weight.qdata, weight.scale, weight.act_quant_kwargs is not None, use_kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = x.shape[-1]
+        x2 = x.reshape(-1, k)
+        if self.dynamic:
+            xq, x_scale = quantize_rows(x2)
+            if self.packed:
+                acc = int8_gemv.int8_gemv(xq, self.blocks, self.comp)[:, :self.scale.shape[0]]
+            else:
+                acc = torch._int_mm(xq, self.qdata_t)
+            y = (acc.float() * x_scale).to(x.dtype)  # x_scale: (rows, 1) fp32
+            y = y * self.scale
+        elif x2.shape[0] == 1:
+            # A decode step's GEMV written as a multiply-and-sum that Inductor fuses with the
+            # int8 -> float conversion (gpt-fast's int8 weight-only recipe): compiled, mm on
+            # `qdata.to(float)` writes the whole float weight out first (about 1 GB/s here).
+            y = (self.qdata_t.t() * x2).sum(-1, keepdim=True).t() * self.scale.to(x.dtype)
+        else:
+            y = torch.mm(x2, self.qdata_t.to(x.dtype))
+            y = y * self.scale.to(y.dtype)
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 -> (int8 values, fp32 scales (rows, 1)): torchao's
+    ``choose_qparams_affine`` and ``quantize_affine`` for this one case, op for op (so the
+    results are equal), without their generic block handling, which costs more than the
+    arithmetic in an eager prompt pass (80 Linears)."""
+    # max(-min(amin, 0), max(amax, 0)) in torchao: the same value as max |x|
+    scale = (x.abs().amax(-1, keepdim=True) / 127.5).clamp(min=torch.finfo(torch.float32).eps)
+    scale = scale.to(torch.float32)
+    return torch.clamp(torch.round(x * (1.0 / scale)), -128, 127).to(torch.int8), scale
+
+
+class SharedInput(nn.Module):
+    """Linears that read the same input (q, k, v; gate, up; the code heads) -> their outputs.
+
+    Where every twin is a kernel-packed int8 Linear, they run as one: one activation
+    quantization and one kernel call streaming all their weights, instead of one each (each call
+    costs a few microseconds of dispatch and thread start, 140 of them per step)."""
+
+    def __init__(self, linears: list[nn.Module], device: torch.device):
+        super().__init__()
+        self.sizes = [lin.weight.shape[0] for lin in linears]
+        views = [plain_int8_twin(lin, use_kernel=False) for lin in linears]
+        self.fused = None
+        if (len(views) > 1 and all(isinstance(v, PlainInt8Linear) and v.dynamic for v in views)
+                and _vnni_usable(views[0].qdata_t.t())):  # one input: same K and device for all
+            self.fused = PlainInt8Linear(torch.cat([v.qdata_t.t() for v in views]),
+                                         torch.cat([v.scale for v in views]), dynamic=True)
+        self.twins = nn.ModuleList([] if self.fused else [decode_twin(lin, device) for lin in linears])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.fused is not None:
+            return list(self.fused(x).split(self.sizes, -1))
+        return [twin(x) for twin in self.twins]
+
+
+def _vnni_usable(qdata: torch.Tensor) -> bool:
+    return (qdata.device.type == "cpu" and qdata.shape[-1] % int8_gemv.LANES == 0
+            and int8_gemv.library() is not None)
+
+
+class GemvLinear(nn.Module):
+    """A float Linear (sharing the weight) whose one-token product, a decode step's GEMV, is
+    written as a multiply-and-sum over the row-major weight: Inductor makes it one fused pass
+    that streams the weight at 27 GB/s here, against 17 for MKL's fp32 GEMV (bf16: 24 against
+    13). Several tokens (prefill) still go through F.linear."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = lin.weight, lin.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != x.shape[-1]:
+            return F.linear(x, self.weight, self.bias)
+        y = (self.weight.float() * x.reshape(1, -1).float()).sum(-1)  # fp32 accumulation, as BLAS
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+
+def decode_twin(lin: nn.Module, device: torch.device) -> nn.Module:
+    """What the static-cache path calls for one of the model's Linears: a plain-tensor twin of a
+    torchao int8 Linear, a GemvLinear for a plain float Linear on CPU, otherwise the module."""
+    import torch.nn.utils.parametrize as P
+
+    twin = plain_int8_twin(lin)
+    if twin is not lin and (device.type == "cpu" or not twin.dynamic):
+        # (CUDA's _int_mm wants more than 16 rows; torchao's own path pads for it.)
+        return twin
+    if (device.type == "cpu" and type(lin) is nn.Linear and not P.is_parametrized(lin)
+            and lin.weight.is_floating_point() and lin.weight.is_contiguous()):
+        return GemvLinear(lin)
+    return lin
+
+
+def plain_int8_twin(lin: nn.Module, use_kernel: bool = True) -> nn.Module:
+    """A PlainInt8Linear for a torchao per-row int8 Linear this twin reproduces exactly; any
+    other module is returned as it is."""
+    from torchao.quantization import Int8Tensor
+    from torchao.utils import torch_version_at_least
+
+    w = getattr(lin, "weight", None)
+    if not isinstance(w, Int8Tensor) or getattr(lin, "bias", None) is not None:
+        return lin
+    act = w.act_quant_kwargs
+    per_row = list(w.block_size) == [1, w.shape[-1]]
+    plain_act = act is None or (type(act.granularity).__name__ == "PerRow"
+                                and act.mapping_type.name == "SYMMETRIC" and not act.reduce_range
+                                and w.act_quant_scale is None)
+    # torch >= 2.12: torchao switches CPU matmuls to u8s8 with a compensation term.
+    if not per_row or not plain_act or w.act_pre_scale is not None or torch_version_at_least("2.12.0.dev"):
+        return lin
+    return PlainInt8Linear.of(w, use_kernel)

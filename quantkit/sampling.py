@@ -1,0 +1,94 @@
+"""ChatTTS's sampling (repetition penalty, temperature, top-p, top-k, EOS mask, multinomial
+draw) as tensor code a compiled decode step can hold.
+
+``torch.multinomial`` draws one sample as the argmax of probabilities over Exp(1) noise, so the
+step takes the noise ChatTTS's seeded call would draw (``draw``, ``ExpNoise``) and the same seed
+picks the same tokens as ChatTTS's loop (the equivalence tests rely on it). A step then costs the
+host no tensor operations but reading whether EOS came.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """ChatTTS's logits pipeline, reduced to constants (one compiled step per distinct value)."""
+    penalty: float | None  # CustomRepetitionPenaltyLogitsProcessorRepeat
+    past_window: int
+    top_p: float | None  # TopPLogitsWarper
+    top_p_keep: int
+    top_k: int | None  # TopKLogitsWarper (already max(top_k, min_tokens_to_keep))
+    eos: int
+
+
+def sampling_from(processors, eos: int) -> Sampling | None:
+    """Read ChatTTS's processor objects; None if one is of a kind this path does not know."""
+    from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
+
+    from ChatTTS.model.processors import CustomRepetitionPenaltyLogitsProcessorRepeat as Rep
+
+    penalty, window, top_p, keep, top_k = None, 16, None, 1, None
+    for i, p in enumerate(processors):
+        if isinstance(p, Rep) and i == 0:
+            penalty, window = float(p.penalty), int(p.past_window)
+        elif isinstance(p, TopPLogitsWarper) and top_k is None:
+            top_p, keep = float(p.top_p), int(p.min_tokens_to_keep)
+        elif isinstance(p, TopKLogitsWarper):
+            top_k = int(p.top_k)
+        else:
+            return None
+    return Sampling(penalty, window, top_p, keep, top_k, int(eos))
+
+
+def process_logits(logits: torch.Tensor, window: torch.Tensor, temperature: torch.Tensor,
+                   mask_eos: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """Probabilities exactly as ChatTTS computes them: /T, repetition penalty over the last
+    `past_window` generated tokens (window holds -1 where there are none yet), top-p, top-k,
+    EOS masked before min_new_token, softmax."""
+    logits = logits / temperature
+    vocab = logits.size(1)
+    if s.penalty is not None:
+        freq = F.one_hot(window.clamp_min(0), vocab) * (window >= 0).unsqueeze(-1)
+        alpha = torch.pow(s.penalty, freq.sum(1))
+        logits = torch.where(logits < 0, logits * alpha, logits / alpha)
+    if s.top_p is not None:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= (1 - s.top_p)
+        remove[..., -s.top_p_keep:] = False
+        logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
+    if s.top_k is not None:
+        kth = torch.topk(logits, min(s.top_k, vocab))[0][..., -1, None]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    eos_col = torch.where(mask_eos, torch.full_like(logits[:, s.eos], -float("inf")), logits[:, s.eos])
+    logits = torch.cat([logits[:, : s.eos], eos_col[:, None], logits[:, s.eos + 1:]], 1)
+    return F.softmax(logits, dim=-1)
+
+
+def draw(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``torch.multinomial(probs, 1)`` (num_vq, vocab) given the Exp(1) ``noise`` it would draw
+    -> (1, num_vq). Its one-sample path is exactly ``argmax(probs / noise)`` (the exponential form
+    of the Gumbel-max trick); what is left out are its checks that probs are finite, non-negative
+    and not all zero, which softmax guarantees: a dozen small host operations, 0.2 ms a step on
+    2 cores (code and data evicted by the step's weight stream)."""
+    return (probs / noise).argmax(-1).view(1, -1)
+
+
+class ExpNoise:
+    """The Exp(1) noise ``torch.multinomial`` draws for one sample from probabilities of this
+    shape: from the global generator each step, or, seeded, from ChatTTS's generator re-seeded
+    each step as its loop does, which draws the same noise every step: drawn once."""
+
+    def __init__(self, generator: torch.Generator, seed: int | None):
+        self.generator, self.seed, self.fixed = generator, seed, None
+
+    def __call__(self, probs: torch.Tensor) -> torch.Tensor:
+        if self.seed is None:
+            return torch.empty_like(probs).exponential_(1)
+        if self.fixed is None:
+            self.fixed = torch.empty_like(probs).exponential_(1, generator=self.generator.manual_seed(self.seed))
+        return self.fixed
