@@ -13,8 +13,6 @@ import csv
 import json
 import logging
 import os
-import platform
-import resource
 import shlex
 import shutil
 import subprocess
@@ -28,6 +26,7 @@ import numpy as np
 
 from quantkit.atomic import write_text
 from quantkit.errors import QuantkitError
+from quantkit.machine import environment, peak_memory, probe_buffer, read_bandwidth_gbs, reset_peak_rss
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +54,6 @@ class EvalConfig:
 
 # ---------------------------------------------------------------- the per-recipe process
 
-def _peak_memory(device) -> int:
-    if "cuda" in str(device):
-        import torch
-
-        return int(torch.cuda.max_memory_allocated())
-    try:  # Linux: VmHWM, which _reset_peak_rss can reset
-        status = Path("/proc/self/status").read_text()
-        return int(status.split("VmHWM:", 1)[1].split()[0]) * 1024
-    except (OSError, IndexError, ValueError):
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
-
-
-def _reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-    except OSError as exc:
-        log.debug("peak RSS not reset (%s): it includes the bandwidth probe", exc)
-
-
-PROBE_BYTES = 256 << 20  # 8x this machine's L3
-
-
 def _measure(chat, cfg: EvalConfig, bench_text: str) -> dict[str, Any]:
     """First call, then ``cfg.runs`` warm calls. On CPU each warm call sits between two sums over
     a 256 MiB buffer: this machine's read bandwidth swings between about 30 and 65 GB/s within
@@ -88,8 +65,8 @@ def _measure(chat, cfg: EvalConfig, bench_text: str) -> dict[str, Any]:
     first = synthesize(chat, bench_text, seed=cfg.seed, steps=cfg.max_new_tokens)
     steps = first.steps
     sizes = weight_bytes(chat)
-    peak = _peak_memory(chat.device)  # before the probe's buffer
-    probe = _probe_buffer() if cfg.device == "cpu" else None
+    peak = peak_memory(chat.device)  # before the probe's buffer
+    probe = probe_buffer() if cfg.device == "cpu" else None
     reads = [read_bandwidth_gbs(buffer=probe, repeats=3)] if probe is not None else []
     warm = []
     for _ in range(cfg.runs):
@@ -98,7 +75,7 @@ def _measure(chat, cfg: EvalConfig, bench_text: str) -> dict[str, Any]:
             reads.append(read_bandwidth_gbs(buffer=probe, repeats=3))
     if probe is not None:
         del probe
-        _reset_peak_rss()
+        reset_peak_rss()
     totals = np.array([w.total_s for w in warm])
     gpt_s = float(np.median([w.gpt_s for w in warm]))
     result = {
@@ -210,7 +187,7 @@ def worker(spec_path: str) -> int:
         ref_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(ref_out, ref_path)
     result["fidelity"] = fid
-    result["peak_mem_bytes"] = max(result.pop("peak_before_probe_bytes"), _peak_memory(chat.device))
+    result["peak_mem_bytes"] = max(result.pop("peak_before_probe_bytes"), peak_memory(chat.device))
     result["device"] = str(chat.device)
     Path(spec["result"]).write_text(json.dumps({"result": result, "utterances": rows}))
     return 0
@@ -244,57 +221,6 @@ def _run_worker(source: str, cfg: EvalConfig, out: Path) -> tuple[dict, list[dic
     if error is None and "result" in data:
         return {"status": "ok", "error": None, **data["result"]}, data["utterances"]
     return {"name": name, "status": "failed", "error": error or "no result written"}, []
-
-
-def environment(device: str) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    def ver(pkg: str) -> str | None:
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return None
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and device != "cpu" else None
-    return {"torch": torch.__version__, "torchao": ver("torchao"), "chattts": ver("chattts"),
-            "transformers": ver("transformers"), "bitsandbytes": ver("bitsandbytes"),
-            "python": platform.python_version(), "cpu": _cpu_name(), "gpu": gpu,
-            "threads": torch.get_num_threads(),
-            "read_bandwidth_gbs": read_bandwidth_gbs() if device == "cpu" else None}
-
-
-def _probe_buffer(nbytes: int = PROBE_BYTES):
-    import torch
-
-    from quantkit import hugepages
-
-    return hugepages.empty((nbytes // 4,), torch.float32).fill_(1.0)
-
-
-def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, buffer=None) -> float:
-    """This machine's memory read bandwidth (best of a few sums over a buffer far beyond cache,
-    ``buffer`` or a new one of ``gib``): the ceiling for a memory-bound decode step. The buffer
-    is on huge pages, as the compiled steps' weights are (8% faster here than 4 KiB pages): the
-    higher, fair ceiling."""
-    x = _probe_buffer(int(gib * 2**30)) if buffer is None else buffer
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * x.element_size() / best / 1e9
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _transcribe_all(cfg: EvalConfig, language: str, rows: list[dict], out: Path) -> None:

@@ -1,0 +1,90 @@
+"""What the evaluator measures of the machine: its memory read bandwidth (the ceiling of a
+memory-bound decode step), peak memory, and the software and hardware a report names."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def peak_memory(device) -> int:
+    """Peak memory of this process in bytes: CUDA's allocated peak, or on CPU the resident peak."""
+    if "cuda" in str(device):
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    try:  # Linux: VmHWM, which reset_peak_rss can reset
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:", 1)[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def reset_peak_rss() -> None:
+    """Restart the resident peak from now (Linux), so a freed probe buffer does not count."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    except OSError as exc:
+        log.debug("peak RSS not reset (%s): it includes the bandwidth probe", exc)
+
+
+PROBE_BYTES = 256 << 20  # 8x this machine's L3
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Package versions, CPU, GPU, threads and the read bandwidth, for a report's header."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def ver(pkg: str) -> str | None:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and device != "cpu" else None
+    return {"torch": torch.__version__, "torchao": ver("torchao"), "chattts": ver("chattts"),
+            "transformers": ver("transformers"), "bitsandbytes": ver("bitsandbytes"),
+            "python": platform.python_version(), "cpu": _cpu_name(), "gpu": gpu,
+            "threads": torch.get_num_threads(),
+            "read_bandwidth_gbs": read_bandwidth_gbs() if device == "cpu" else None}
+
+
+def probe_buffer(nbytes: int = PROBE_BYTES):
+    """A buffer of ``nbytes`` on huge pages for read_bandwidth_gbs, kept across repeated probes."""
+    import torch
+
+    from quantkit import hugepages
+
+    return hugepages.empty((nbytes // 4,), torch.float32).fill_(1.0)
+
+
+def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, buffer=None) -> float:
+    """This machine's memory read bandwidth (best of a few sums over a buffer far beyond cache,
+    ``buffer`` or a new one of ``gib``): the ceiling for a memory-bound decode step. The buffer
+    is on huge pages, as the compiled steps' weights are (8% faster here than 4 KiB pages): the
+    higher, fair ceiling."""
+    x = probe_buffer(int(gib * 2**30)) if buffer is None else buffer
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * x.element_size() / best / 1e9
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
