@@ -14,6 +14,8 @@ code generation. Text refinement, streaming and batches fall back to ChatTTS's l
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import platform
 import time
@@ -22,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from quantkit.atomic import write_text
 from quantkit.recipes import CompileSettings
 from quantkit.sampling import ExpNoise, Sampling, draw, process_logits, sampling_from
 from quantkit.static_cache import StaticCacheGPT
@@ -304,9 +307,46 @@ def _aot(compile_fn: Callable, settings: CompileSettings, example: tuple):
 
 
 def skip_vec_isa_probe() -> None:
-    """Inductor's first CPU compile (or load) probes each vector ISA by building and importing a
-    test library in a fresh Python: about 10 s here. The CPU flags already tell the answer."""
+    """Inductor's first CPU compile (or load) in a process probes vector ISAs by building test
+    libraries and importing each in a fresh Python: about 10 s here. The CPU flags answer its
+    base check; the AVX-512 BF16 and VNNI checks it makes besides (can this compiler build with
+    those flags: 5.2 s a process here, warm) are answered once per machine and remembered."""
     import torch._inductor.config
 
     if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
         torch._inductor.config.cpp.vec_isa_ok = True
+        _remember_isa_checks()
+
+
+ISA_CHECKS = "vec_isa_checks.json"
+
+
+def _remember_isa_checks() -> None:
+    """Make Inductor's ISA build checks answer from quantkit's cache (keyed by compiler, flags,
+    torch version and test code), running each for real the first time."""
+    from torch._inductor import cpu_vec_isa
+
+    from quantkit.models import cache_dir
+
+    check = cpu_vec_isa.VecISA.check_build
+    if getattr(check, "remembered", False):
+        return
+    fingerprint = getattr(cpu_vec_isa, "_get_isa_dry_compile_fingerprint", None)
+    if fingerprint is None:  # another torch: leave its probe alone
+        return
+    path = cache_dir() / ISA_CHECKS
+
+    def check_build(isa, code: str) -> bool:
+        # torch keys its own build the same way (the bf16 check extends _arch_flags first)
+        key = hashlib.sha256(f"{fingerprint(isa._arch_flags)}\0{code}".encode()).hexdigest()
+        try:
+            answers = json.loads(path.read_text())
+        except (OSError, ValueError):
+            answers = {}
+        if key not in answers:
+            answers[key] = bool(check(isa, code))
+            write_text(path, json.dumps(answers, indent=1))
+        return answers[key]
+
+    check_build.remembered = True
+    cpu_vec_isa.VecISA.check_build = check_build

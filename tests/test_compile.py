@@ -326,3 +326,38 @@ def test_inputs_failing_the_saved_guards_run_just_in_time(compiled):
         gen.precompiled_prefill.fallback = jit
     assert ran == [1] and not gen.precompiled_prefill.fn.guard_check(gen.model, emb, gen.model.slots[:1])
     torch.testing.assert_close(one, prefill(gen.model, emb, gen.model.slots[:1]), rtol=1e-5, atol=1e-5)
+
+
+ISA_CHILD = """
+import json, sys
+from torch._inductor import cpu_vec_isa
+
+real, runs = cpu_vec_isa.VecISA.check_build, []
+cpu_vec_isa.VecISA.check_build = lambda isa, code: runs.append(str(isa)) or real(isa, code)
+if sys.argv[1] == "quantkit":
+    from quantkit.compile import skip_vec_isa_probe
+
+    skip_vec_isa_probe()
+isa = cpu_vec_isa.pick_vec_isa()
+print(json.dumps({"picked": [str(isa), isa.build_arch_flags()],
+                  "valid": [str(v) for v in cpu_vec_isa.valid_vec_isa_list()], "runs": runs}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64", reason="x86-64 Linux only")
+def test_inductor_isa_checks_run_once_per_machine(tmp_path):
+    """With quantkit's setting Inductor picks the vector ISA its own full probe picks, running the
+    build checks in the first process only: a later one answers them from quantkit's cache."""
+    env = {**os.environ, "QUANTKIT_CACHE": str(tmp_path / "qc"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")}
+
+    def child(mode: str) -> dict:
+        proc = subprocess.run([sys.executable, "-c", ISA_CHILD, mode], capture_output=True, text=True,
+                              env=env, timeout=300, check=True)
+        return json.loads(proc.stdout.splitlines()[-1])
+
+    torch_own, first, later = child("torch"), child("quantkit"), child("quantkit")
+    assert first["picked"] == later["picked"] == torch_own["picked"]
+    assert first["valid"] == later["valid"] == torch_own["valid"]
+    assert first["runs"] and later["runs"] == []
+    assert len(torch_own["runs"]) > len(first["runs"])  # the base checks, answered by the CPU flags
+    assert (tmp_path / "qc" / "vec_isa_checks.json").is_file()
