@@ -33,32 +33,41 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Ten
 
     Its own private anonymous mapping, not torch's allocator: below 32 MiB glibc may hand back
     heap pages already touched as 4 KiB pages, which ``madvise`` no longer changes."""
+    return empty_each([(shape, dtype)])[0]
+
+
+def empty_each(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+    """Empty tensors of these (shape, dtype), laid end to end in one huge-page mapping (as
+    ``empty``), each with a storage of its own: to torch they share no memory (a compiled region
+    refuses inputs that do) and all start at offset 0 of their storage (one compiled layer
+    serves all layers only where its inputs' offsets match too)."""
     if platform.system() != "Linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(shape, dtype=dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+        return [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
+    region = mmap.mmap(-1, sum(-(-n // _ALIGN) * _ALIGN for n in sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
     try:
         region.madvise(mmap.MADV_HUGEPAGE)
     except OSError as exc:  # THP compiled out: plain pages
         log.debug("no huge pages: %s", exc)
-    buf = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
-    start = -buf.data_ptr() % HUGE_PAGE
-    return buf[start:start + nbytes].view(dtype).view(shape)
+    offset = -torch.frombuffer(region, dtype=torch.uint8).data_ptr() % HUGE_PAGE
+    tensors = []
+    for (shape, dtype), n in zip(specs, sizes):
+        # frombuffer keeps the mapping alive; pages are only committed when written
+        tensors.append(torch.frombuffer(region, dtype=torch.uint8, count=n, offset=offset).view(dtype).view(shape))
+        offset += -(-n // _ALIGN) * _ALIGN
+    return tensors
 
 
 def rehouse(tensors: list[torch.Tensor]) -> Iterator[torch.Tensor]:
     """Copies of CPU tensors laid end to end, in the given order (the order a step reads them),
-    in one huge-page buffer: yields each copy (same dtype, shape and values) as soon as it is
-    made, and drops the list's reference to the original, so that a caller who swaps each copy
-    in at once never holds two copies of everything (364 MB more peak memory for bf16)."""
+    in one huge-page mapping (``empty_each``): yields each copy (same dtype, shape and values)
+    as soon as it is made, and drops the list's reference to the original, so that a caller who
+    swaps each copy in at once never holds two copies of everything (364 MB more peak memory for
+    bf16)."""
     assert all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
-    sizes = [-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for t in tensors]
-    buf = empty((sum(sizes),))  # pages are only committed as the copies touch them
-    offset = 0
-    for i, size in enumerate(sizes):
+    copies = empty_each([(tuple(t.shape), t.dtype) for t in tensors])
+    for i, copy in enumerate(copies):
         t, tensors[i] = tensors[i], None
-        view = buf[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-        view.copy_(t)
+        copy.copy_(t)
         del t
-        offset += size
-        yield view
+        yield copy

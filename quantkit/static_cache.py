@@ -24,43 +24,31 @@ class StaticCacheGPT(nn.Module):
         self.llama = chat.gpt.gpt
         cfg = self.llama.config
         self.capacity = capacity
-        self.heads = cfg.num_attention_heads
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        dtype = float_dtype(self.llama)
-        self.dtype = dtype
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        self.dtype = float_dtype(self.llama)
         device = torch.device(chat.device_gpt)
-        shape = (2 * cfg.num_hidden_layers, 1, self.kv_heads, capacity, self.head_dim)
+        shape, count = (1, kv_heads, capacity, head_dim), 2 * cfg.num_hidden_layers
         if device.type == "cpu":  # every step reads the filled part: huge pages, as the weights
-            cache = hugepages.empty(shape, dtype).zero_()
+            caches = [c.zero_() for c in hugepages.empty_each([(shape, self.dtype)] * count)]
         else:
-            cache = torch.zeros(shape, dtype=dtype, device=device)
-        for i in range(cfg.num_hidden_layers):
-            self.register_buffer(f"k{i}", cache[2 * i], persistent=False)
-            self.register_buffer(f"v{i}", cache[2 * i + 1], persistent=False)
+            caches = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(count)]
         self.register_buffer("slots", torch.arange(capacity, device=device), persistent=False)
         self.emb_code = chat.embed.emb_code
-        # The Linears this path calls: the model's own or twins sharing their weights that
-        # compile to faster code (decode_twin); Linears reading the same input run as one where
-        # their twins can be fused (SharedInput).
         self.heads_code = SharedInput(list(chat.embed.head_code), device)
-        self.proj = nn.ModuleList(
-            nn.ModuleDict({"qkv": SharedInput([layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                               layer.self_attn.v_proj], device),
-                           "o": decode_twin(layer.self_attn.o_proj, device),
-                           "gate_up": SharedInput([layer.mlp.gate_proj, layer.mlp.up_proj], device),
-                           "down": decode_twin(layer.mlp.down_proj, device)})
-            for layer in self.llama.layers)
+        self.layers = nn.ModuleList(DecoderLayer(layer, caches[2 * i], caches[2 * i + 1], heads, kv_heads, head_dim,
+                                                 device) for i, layer in enumerate(self.llama.layers))
         if device.type == "cpu":
             self._rehouse_weights()
 
     def _rehouse_weights(self) -> None:
-        """The weights a step streams into one huge-page buffer, in the order it reads them (see
+        """The weights a step streams into one huge-page mapping, in the order it reads them (see
         quantkit.hugepages): the int8 kernel's packed copies, and the reduced-precision float
         weights of GemvLinears (the model's own parameters, moved: eager calls read the same
         memory). fp32 weights stay where ChatTTS's loader mapped them from the weights file: a
         copy would keep both resident, 727 MB more peak memory for 2% speed."""
-        modules = [m for m in (*self.proj.modules(), *self.heads_code.modules())
+        modules = [m for m in (*self.layers.modules(), *self.heads_code.modules())
                    if (isinstance(m, GemvLinear) and m.weight.dtype != torch.float32)
                    or (isinstance(m, PlainInt8Linear) and m.packed)]
         if not modules:
@@ -80,30 +68,60 @@ class StaticCacheGPT(nn.Module):
         cache is 126 MB of fp32 per step, as much as the int8 weights. The compiled step takes n
         as a symbolic size (one graph for every length), the rest of its shapes are static."""
         x = x.to(self.dtype)
-        t, n = x.shape[1], keys.shape[0]
         cos, sin = self.llama.rotary_emb(x, pos[None])
-        # One new token attends to every filled slot: no mask needed.
-        mask = None if t == 1 else (keys[None, :] <= pos[:, None])[None, None]  # (1, 1, T, n)
-        for i, (layer, p) in enumerate(zip(self.llama.layers, self.proj)):
-            h = layer.input_layernorm(x)
-            q, k, v = p.qkv(h)
-            q = q.view(1, t, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            k_cache, v_cache = getattr(self, f"k{i}"), getattr(self, f"v{i}")
-            k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
-            v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
-            if t == 1 and self.kv_heads == self.heads and x.device.type == "cpu":
-                o = attend_one(q, k_cache[:, :, :n], v_cache[:, :, :n])
-            else:
-                o = F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n], attn_mask=mask,
-                                                   enable_gqa=self.kv_heads != self.heads)
-            x = x + p.o(o.transpose(1, 2).reshape(1, t, -1))
-            h = layer.post_attention_layernorm(x)
-            gate, up = p.gate_up(h)
-            x = x + p.down(layer.mlp.act_fn(gate) * up)  # LlamaMLP
+        pos = pos.clone()  # the decode step's pos is a view of keys: a layer's inputs may not alias
+        for layer in self.layers:
+            x = layer(x, cos, sin, pos, keys)
         return self.llama.norm(x).float()
+
+
+class DecoderLayer(nn.Module):
+    """One of ChatTTS's Llama decoder layers over its own cache tensors: the layer's norms and
+    activation, this path's Linears (the model's own or twins sharing their weights that compile
+    to faster code: decode_twin; Linears reading the same input run as one where their twins can
+    be fused: SharedInput).
+
+    A nested compile region: torch.compile traces and compiles one layer and calls that code for
+    every layer, instead of 20 copies. Dynamo reuses it only where every input matches in shape,
+    strides and storage offset and no two inputs share a storage (hugepages.empty_each)."""
+
+    def __init__(self, layer: nn.Module, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int,
+                 kv_heads: int, head_dim: int, device: torch.device):
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
+        self.act_fn = layer.mlp.act_fn
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.register_buffer("k_cache", k_cache, persistent=False)
+        self.register_buffer("v_cache", v_cache, persistent=False)
+        attn, mlp = layer.self_attn, layer.mlp
+        self.proj = nn.ModuleDict({"qkv": SharedInput([attn.q_proj, attn.k_proj, attn.v_proj], device),
+                                   "o": decode_twin(attn.o_proj, device),
+                                   "gate_up": SharedInput([mlp.gate_proj, mlp.up_proj], device),
+                                   "down": decode_twin(mlp.down_proj, device)})
+
+    @torch.compiler.nested_compile_region
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                keys: torch.Tensor) -> torch.Tensor:
+        t, n, p = x.shape[1], keys.shape[0], self.proj
+        h = self.input_layernorm(x)
+        q, k, v = p.qkv(h)
+        q = q.view(1, t, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        self.k_cache.index_copy_(2, pos, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, pos, v.to(self.v_cache.dtype))
+        k, v = self.k_cache[:, :, :n], self.v_cache[:, :, :n]
+        if t == 1 and self.kv_heads == self.heads and x.device.type == "cpu":
+            o = attend_one(q, k, v)
+        else:
+            # One new token attends to every filled slot: a mask only for several.
+            mask = None if t == 1 else (keys[None, :] <= pos[:, None])[None, None]  # (1, 1, T, n)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
+        x = x + p.o(o.transpose(1, 2).reshape(1, t, -1))
+        h = self.post_attention_layernorm(x)
+        gate, up = p.gate_up(h)
+        return x + p.down(self.act_fn(gate) * up)  # LlamaMLP
 
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Weights and KV cache on huge pages: same values, one buffer, pages the OS really made huge."""
+"""Weights and KV cache on huge pages: same values, one mapping, pages the OS really made huge."""
 
 import re
 from pathlib import Path
@@ -9,19 +9,24 @@ import torch
 from quantkit import hugepages
 
 
-def test_rehoused_tensors_keep_values_in_one_buffer_in_order():
+def test_rehoused_tensors_keep_values_end_to_end_in_one_mapping_each_its_own_storage():
     tensors = [torch.randint(-128, 127, (5, 3, 4, 64), dtype=torch.int8), torch.randn(7, 3),
                torch.arange(130, dtype=torch.int32)]
     given = list(tensors)
     views = list(hugepages.rehouse(given))
     assert given == [None] * 3  # originals released as copied
-    base = views[0].untyped_storage().data_ptr()
     for t, v in zip(tensors, views):
         assert v.dtype == t.dtype and v.shape == t.shape and torch.equal(v, t)
-        assert v.untyped_storage().data_ptr() == base  # one allocation
         assert v.data_ptr() % 64 == 0
-    assert views[0].data_ptr() < views[1].data_ptr() < views[2].data_ptr()  # the order given
+        # its own storage, at offset 0: what lets one compiled layer serve every layer
+        assert v.storage_offset() == 0 and v.untyped_storage().data_ptr() == v.data_ptr()
+    assert len({v.untyped_storage().data_ptr() for v in views}) == 3
+    # laid end to end in the order given, from a huge-page boundary: one mapping
     assert views[0].data_ptr() % hugepages.HUGE_PAGE == 0
+    assert views[1].data_ptr() - views[0].data_ptr() == 5 * 3 * 4 * 64
+    assert views[2].data_ptr() - views[1].data_ptr() == 128  # 84 bytes, rounded to cache lines
+    views[1].fill_(0)
+    assert torch.equal(views[0], tensors[0]) and torch.equal(views[2], tensors[2])  # no overlap
 
 
 def _thp_mode() -> str | None:
