@@ -7,8 +7,8 @@ bf16-compiled 10%, fp32-compiled 2% (not taken: see StaticCacheGPT._rehouse_weig
 sum over 1 GiB 8%. Linux backs anonymous
 memory with huge pages only where asked (``madvise``) on most systems, and torch's allocator
 asks only with ``THP_MEM_ALLOC_ENABLE=1`` set before its first allocation; so the weights are
-moved into one buffer that asks. Where the kernel refuses (another OS, THP off) the buffer is
-plain memory and everything works as before.
+moved into one mapping that asks. Where the kernel refuses (another OS, THP off) it is plain
+memory and everything works as before.
 """
 
 from __future__ import annotations
