@@ -362,3 +362,27 @@ def test_inductor_isa_checks_run_once_per_machine(tmp_path):
     assert first["runs"] and later["runs"] == []
     assert len(torch_own["runs"]) > len(first["runs"])  # the base checks, answered by the CPU flags
     assert (tmp_path / "qc" / "vec_isa_checks.json").is_file()
+
+
+@pytest.mark.parametrize("recipe", ["int8-dynamic-compiled", "bf16-compiled"])
+def test_decoder_layers_are_traced_once_and_reused(recipe, tiny_dir):
+    """The step's graph holds one compiled region that every decoder layer calls (Dynamo reuses a
+    region only where the layers' inputs match in layout and share no storage)."""
+    from quantkit.compile import decode_step
+
+    chat = load_chat("synthetic-tiny")
+    apply_recipe(chat, get_recipe(recipe))
+    gen = chat.gpt.generate
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(decode_step, fullgraph=True, backend=backend)(*gen.example_inputs(gen.default_sampling()))
+    (gm,) = graphs
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and "invoke_subgraph" in str(n.target)]
+    regions = {n.args[0].target for n in calls}
+    assert len(calls) == chat.gpt.gpt.config.num_hidden_layers >= 2 and len(regions) == 1
