@@ -44,17 +44,18 @@ def empty_each(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.T
     if platform.system() != "Linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
         return [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
     sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
-    region = mmap.mmap(-1, sum(-(-n // _ALIGN) * _ALIGN for n in sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+    padded = [-(-n // _ALIGN) * _ALIGN for n in sizes]  # every tensor starts on a cache line
+    region = mmap.mmap(-1, sum(padded) + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
     try:
         region.madvise(mmap.MADV_HUGEPAGE)
     except OSError as exc:  # THP compiled out: plain pages
         log.debug("no huge pages: %s", exc)
     offset = -torch.frombuffer(region, dtype=torch.uint8).data_ptr() % HUGE_PAGE
     tensors = []
-    for (shape, dtype), n in zip(specs, sizes):
+    for (shape, dtype), n, step in zip(specs, sizes, padded):
         # frombuffer keeps the mapping alive; pages are only committed when written
         tensors.append(torch.frombuffer(region, dtype=torch.uint8, count=n, offset=offset).view(dtype).view(shape))
-        offset += -(-n // _ALIGN) * _ALIGN
+        offset += step
     return tensors
 
 
