@@ -343,7 +343,9 @@ def _remember_isa_checks() -> None:
             answers = json.loads(path.read_text())
         except (OSError, ValueError):
             answers = {}
-        if key not in answers:
+        if not isinstance(answers, dict):  # not ours: overwritten with real answers
+            answers = {}
+        if not isinstance(answers.get(key), bool):
             answers[key] = bool(check(isa, code))
             write_text(path, json.dumps(answers, indent=1))
         return answers[key]
