@@ -14,6 +14,7 @@ code generation. Text refinement, streaming and batches fall back to ChatTTS's l
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -33,16 +34,18 @@ log = logging.getLogger(__name__)
 
 
 def decode_step(model: StaticCacheGPT, ids: torch.Tensor, keys: torch.Tensor, window: torch.Tensor,
-                temperature: torch.Tensor, mask_eos: torch.Tensor, noise: torch.Tensor):
-    """One step: the last tokens ids (1, num_vq), fed at position ``keys[-1]`` and attending to
-    the cache slots ``keys`` (``slots[:pos + 1]``) -> (hidden (1, H), next tokens (1, num_vq),
-    the penalty window with ids appended, whether a next token is EOS).
+                temperature: torch.Tensor, mask_eos: torch.Tensor, noise: torch.Tensor,
+                pos: torch.Tensor | None = None):
+    """One step: the last tokens ids (1, num_vq), fed at position ``pos`` (default ``keys[-1:]``)
+    and attending to the cache slots ``keys`` (``slots[:pos + 1]``, or every slot, masked, where
+    ``model.full_keys``) -> (hidden (1, H), next tokens (1, num_vq), the penalty window with ids
+    appended, whether a next token is EOS).
 
     A free function of the model (not a bound method) so that it can be compiled ahead of time
     and saved; the sampling constants come from ``model.sampling``."""
     window = torch.cat([window[:, 1:], ids.view(-1, 1)], 1)
     emb = torch.stack([emb(ids[:, i]) for i, emb in enumerate(model.emb_code)], 2).sum(2)
-    hidden = model(emb[:, None].float(), keys[-1:], keys)[:, -1]
+    hidden = model(emb[:, None].float(), keys[-1:] if pos is None else pos, keys)[:, -1]
     probs = process_logits(code_logits(model, hidden), window, temperature, mask_eos, model.sampling)
     nxt = draw(probs, noise)
     return hidden, nxt, window, nxt.eq(model.sampling.eos).any()
@@ -73,12 +76,20 @@ def compile_prefill(settings: CompileSettings) -> Callable:
 class CompiledGenerate:
     """Drop-in for ``GPT.generate`` (same arguments, same GenerationOutputs)."""
 
-    def __init__(self, chat, settings: CompileSettings, compile_step: bool = True):
+    def __init__(self, chat, settings: CompileSettings, compile_step: bool = True,
+                 full_keys: bool | None = None):
         self.chat = chat
         self.gpt = chat.gpt
         self.fallback = chat.gpt.generate
-        self.settings = settings
+        device = torch.device(chat.device_gpt)
+        self.settings = settings = for_device(settings, device)
         self.model = StaticCacheGPT(chat, settings.cache_capacity)
+        # CUDA graphs replay a step recorded for one set of shapes: a step attending to the n
+        # filled slots would record a graph for every n. With them, as in gpt-fast, a step
+        # attends to every slot of the cache under a mask (one shape; on a GPU reading the
+        # whole cache costs microseconds). Elsewhere it reads only the filled slots.
+        self.graphs = compile_step and uses_cuda_graphs(settings, device)
+        self.model.set_full_keys(self.graphs if full_keys is None else full_keys)
         # Just-in-time compiled functions, and the ahead-of-time ones used first where they
         # exist (loaded from a variant, or compiled at first use on CPU).
         self.step = compile_decode_step(settings) if compile_step else decode_step
@@ -220,10 +231,15 @@ class CompiledGenerate:
 
     def _advance(self, step, ids: torch.Tensor, pos: int, window, temp, mask_eos, noise):
         """Run the decode step for tokens ``ids`` (1, num_vq) at position ``pos``."""
-        keys = self.model.slots[:pos + 1]
-        torch._dynamo.maybe_mark_dynamic(keys, 0)  # one graph for every length
-        out = step(self.model, ids, keys, window, temp, mask_eos, noise)
-        if self.settings.mode == "reduce-overhead":  # CUDA graphs reuse their output buffers
+        slots = self.model.slots
+        if self.model.full_keys:
+            # a copy: a graph's inputs may not alias (pos would view keys)
+            out = step(self.model, ids, slots, window, temp, mask_eos, noise, slots[pos:pos + 1].clone())
+        else:
+            keys = slots[:pos + 1]
+            torch._dynamo.maybe_mark_dynamic(keys, 0)  # one graph for every length
+            out = step(self.model, ids, keys, window, temp, mask_eos, noise)
+        if self.graphs:  # CUDA graphs reuse their output buffers
             out = tuple(t.clone() for t in out)
         return out
 
@@ -276,6 +292,20 @@ class Precompiled:
 
     def save(self, path: str | Path) -> None:
         self.fn.save_compiled_function(str(path))
+
+
+def for_device(settings: CompileSettings, device: torch.device) -> CompileSettings:
+    """The settings with mode "auto" made concrete: CUDA graphs on CUDA, Inductor's default
+    elsewhere."""
+    if settings.mode != "auto":
+        return settings
+    return dataclasses.replace(settings, mode="reduce-overhead" if device.type == "cuda" else "default")
+
+
+def uses_cuda_graphs(settings: CompileSettings, device: torch.device) -> bool:
+    from torch._inductor import list_mode_options
+
+    return device.type == "cuda" and bool(list_mode_options(settings.mode).get("triton.cudagraphs"))
 
 
 def compile_kwargs(settings: CompileSettings, cuda_graphs: bool = True) -> dict:

@@ -26,18 +26,20 @@ def save_compiled(gen: CompiledGenerate, folder: str | Path) -> dict:
     """What this process compiled for ``gen``, into ``folder``: the decode step (ChatTTS's default
     sampling) and the prompt pass compiled ahead of time, or, where that fails (Inductor freezing
     in torch 2.11), Inductor's cache artifacts, which spare code generation but not tracing
-    -> a description for load_compiled (file names relative to ``folder``)."""
+    -> a description for load_compiled (file names relative to ``folder``). On CUDA, which
+    compiles just in time (CompiledGenerate.ahead), always Inductor's cache artifacts."""
     folder = Path(folder)
-    try:
-        sampling = save_precompiled(gen, folder / PRECOMPILED_STEP, folder / PRECOMPILED_PREFILL)
-        _build_kernels(folder)
-        return {"kind": "aot", "file": PRECOMPILED_STEP, "prefill": PRECOMPILED_PREFILL, "sampling": sampling,
-                "kernels": KERNELS}
-    except Exception as exc:  # noqa: BLE001 - an experimental API: any failure means "not here"
-        log.warning("ahead-of-time compilation unavailable for this recipe (%s: %s); saving "
-                    "Inductor cache artifacts instead", type(exc).__name__, str(exc)[:120])
-        for name in (PRECOMPILED_STEP, PRECOMPILED_PREFILL):
-            (folder / name).unlink(missing_ok=True)
+    if gen.ahead:
+        try:
+            sampling = save_precompiled(gen, folder / PRECOMPILED_STEP, folder / PRECOMPILED_PREFILL)
+            _build_kernels(folder)
+            return {"kind": "aot", "file": PRECOMPILED_STEP, "prefill": PRECOMPILED_PREFILL, "sampling": sampling,
+                    "kernels": KERNELS}
+        except Exception as exc:  # noqa: BLE001 - an experimental API: any failure means "not here"
+            log.warning("ahead-of-time compilation unavailable for this recipe (%s: %s); saving "
+                        "Inductor cache artifacts instead", type(exc).__name__, str(exc)[:120])
+            for name in (PRECOMPILED_STEP, PRECOMPILED_PREFILL):
+                (folder / name).unlink(missing_ok=True)
     save_compile_cache(folder)
     return {"kind": "inductor-cache", "file": INDUCTOR_CACHE}
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from quantkit.atomic import write_text
 from quantkit.errors import QuantkitError
-from quantkit.machine import environment, peak_memory, probe_buffer, read_bandwidth_gbs, reset_peak_rss
+from quantkit.machine import environment, peak_memory, probe_buffer, read_bandwidth_gbs, reset_peak
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,10 @@ class EvalConfig:
 # ---------------------------------------------------------------- the per-recipe process
 
 def _measure(chat, cfg: EvalConfig, bench_text: str) -> dict[str, Any]:
-    """First call, then ``cfg.runs`` warm calls. On CPU each warm call sits between two sums over
-    a 256 MiB buffer: this machine's read bandwidth swings between about 30 and 65 GB/s within
-    seconds as neighbours come and go, so each call's achieved bandwidth is taken against the
-    read bandwidth at that moment (the mean of the two sums around it)."""
+    """First call, then ``cfg.runs`` warm calls. Each warm call sits between two sums over a
+    256 MiB buffer on the model's device: this CPU's read bandwidth swings between about 30 and
+    65 GB/s within seconds as neighbours come and go, so each call's achieved bandwidth is taken
+    against the read bandwidth at that moment (the mean of the two sums around it)."""
     from quantkit.apply import weight_bytes
     from quantkit.synth import synthesize
 
@@ -66,16 +66,14 @@ def _measure(chat, cfg: EvalConfig, bench_text: str) -> dict[str, Any]:
     steps = first.steps
     sizes = weight_bytes(chat)
     peak = peak_memory(chat.device)  # before the probe's buffer
-    probe = probe_buffer() if cfg.device == "cpu" else None
-    reads = [read_bandwidth_gbs(buffer=probe, repeats=3)] if probe is not None else []
+    probe = probe_buffer(device=chat.device)
+    reads = [read_bandwidth_gbs(buffer=probe, repeats=3)]
     warm = []
     for _ in range(cfg.runs):
         warm.append(synthesize(chat, bench_text, seed=cfg.seed, steps=cfg.max_new_tokens))
-        if probe is not None:
-            reads.append(read_bandwidth_gbs(buffer=probe, repeats=3))
-    if probe is not None:
-        del probe
-        reset_peak_rss()
+        reads.append(read_bandwidth_gbs(buffer=probe, repeats=3))
+    del probe
+    reset_peak(chat.device)
     totals = np.array([w.total_s for w in warm])
     gpt_s = float(np.median([w.gpt_s for w in warm]))
     result = {
@@ -99,16 +97,15 @@ def _measure(chat, cfg: EvalConfig, bench_text: str) -> dict[str, Any]:
         step_s = float(np.median([w.step_s for w in warm]))
         result["step_ms_median"] = 1000.0 * step_s
         result["step_bandwidth_gbs"] = sizes.decode / step_s / 1e9
-    if reads:
-        runs = [{"achieved_gbs": sizes.decode * steps / w.gpt_s / 1e9, "read_gbs": (a + b) / 2}
-                for w, a, b in zip(warm, reads, reads[1:])]
-        if timed:
-            for run, w in zip(runs, warm):
-                run["step_gbs"] = sizes.decode / w.step_s / 1e9
-            result["step_bandwidth_fraction"] = _median_fraction(runs, "step_gbs")
-        result["bandwidth_runs"] = runs
-        result["read_bandwidth_gbs"] = float(np.median([r["read_gbs"] for r in runs]))
-        result["bandwidth_fraction"] = _median_fraction(runs, "achieved_gbs")
+    runs = [{"achieved_gbs": sizes.decode * steps / w.gpt_s / 1e9, "read_gbs": (a + b) / 2}
+            for w, a, b in zip(warm, reads, reads[1:])]
+    if timed:
+        for run, w in zip(runs, warm):
+            run["step_gbs"] = sizes.decode / w.step_s / 1e9
+        result["step_bandwidth_fraction"] = _median_fraction(runs, "step_gbs")
+    result["bandwidth_runs"] = runs
+    result["read_bandwidth_gbs"] = float(np.median([r["read_gbs"] for r in runs]))
+    result["bandwidth_fraction"] = _median_fraction(runs, "achieved_gbs")
     return result
 
 
@@ -296,7 +293,7 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     from quantkit.report import write_report
     from quantkit.texts import load_texts
 
-    resolve_device(cfg.device)
+    device = str(resolve_device(cfg.device))
     names = cfg.recipes or recipe_names()
     for n in names:
         get_recipe(n)  # every name valid before anything runs
@@ -322,7 +319,7 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     doc = {
         "schema": SCHEMA, "model": cfg.model, "synthetic_weights": synthetic, "device": cfg.device,
         "language": language, "texts": cfg.texts, "utterances": len(texts), "runs": cfg.runs,
-        "max_new_tokens": cfg.max_new_tokens, "environment": environment(cfg.device),
+        "max_new_tokens": cfg.max_new_tokens, "environment": environment(device),
         "command": cfg.command, "recipes": results,
         "recommendation": recommend(results, synthetic, cfg),
     }

@@ -54,7 +54,7 @@ class PlainInt8Linear(nn.Module):
             if self.packed:
                 acc = int8_gemv.int8_gemv(xq, self.blocks, self.comp)[:, :self.scale.shape[0]]
             else:
-                acc = torch._int_mm(xq, self.qdata_t)
+                acc = int_mm(xq, self.qdata_t)
             y = (acc.float() * x_scale).to(x.dtype)  # x_scale: (rows, 1) fp32
             y = y * self.scale
         elif x2.shape[0] == 1:
@@ -66,6 +66,15 @@ class PlainInt8Linear(nn.Module):
             y = torch.mm(x2, self.qdata_t.to(x.dtype))
             y = y * self.scale.to(y.dtype)
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm``, whose CUDA kernel wants more than 16 rows: fewer (a decode step's one)
+    are padded with zero rows, as torchao pads them."""
+    rows = a.shape[0]
+    if a.is_cuda and rows <= 16:
+        return torch._int_mm(F.pad(a, (0, 0, 0, 17 - rows)), b)[:rows]
+    return torch._int_mm(a, b)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,12 +138,12 @@ class GemvLinear(nn.Module):
 
 def decode_twin(lin: nn.Module, device: torch.device) -> nn.Module:
     """What the static-cache path calls for one of the model's Linears: a plain-tensor twin of a
-    torchao int8 Linear, a GemvLinear for a plain float Linear on CPU, otherwise the module."""
+    torchao int8 Linear (a tensor subclass cannot enter the layers' nested compile region), a
+    GemvLinear for a plain float Linear on CPU, otherwise the module."""
     import torch.nn.utils.parametrize as P
 
     twin = plain_int8_twin(lin)
-    if twin is not lin and (device.type == "cpu" or not twin.dynamic):
-        # (CUDA's _int_mm wants more than 16 rows; torchao's own path pads for it.)
+    if twin is not lin:
         return twin
     if (device.type == "cpu" and type(lin) is nn.Linear and not P.is_parametrized(lin)
             and lin.weight.is_floating_point() and lin.weight.is_contiguous()):

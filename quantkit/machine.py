@@ -19,15 +19,21 @@ def peak_memory(device) -> int:
         import torch
 
         return int(torch.cuda.max_memory_allocated())
-    try:  # Linux: VmHWM, which reset_peak_rss can reset
+    try:  # Linux: VmHWM, which reset_peak can reset
         status = Path("/proc/self/status").read_text()
         return int(status.split("VmHWM:", 1)[1].split()[0]) * 1024
     except (OSError, IndexError, ValueError):
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
-def reset_peak_rss() -> None:
-    """Restart the resident peak from now (Linux), so a freed probe buffer does not count."""
+def reset_peak(device) -> None:
+    """Restart the peak from now (CUDA's allocated peak, or on Linux the resident peak), so a
+    freed probe buffer does not count."""
+    if "cuda" in str(device):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return
     try:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
     except OSError as exc:
@@ -49,33 +55,41 @@ def environment(device: str) -> dict[str, Any]:
         except PackageNotFoundError:
             return None
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and device != "cpu" else None
+    gpu = torch.cuda.get_device_name(0) if "cuda" in str(device) else None
     return {"torch": torch.__version__, "torchao": ver("torchao"), "chattts": ver("chattts"),
             "transformers": ver("transformers"), "bitsandbytes": ver("bitsandbytes"),
             "python": platform.python_version(), "cpu": _cpu_name(), "gpu": gpu,
             "threads": torch.get_num_threads(),
-            "read_bandwidth_gbs": read_bandwidth_gbs() if device == "cpu" else None}
+            "read_bandwidth_gbs": read_bandwidth_gbs(device=device)}
 
 
-def probe_buffer(nbytes: int = PROBE_BYTES):
-    """A buffer of ``nbytes`` on huge pages for read_bandwidth_gbs, kept across repeated probes."""
+def probe_buffer(nbytes: int = PROBE_BYTES, device="cpu"):
+    """A buffer of ``nbytes`` for read_bandwidth_gbs, kept across repeated probes: on CPU on
+    huge pages, on a GPU in its memory (256 MiB is 5x an H100's L2)."""
     import torch
 
     from quantkit import hugepages
 
+    if "cuda" in str(device):
+        return torch.ones(nbytes // 4, device=device)
     return hugepages.empty((nbytes // 4,), torch.float32).fill_(1.0)
 
 
-def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, buffer=None) -> float:
-    """This machine's memory read bandwidth (best of a few sums over a buffer far beyond cache,
-    ``buffer`` or a new one of ``gib``): the ceiling for a memory-bound decode step. The buffer
-    is on huge pages, as the compiled steps' weights are (8% faster here than 4 KiB pages): the
-    higher, fair ceiling."""
-    x = probe_buffer(int(gib * 2**30)) if buffer is None else buffer
+def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, buffer=None, device="cpu") -> float:
+    """The device's memory read bandwidth (best of a few sums over a buffer far beyond cache,
+    ``buffer`` or a new one of ``gib`` on ``device``): the ceiling for a memory-bound decode
+    step. On CPU the buffer is on huge pages, as the compiled steps' weights are (8% faster here
+    than 4 KiB pages): the higher, fair ceiling."""
+    import torch
+
+    x = probe_buffer(int(gib * 2**30), device) if buffer is None else buffer
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(repeats + x.is_cuda):  # on a GPU the first sum also loads its kernel
+        sync()
         t = time.perf_counter()
         x.sum()
+        sync()
         best = min(best, time.perf_counter() - t)
     return x.numel() * x.element_size() / best / 1e9
 

@@ -24,7 +24,9 @@ COMPONENTS = ("gpt", "heads", "decoder", "vocos")
 DTYPES = ("fp32", "fp16", "bf16")
 METHODS = ("none", "int8-weight-only", "int8-dynamic", "int8-dynamic-fbgemm", "bnb-int8")
 WEIGHT_NORM = ("fold", "keep")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# "auto": CUDA graphs ("reduce-overhead") on CUDA, where a decode step is hundreds of kernel
+# launches; Inductor's default on CPU, where CUDA graphs do not apply.
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class Component:
 @dataclass(frozen=True)
 class CompileSettings:
     enabled: bool = False
-    mode: str = "default"
+    mode: str = "auto"
     freezing: bool = False
     cache_capacity: int = 1024
 
@@ -113,7 +115,7 @@ def _compile(where: str, table: Any) -> CompileSettings:
             raise _fail(where, f"compile.{key} must be true or false, not {value!r}")
     if not isinstance(capacity, int) or isinstance(capacity, bool) or not 16 <= capacity <= 8192:
         raise _fail(where, f"compile.cache_capacity must be an integer in 16..8192, not {capacity!r}")
-    mode = _choice(where, "compile", "mode", table.get("mode", "default"), COMPILE_MODES)
+    mode = _choice(where, "compile", "mode", table.get("mode", "auto"), COMPILE_MODES)
     return CompileSettings(enabled=enabled, mode=mode, freezing=freezing, cache_capacity=capacity)
 
 

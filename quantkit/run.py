@@ -51,6 +51,8 @@ def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
         "warm_s": warm.total_s,
         "steps": warm.steps,
         "ms_per_step": 1000.0 * warm.gpt_s / max(warm.steps, 1),
+        # compiled decoding times its decode steps alone (no prompt pass): None for ChatTTS's loop
+        "step_ms": 1000.0 * warm.step_s if warm.step_s else None,
         "rtf": warm.total_s / max(warm.audio_s, 1e-9),
         "weight_bytes": weight_bytes(chat).total,
         "wav": out_wav,

@@ -39,8 +39,16 @@ class StaticCacheGPT(nn.Module):
         self.heads_code = SharedInput(list(chat.embed.head_code), device)
         self.layers = nn.ModuleList(DecoderLayer(layer, caches[2 * i], caches[2 * i + 1], heads, kv_heads, head_dim,
                                                  device) for i, layer in enumerate(self.llama.layers))
+        self.full_keys = False
         if device.type == "cpu":
             self._rehouse_weights()
+
+    def set_full_keys(self, full: bool) -> None:
+        """Whether a decode step attends to every cache slot under a mask (CUDA graphs: one
+        shape for every length) rather than to the filled slots alone."""
+        self.full_keys = full
+        for layer in self.layers:
+            layer.full_keys = full
 
     def _rehouse_weights(self) -> None:
         """The weights a step streams into one huge-page mapping, in the order it reads them (see
@@ -91,6 +99,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
         self.act_fn = layer.mlp.act_fn
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.full_keys = False  # StaticCacheGPT.set_full_keys
         self.register_buffer("k_cache", k_cache, persistent=False)
         self.register_buffer("v_cache", v_cache, persistent=False)
         attn, mlp = layer.self_attn, layer.mlp
@@ -112,11 +121,11 @@ class DecoderLayer(nn.Module):
         self.k_cache.index_copy_(2, pos, k.to(self.k_cache.dtype))
         self.v_cache.index_copy_(2, pos, v.to(self.v_cache.dtype))
         k, v = self.k_cache[:, :, :n], self.v_cache[:, :, :n]
-        if t == 1 and self.kv_heads == self.heads and x.device.type == "cpu":
+        masked = t > 1 or self.full_keys  # one new token attends to every filled slot
+        if not masked and self.kv_heads == self.heads and x.device.type == "cpu":
             o = attend_one(q, k, v)
         else:
-            # One new token attends to every filled slot: a mask only for several.
-            mask = None if t == 1 else (keys[None, :] <= pos[:, None])[None, None]  # (1, 1, T, n)
+            mask = (keys[None, :] <= pos[:, None])[None, None] if masked else None  # (1, 1, T, n)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
         x = x + p.o(o.transpose(1, 2).reshape(1, t, -1))
         h = self.post_attention_layernorm(x)

@@ -41,9 +41,14 @@ def compiled(tiny_dir, tmp_path_factory):
     return chat
 
 
-def test_static_cache_path_matches_chattts_loop_eager(tiny_dir, reference):
+@pytest.mark.parametrize("full_keys", [False, True], ids=["filled-slots", "every-slot-masked"])
+def test_static_cache_path_matches_chattts_loop_eager(tiny_dir, reference, full_keys):
+    """Both ways a step attends: to the filled slots (CPU), or to every slot of the cache under a
+    mask (one shape for every length, for CUDA graphs), after an utterance left stale slots."""
     chat = load_chat("synthetic-tiny")
     apply_recipe(chat, get_recipe("fp32-compiled"), compile_step=False)
+    chat.gpt.generate.model.set_full_keys(full_keys)
+    synthesize(chat, TEXTS[2], seed=3, steps=60)  # fills slots beyond the shorter texts' lengths
     for (text, seed, steps), ref in reference.items():
         out = synthesize(chat, text, seed=seed, steps=steps, max_new_tokens=80)
         assert torch.equal(out.tokens, ref.tokens), (text, seed, steps)

@@ -6,19 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from quantkit.machine import environment, peak_memory, probe_buffer, read_bandwidth_gbs, reset_peak_rss
+from quantkit.machine import environment, peak_memory, probe_buffer, read_bandwidth_gbs, reset_peak
 
 MIB = 1 << 20
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resetting the peak needs /proc/self/clear_refs")
 def test_peak_memory_counts_a_touched_allocation_until_reset():
-    reset_peak_rss()
+    reset_peak("cpu")
     before = peak_memory("cpu")
     block = np.ones(256 * MIB // 8)  # written: resident
     grown = peak_memory("cpu")
     del block
-    reset_peak_rss()
+    reset_peak("cpu")
     assert grown - before >= 240 * MIB
     assert peak_memory("cpu") <= grown - 200 * MIB
 
