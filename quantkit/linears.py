@@ -69,11 +69,11 @@ class PlainInt8Linear(nn.Module):
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``torch._int_mm``, whose CUDA kernel wants more than 16 rows: fewer (a decode step's one)
-    are padded with zero rows, as torchao pads them."""
-    rows = a.shape[0]
-    if a.is_cuda and rows <= 16:
-        return torch._int_mm(F.pad(a, (0, 0, 0, 17 - rows)), b)[:rows]
+    """``torch._int_mm``, whose CUDA kernel wants more than 16 rows: on CUDA 16 zero rows are
+    added whatever the count (padding only short inputs would make the compiled prompt pass, whose
+    length is symbolic, guard on it and compile again for prompts of more than 16 tokens)."""
+    if a.is_cuda:
+        return torch._int_mm(F.pad(a, (0, 0, 0, 16)), b)[:a.shape[0]]
     return torch._int_mm(a, b)
 
 

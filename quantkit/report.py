@@ -124,8 +124,8 @@ def render_markdown(doc: dict) -> str:
             "Peak memory is the process's peak RSS on CPU (load included) or "
             "`torch.cuda.max_memory_allocated` on CUDA. Bandwidth = bytes read per GPT step "
             "(transformer and code heads; the code embeddings are looked up, not streamed) x steps per "
-            "second; read bandwidth (CPU): per warm call, the mean of two sums over 256 MiB on huge pages "
-            "right before and after it (best of three each), median over the calls; fraction: median over "
+            "second; read bandwidth: per warm call, the mean of two sums over 256 MiB (on CPU on huge pages, "
+            "on CUDA in GPU memory) right before and after it (best of three each), median over the calls; fraction: median over "
             "the calls of each one's bandwidth / the read bandwidth around it. Decode-step columns: the "
             "same over decode steps alone (compiled decoding), without the prompt pass.", "",
             _table(["recipe", "peak memory MiB", "weights MiB", "per-step weights MiB", "bandwidth GB/s",

@@ -394,3 +394,19 @@ def test_decoder_layers_are_traced_once_and_reused(recipe, tiny_dir):
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and "invoke_subgraph" in str(n.target)]
     regions = {n.args[0].target for n in calls}
     assert len(calls) == chat.gpt.gpt.config.num_hidden_layers >= 2 and len(regions) == 1
+
+
+def test_compile_mode_auto_is_cuda_graphs_on_cuda_only():
+    import dataclasses
+
+    from quantkit.compile import for_device, uses_cuda_graphs
+    from quantkit.recipes import parse_recipe
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = get_recipe("bf16-compiled").compile
+    assert auto.mode == "auto" == parse_recipe("r", {"compile": {"enabled": True}}).compile.mode
+    assert for_device(auto, cpu).mode == "default" and not uses_cuda_graphs(for_device(auto, cpu), cpu)
+    assert for_device(auto, cuda).mode == "reduce-overhead" and uses_cuda_graphs(for_device(auto, cuda), cuda)
+    explicit = dataclasses.replace(auto, mode="max-autotune-no-cudagraphs")
+    assert for_device(explicit, cuda) is explicit and not uses_cuda_graphs(explicit, cuda)
+    assert not uses_cuda_graphs(dataclasses.replace(auto, mode="reduce-overhead"), cpu)
