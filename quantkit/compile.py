@@ -76,8 +76,7 @@ def compile_prefill(settings: CompileSettings) -> Callable:
 class CompiledGenerate:
     """Drop-in for ``GPT.generate`` (same arguments, same GenerationOutputs)."""
 
-    def __init__(self, chat, settings: CompileSettings, compile_step: bool = True,
-                 full_keys: bool | None = None):
+    def __init__(self, chat, settings: CompileSettings, compile_step: bool = True):
         self.chat = chat
         self.gpt = chat.gpt
         self.fallback = chat.gpt.generate
@@ -89,7 +88,7 @@ class CompiledGenerate:
         # attends to every slot of the cache under a mask (one shape; on a GPU reading the
         # whole cache costs microseconds). Elsewhere it reads only the filled slots.
         self.graphs = compile_step and uses_cuda_graphs(settings, device)
-        self.model.set_full_keys(self.graphs if full_keys is None else full_keys)
+        self.model.set_full_keys(self.graphs)
         # Just-in-time compiled functions, and the ahead-of-time ones used first where they
         # exist (loaded from a variant, or compiled at first use on CPU).
         self.step = compile_decode_step(settings) if compile_step else decode_step

@@ -125,8 +125,9 @@ def render_markdown(doc: dict) -> str:
             "`torch.cuda.max_memory_allocated` on CUDA. Bandwidth = bytes read per GPT step "
             "(transformer and code heads; the code embeddings are looked up, not streamed) x steps per "
             "second; read bandwidth: per warm call, the mean of two sums over 256 MiB (on CPU on huge pages, "
-            "on CUDA in GPU memory) right before and after it (best of three each), median over the calls; fraction: median over "
-            "the calls of each one's bandwidth / the read bandwidth around it. Decode-step columns: the "
+            "on CUDA in GPU memory) right before and after it (best of three each), median over the calls; "
+            "fraction: median over the calls of each one's bandwidth / the read bandwidth around it. "
+            "Decode-step columns: the "
             "same over decode steps alone (compiled decoding), without the prompt pass.", "",
             _table(["recipe", "peak memory MiB", "weights MiB", "per-step weights MiB", "bandwidth GB/s",
                     "read bandwidth GB/s", "fraction", "decode-step GB/s", "decode-step fraction"],
