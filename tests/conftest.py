@@ -8,6 +8,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Texts of different lengths and scripts for the decoding tests (a short prompt, English, Chinese).
+TEXTS = ["Hi.", "The birch canoe slid on the smooth planks.",
+         "今天下午我们在会议室讨论新的计划，请把这份文件交给前台的工作人员。"]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _quantkit_cache(tmp_path_factory):
     """Synthetic weights and converted Whisper checkpoints go to a per-run cache, so every run

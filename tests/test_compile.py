@@ -9,16 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import TEXTS, assert_one_line_error, run_cli
 
 from quantkit.apply import apply_recipe
 from quantkit.compile import CompiledGenerate
 from quantkit.models import load_chat
 from quantkit.recipes import get_recipe
 from quantkit.synth import synthesize
-
-TEXTS = ["Hi.", "The birch canoe slid on the smooth planks.",
-         "今天下午我们在会议室讨论新的计划，请把这份文件交给前台的工作人员。"]
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ ChatTTS's tokens on the GPU, and the step runs as CUDA graphs without recompilin
 
 import pytest
 import torch
+from conftest import TEXTS
 
 from quantkit.apply import apply_recipe
 from quantkit.models import load_chat
@@ -11,8 +12,6 @@ from quantkit.synth import synthesize
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-TEXTS = ["Hi.", "The birch canoe slid on the smooth planks.",
-         "今天下午我们在会议室讨论新的计划，请把这份文件交给前台的工作人员。"]
 CASES = [(t, seed, steps) for t in TEXTS for seed in (1, 2) for steps in (None, 40)]
 
 
