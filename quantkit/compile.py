@@ -232,7 +232,8 @@ class CompiledGenerate:
         """Run the decode step for tokens ``ids`` (1, num_vq) at position ``pos``."""
         slots = self.model.slots
         if self.model.full_keys:
-            # a copy: a graph's inputs may not alias (pos would view keys)
+            # pos as its own tensor, not a view of keys: the layout run and tested on a GPU (a
+            # view, as the CPU layout passes, would spare this copy; untested with CUDA graphs)
             out = step(self.model, ids, slots, window, temp, mask_eos, noise, slots[pos:pos + 1].clone())
         else:
             keys = slots[:pos + 1]

@@ -55,7 +55,7 @@ def environment(device: str) -> dict[str, Any]:
         except PackageNotFoundError:
             return None
 
-    gpu = torch.cuda.get_device_name(0) if "cuda" in str(device) else None
+    gpu = torch.cuda.get_device_name(device) if "cuda" in str(device) else None  # "cuda:1": that GPU
     return {"torch": torch.__version__, "torchao": ver("torchao"), "chattts": ver("chattts"),
             "transformers": ver("transformers"), "bitsandbytes": ver("bitsandbytes"),
             "python": platform.python_version(), "cpu": _cpu_name(), "gpu": gpu,
