@@ -1,25 +1,36 @@
-# Everything installs into .venv in the repository root.
+# Everything installs into .venv in the repository root, exactly as uv.lock pins it (hashes
+# checked). uv itself is pinned by hash in tools/uv-requirements.txt and lives in .tools/.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+UV     := .tools/bin/uv
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The main job's output: its committed example is reports/example-synthetic-cpu.
 OUT    ?= reports/example-synthetic-cpu
 RECIPES ?= stock,fp32,bf16,int8-dynamic-fbgemm,fp32-compiled,int8-dynamic-compiled
 
-.PHONY: install system-deps run test clean
+.PHONY: install lock lock-check system-deps run test clean
 
-# --no-cache-dir: torch's CUDA build brings ~3.5 GB of wheels; caching them as well as installing
-# them (~6 GB) filled CI's disk once.
-$(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --no-cache-dir --upgrade pip
-	$(BIN)/python -m pip install -q --no-cache-dir -e ".[test]"
+$(UV): tools/uv-requirements.txt
+	$(PYTHON) -m venv .tools
+	.tools/bin/python -m pip install -q --no-cache-dir --require-hashes -r tools/uv-requirements.txt
+	touch $@
+
+$(BIN)/.installed: pyproject.toml uv.lock $(UV)
+	$(UV) sync --frozen --extra test --python $(PYTHON)
 	touch $@
 
 install: $(BIN)/.installed
 
-# flite speaks the English test sentences the ASR tests transcribe.
+# Refresh uv.lock after changing a dependency in pyproject.toml; commit both.
+lock: $(UV)
+	$(UV) lock
+
+# Fails when uv.lock no longer matches pyproject.toml.
+lock-check: $(UV)
+	$(UV) lock --check
+
+# flite speaks the English test sentences; chromium renders report.html in the browser test.
 system-deps:
 	@command -v flite >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q flite; }
 
@@ -28,8 +39,8 @@ run: install
 	$(BIN)/python -m quantkit eval --model synthetic --recipes $(RECIPES) --texts en --limit 4 \
 		--runs 3 --max-new-tokens 96 --out $(OUT)
 
-test: install system-deps
+test: install lock-check system-deps
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) .tools out

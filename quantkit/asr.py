@@ -211,7 +211,11 @@ def load_asr(name_or_path: str, device: str = "cpu"):
             return model.to(device).eval()
         if not path.is_file():
             raise QuantkitError(f"Whisper checkpoint {path} does not exist")
-        return whisper.load_model(str(path), device=device)
+        try:  # weights_only: a checkpoint that holds code is refused, not run
+            return whisper.load_model(str(path), device=device)
+        except Exception as exc:  # noqa: BLE001 - unpickling and state-dict errors of every kind
+            raise QuantkitError(f"{path} is not a loadable openai-whisper checkpoint "
+                                f"({type(exc).__name__})") from None
     if name_or_path in BUNDLES and BUNDLES[name_or_path].files() is not None:
         target = convert_bundle(name_or_path)
         model = whisper.load_model(str(target), device=device)

@@ -1,27 +1,69 @@
-"""Writing files atomically: a reader sees the old file or the new one, never half of one, and
-an interrupted or failed write leaves what was there before."""
+"""Writing files safely: a reader sees the old file or the new one, never half of one; an
+interrupted or failed write leaves what was there before; only a regular file is ever replaced."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from quantkit.errors import QuantkitError
+
+
+def os_error(exc: OSError, path: str | Path | None = None) -> QuantkitError:
+    """One line for a failed file operation: what, where and why."""
+    where = path if path is not None else (exc.filename or "")
+    reason = "no space left on device" if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else (
+        exc.strerror or type(exc).__name__)
+    return QuantkitError(f"cannot write {where}: {reason}")
+
+
+def check_writable_target(path: str | Path) -> None:
+    """Refuse now, before slow work, a target that can never be written: a directory, a path
+    under a file, or a folder this user cannot write into."""
+    path = Path(path)
+    if path.is_dir():
+        raise QuantkitError(f"cannot write {path}: it is a directory")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QuantkitError(f"cannot write {path}: {parent} is not a directory")
+    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise QuantkitError(f"cannot write {path}: {parent} is not writable")
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary file beside ``path`` (same suffix, so writers that go by it still work) that
-    replaces ``path`` when the block ends without error and is removed otherwise."""
+    replaces ``path`` when the block ends without error and is removed otherwise. A path that
+    exists but is no regular file (a device, a pipe) is written in place, never replaced."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would otherwise stick to the final file
+    check_writable_target(path)
+    if path.is_symlink():
+        path = path.resolve()  # write what the link points to; the link stays
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+        try:
+            yield path
+        except OSError as exc:
+            raise os_error(exc, path) from None
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would otherwise stick to the final file
+    except OSError as exc:
+        raise os_error(exc, path) from None
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise os_error(exc, path) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 

@@ -33,7 +33,11 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     if width not in kinds:
         raise QuantkitError(f"cannot read audio {path}: {8 * width}-bit samples are not supported")
     dtype, offset, scale = kinds[width]
-    data = (np.frombuffer(raw, dtype=dtype).astype(np.float32) - offset) / scale
+    frames = len(raw) // (width * channels)  # a truncated file ends in a partial frame
+    if frames == 0 or rate <= 0:
+        raise QuantkitError(f"cannot read audio {path}: it holds no samples")
+    pcm = np.frombuffer(raw[: frames * width * channels], dtype=dtype)
+    data = (pcm.astype(np.float32) - offset) / scale
     if channels > 1:
         data = data.reshape(-1, channels).mean(axis=1)
     return data, rate

@@ -29,6 +29,26 @@ def _positive(value: str) -> int:
     return n
 
 
+def _seed(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not an integer") from None
+    if not 0 <= n < 2**63:  # what torch's generators take
+        raise argparse.ArgumentTypeError(f"{n} is outside 0..2**63-1")
+    return n
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a number") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a positive number of seconds")
+    return x
+
+
 def _add_model(p: argparse.ArgumentParser, default: str = "synthetic") -> None:
     p.add_argument("--model", default=default,
                    help="chattts | synthetic | synthetic-tiny | a ChatTTS asset directory "
@@ -89,9 +109,9 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from pathlib import Path
 
-    from quantkit.evaluate import EvalConfig, default_command, run_eval
+    from quantkit.evaluate import EvalConfig, default_command, failures, run_eval
 
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()] if args.recipes else []
+    recipes = None if args.recipes is None else [r.strip() for r in args.recipes.split(",") if r.strip()]
     cfg = EvalConfig(model=args.model, device=args.device, recipes=recipes, texts=args.texts,
                      limit=args.limit, asr_model=args.asr_model, runs=args.runs,
                      max_new_tokens=args.max_new_tokens, skip_asr=args.skip_asr, seed=args.seed,
@@ -101,6 +121,10 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     rec = doc["recommendation"]
     print(f"wrote {args.out}/results.json, report.md, pareto.png, utterances.csv")
     print(f"recommendation: {rec['name']} ({rec['reason']})")
+    failed = failures(doc)
+    if failed:
+        sys.stderr.write(f"error: {len(failed)} of {len(doc['recipes'])} recipes failed: {'; '.join(failed)}\n")
+        return 1
     return 0
 
 
@@ -128,10 +152,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     import time
 
+    from quantkit.atomic import check_writable_target
     from quantkit.audio import write_wav
     from quantkit.export import load_variant
     from quantkit.synth import SAMPLE_RATE, synthesize
 
+    check_writable_target(args.out_wav)
     t0 = time.perf_counter()
     chat = load_variant(args.variant, device=args.device)
     t1 = time.perf_counter()
@@ -155,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="a recipe name (see `recipes`) or a path to a .toml file")
     _add_model(p)
     p.add_argument("--text", default=DEFAULT_TEXT)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--steps", type=_positive, default=None,
                    help="generate exactly N GPT steps (N x 512 samples) for equal-work timing")
     p.add_argument("--max-new-tokens", type=_positive, default=1024)
@@ -179,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive, default=96,
                    help="GPT steps of the timing utterance (fixed) and cap for the others")
     p.add_argument("--skip-asr", action="store_true", help="no Whisper, no WER/CER")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per recipe process")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--timeout", type=_positive_seconds, default=1800.0, help="seconds per recipe process")
     p.add_argument("--max-error-increase", type=float, default=0.01,
                    help="error budget over fp32 for the recommendation (default 0.01 = 1 point)")
     p.add_argument("--out", default="out/eval", help="output directory (default: out/eval)")
@@ -204,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
     p.add_argument("--text", required=True)
     p.add_argument("--out-wav", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--steps", type=_positive, default=None)
     p.add_argument("--max-new-tokens", type=_positive, default=1024)
     p.set_defaults(func=cmd_synth)
@@ -233,6 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args, argv) if args.func is cmd_eval else args.func(args)
     except QuantkitError as exc:
         sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except OSError as exc:  # a full disk, a vanished folder: one line, not a traceback
+        from quantkit.atomic import os_error
+
+        sys.stderr.write(f"error: {os_error(exc)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ REFERENCE = "fp32"
 class EvalConfig:
     model: str = "synthetic"
     device: str = "cpu"
-    recipes: list[str] = field(default_factory=list)
+    recipes: list[str] | None = None  # None: every shipped recipe
     texts: str = "en"
     limit: int | None = None
     asr_model: str | None = None
@@ -220,11 +220,10 @@ def _run_worker(source: str, cfg: EvalConfig, out: Path) -> tuple[dict, list[dic
     return {"name": name, "status": "failed", "error": error or "no result written"}, []
 
 
-def _transcribe_all(cfg: EvalConfig, language: str, rows: list[dict], out: Path) -> None:
-    from quantkit.asr import DEFAULT_MODELS, load_asr, transcribe
+def _transcribe_all(model, language: str, rows: list[dict], out: Path) -> None:
+    from quantkit.asr import transcribe
     from quantkit.audio import read_wav
 
-    model = load_asr(cfg.asr_model or DEFAULT_MODELS[language])
     for row in _progress(rows, "ASR"):
         audio, rate = read_wav(out / row["wav"])
         row["transcript"] = transcribe(model, audio, rate, language)
@@ -287,20 +286,54 @@ def write_utterances_csv(path: Path, rows: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
-def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
-    from quantkit.models import OVERRIDES_FILE, SYNTHETIC_CONFIGS, resolve_device
+def plan_recipes(sources: list[str]) -> list[str]:
+    """The recipe sources to run, fp32 (the reference) first; refuses an empty list, a source
+    given twice and two sources whose recipes share a name."""
     from quantkit.recipes import get_recipe, recipe_names
+
+    if not sources:
+        raise QuantkitError("--recipes names no recipe")
+    names: dict[str, str] = {}
+    for source in sources:
+        name = get_recipe(source).name
+        if name in names:
+            first = names[name]
+            raise QuantkitError(f"recipe '{source}' is listed twice" if first == source else
+                                f"recipes '{first}' and '{source}' are both named '{name}'")
+        names[name] = source
+    if REFERENCE in names and get_recipe(names[REFERENCE]) != get_recipe(REFERENCE):
+        raise QuantkitError(f"recipe '{names[REFERENCE]}' is named '{REFERENCE}', the name of the "
+                            "reference every recipe is compared with: rename it")
+    names.setdefault(REFERENCE, REFERENCE)
+    return [names[REFERENCE]] + [src for n, src in names.items() if n != REFERENCE]
+
+
+def load_checked_asr(cfg: EvalConfig, language: str):
+    """The Whisper model the run will use, refused now if it cannot transcribe ``language``."""
+    from quantkit.asr import DEFAULT_MODELS, load_asr
+
+    name = cfg.asr_model or DEFAULT_MODELS[language]
+    model = load_asr(name)
+    if language != "en" and not model.is_multilingual:
+        raise QuantkitError(f"Whisper '{name}' is English-only; it cannot transcribe the "
+                            f"'{language}' text set (use --asr-model base, or --skip-asr)")
+    return model
+
+
+def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
+    """Every input is checked before the first recipe runs; a failed recipe is recorded in
+    results.json (status "failed") and the run goes on."""
+    from quantkit.models import OVERRIDES_FILE, SYNTHETIC_CONFIGS, resolve_device
+    from quantkit.recipes import recipe_names
     from quantkit.report import write_report
     from quantkit.texts import load_texts
 
     device = str(resolve_device(cfg.device))
-    names = cfg.recipes or recipe_names()
-    for n in names:
-        get_recipe(n)  # every name valid before anything runs
-    names = [REFERENCE] + [n for n in dict.fromkeys(names) if get_recipe(n).name != REFERENCE]
+    names = plan_recipes(recipe_names() if cfg.recipes is None else cfg.recipes)
     language, texts = load_texts(cfg.texts)
     if cfg.limit:
         texts = dict(list(texts.items())[: cfg.limit])
+    asr = None if cfg.skip_asr else load_checked_asr(cfg, language)
     out.mkdir(parents=True, exist_ok=True)
 
     results, rows = [], []
@@ -312,8 +345,8 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
                     time.perf_counter() - t, f" ({res['error']})" if res["error"] else "")
         results.append(res)
         rows += utt
-    if not cfg.skip_asr and rows:
-        _transcribe_all(cfg, language, rows, out)
+    if asr is not None and rows:
+        _transcribe_all(asr, language, rows, out)
         _score(results, rows, language)
     synthetic = cfg.model in SYNTHETIC_CONFIGS or (Path(cfg.model) / OVERRIDES_FILE).exists()
     doc = {
@@ -323,21 +356,38 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
         "command": cfg.command, "recipes": results,
         "recommendation": recommend(results, synthetic, cfg),
     }
+    previous = _recipes_of(out / "results.json")
     write_text(out / "results.json", json.dumps(doc, indent=1, ensure_ascii=False))
     write_utterances_csv(out / "utterances.csv", rows)
     write_report(out)
-    _drop_stale_audio(out, {r["name"] for r in results})
+    _drop_stale_audio(out, previous - {r["name"] for r in results})
     shutil.rmtree(out / ".work", ignore_errors=True)
     return doc
 
 
-def _drop_stale_audio(out: Path, names: set[str]) -> None:
-    """An earlier run into the same directory may have left audio of recipes this one did not
-    run: the new results.json and report no longer mention them."""
-    audio = out / "audio"
-    for folder in audio.iterdir() if audio.is_dir() else ():
-        if folder.is_dir() and folder.name not in names:
-            shutil.rmtree(folder)
+def failures(doc: dict[str, Any]) -> list[str]:
+    """'name (why)' for each recipe of a results document that failed."""
+    return [f"{r['name']} ({r['error']})" for r in doc["recipes"] if r["status"] != "ok"]
+
+
+def _recipes_of(results_json: Path) -> set[str]:
+    try:
+        return {r["name"] for r in json.loads(results_json.read_text())["recipes"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _drop_stale_audio(out: Path, stale: set[str]) -> None:
+    """The audio of recipes an earlier run here wrote (named in its results.json) and this run
+    did not: only their .wav files go, and a folder only once it is empty."""
+    for name in stale:
+        folder = out / "audio" / name
+        if folder.is_dir() and not folder.is_symlink():
+            for wav in folder.glob("*.wav"):
+                if wav.is_file() and not wav.is_symlink():
+                    wav.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def default_command(argv: list[str]) -> str:

@@ -85,6 +85,8 @@ def resolve_device(device: str) -> torch.device:
 def _apply_overrides(obj: Any, overrides: dict[str, Any]) -> None:
     """Shrink ChatTTS's nested Config dataclasses in place (before Chat._load reads them)."""
     for key, value in overrides.items():
+        if not hasattr(obj, key):
+            raise QuantkitError(f"{OVERRIDES_FILE}: ChatTTS's configuration has no '{key}'")
         if isinstance(value, dict):
             _apply_overrides(getattr(obj, key), value)
         else:
@@ -177,14 +179,26 @@ def write_synthetic_assets(root: Path, overrides: dict[str, Any], seed: int = SY
     llama = LlamaModel(LlamaConfig(**gpt_cfg, vocab_size=8))
     llama.save_pretrained(str(asset / "gpt"), safe_serialization=True)
     _write_tokenizer(asset / "tokenizer", cfg.gpt.num_text_tokens)
-    (root / OVERRIDES_FILE).write_text(json.dumps({"config": overrides, "seed": seed}, indent=1))
+    sizes = {f: (root / f).stat().st_size for f in ASSET_FILES}
+    (root / OVERRIDES_FILE).write_text(json.dumps({"config": overrides, "seed": seed, "sizes": sizes},
+                                                  indent=1))
+
+
+def _complete(root: Path) -> bool:
+    """Every asset present at the size it was written with (a cache truncated by a full disk
+    or a killed copy is rebuilt, not reported as damaged forever)."""
+    try:
+        sizes = json.loads((root / OVERRIDES_FILE).read_text())["sizes"]
+        return all((root / f).stat().st_size == sizes[f] for f in ASSET_FILES)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def synthetic_dir(name: str) -> Path:
     """The cached asset directory of a synthetic source, written on first use (atomically,
     since several evaluation processes may ask for it at once)."""
     target = cache_dir() / "models" / name
-    if all((target / f).exists() for f in ASSET_FILES):
+    if _complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("writing synthetic ChatTTS assets '%s' to %s", name, target)
@@ -195,7 +209,7 @@ def synthetic_dir(name: str) -> Path:
             shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     except OSError:
-        if not all((target / f).exists() for f in ASSET_FILES):
+        if not _complete(target):
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -250,7 +264,16 @@ def check_assets(root: Path) -> None:
 def read_overrides(root: Path) -> dict[str, Any]:
     """The Config overrides a synthetic asset directory was written with ({} for real weights)."""
     path = Path(root) / OVERRIDES_FILE
-    return json.loads(path.read_text())["config"] if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        config = None
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        raise QuantkitError(f"{path} is not a quantkit model configuration "
+                            "(expected {\"config\": {section: {key: value}}})")
+    return config
 
 
 def load_chat(model: str = "synthetic-tiny", device: str = "cpu"):

@@ -18,7 +18,14 @@ else:  # pragma: no cover
 
 from quantkit.errors import QuantkitError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+def _recipes_dir() -> Path:
+    # A wheel carries the recipes in quantkit/_recipes; a source checkout keeps them in recipes/.
+    packaged = Path(__file__).resolve().parent / "_recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 
 COMPONENTS = ("gpt", "heads", "decoder", "vocos")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -139,6 +146,8 @@ def parse_recipe(name: str, data: dict[str, Any], where: str | None = None) -> R
 def load_recipe_file(path: Path) -> Recipe:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise _fail(str(path), "is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise _fail(str(path), f"not valid TOML ({exc})") from None
     except OSError as exc:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.apply import apply_recipe, weight_bytes
-from quantkit.atomic import write_text
+from quantkit.atomic import check_writable_target, write_text
 from quantkit.audio import write_wav
 from quantkit.errors import QuantkitError
 from quantkit.models import load_chat
@@ -25,6 +25,8 @@ def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
                max_new_tokens: int = 1024, out_wav: str | None = None,
                compile_cache: str | None = None) -> dict[str, Any]:
     recipe = get_recipe(recipe_name)  # validate before the slow load
+    if out_wav:
+        check_writable_target(out_wav)
     import ChatTTS  # noqa: F401 - import time (transformers, numba) is not load time
 
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
+from conftest import ROOT, assert_one_line_error, run_cli
 from quantkit.metrics import bootstrap_delta, fidelity
 from quantkit.models import load_chat
 from quantkit.report import pareto_front
@@ -25,7 +25,10 @@ def eval_dir(tmp_path_factory, tiny_dir):
     (stale / "a.wav").write_bytes(b"RIFF")
     proc = run_cli("eval", "--model", "synthetic-tiny", "--recipes", f"bf16,{BROKEN}", "--limit", "2",
                    "--max-new-tokens", "16", "--runs", "2", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
+    # one recipe failed: exit 1, results still written, the last line names it and why
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 of 3 recipes failed: fp16-fbgemm (") and "component gpt" in last
     return out
 
 
@@ -90,12 +93,33 @@ def test_report_on_a_missing_or_broken_results_file(tmp_path):
     assert_one_line_error(run_cli("report", str(tmp_path)), "not valid JSON")
 
 
-def test_eval_rejects_bad_input_before_running(tmp_path):
-    assert_one_line_error(run_cli("eval", "--model", "synthetic-tiny", "--recipes", "fp32,int9",
-                                  "--out", str(tmp_path)), "unknown recipe 'int9'")
-    assert_one_line_error(run_cli("eval", "--model", "synthetic-tiny", "--texts", "klingon",
-                                  "--out", str(tmp_path)), "unknown text set")
-    assert not (tmp_path / "results.json").exists()
+@pytest.mark.parametrize("args, fragment", [
+    (["--recipes", "fp32,int9"], "unknown recipe 'int9'"),
+    (["--recipes", ""], "names no recipe"),
+    (["--recipes", " , "], "names no recipe"),
+    (["--recipes", "bf16,stock,bf16"], "recipe 'bf16' is listed twice"),
+    (["--recipes", f"stock,{ROOT / 'recipes' / 'bf16.toml'},bf16"], "are both named 'bf16'"),
+    (["--recipes", f"stock,{ROOT / 'tests' / 'data' / 'recipes' / 'other' / 'fp32.toml'}"],
+     "the name of the reference"),
+    (["--texts", "klingon"], "unknown text set"),
+    (["--texts", str(ROOT / "tests")], "unknown text set"),
+    (["--asr-model", "no-such-model"], "unknown Whisper model 'no-such-model'"),
+    (["--asr-model", "/nonexistent/whisper.pt"], "does not exist"),
+    (["--texts", "zh", "--asr-model", "tiny.en"], "English-only"),
+])
+def test_eval_rejects_bad_input_before_running(tmp_path, args, fragment):
+    # --timeout 1: had any recipe started, its process would be killed and the run exit 1, not 2
+    proc = run_cli("eval", "--model", "synthetic-tiny", "--recipes", "stock", "--timeout", "1",
+                   *args, "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_rejects_unreadable_text_set(tmp_path):
+    tsv = tmp_path / "texts.tsv"
+    tsv.write_bytes(b"\xff\xfe\x00garbage")
+    assert_one_line_error(run_cli("eval", "--model", "synthetic-tiny", "--texts", str(tsv),
+                                  "--out", str(tmp_path / "out")), "cannot read text file")
 
 
 def test_fidelity_of_a_damaged_variant_is_worse(tiny_dir):
