@@ -32,8 +32,10 @@ def apply_recipe(chat, recipe: "str | Path | Recipe") -> None:
     _apply(chat, recipe if isinstance(recipe, Recipe) else get_recipe(str(recipe)))
 
 
-def load_variant(path: str | Path, device: str = "cpu"):
-    """A ready ChatTTS ``Chat`` from a directory written by ``python -m quantkit export``."""
+def load_variant(path: str | Path, device: str = "cpu", trust_compiled: bool = False):
+    """A ready ChatTTS ``Chat`` from a directory written by ``python -m quantkit export``. Its
+    compiled code (which runs on load) loads only if this machine exported it or
+    ``trust_compiled``; otherwise it compiles just in time."""
     from quantkit.export import load_variant as _load
 
-    return _load(path, device=device)
+    return _load(path, device=device, trust_compiled=trust_compiled)

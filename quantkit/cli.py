@@ -71,7 +71,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     result = run_recipe(args.recipe, model=args.model, device=args.device, text=args.text,
                         seed=args.seed, steps=args.steps, max_new_tokens=args.max_new_tokens,
-                        out_wav=args.out_wav, compile_cache=args.compile_cache)
+                        out_wav=args.out_wav, compile_cache=args.compile_cache,
+                        trust_compiled=args.trust_compiled)
     if args.json:
         print(json.dumps(result))
     else:
@@ -116,6 +117,7 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
                      limit=args.limit, asr_model=args.asr_model, runs=args.runs,
                      max_new_tokens=args.max_new_tokens, skip_asr=args.skip_asr, seed=args.seed,
                      timeout_s=args.timeout, max_error_increase=args.max_error_increase,
+                     resume=args.resume,
                      command=default_command(list(argv)))
     doc = run_eval(cfg, Path(args.out))
     rec = doc["recommendation"]
@@ -159,7 +161,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     check_writable_target(args.out_wav)
     t0 = time.perf_counter()
-    chat = load_variant(args.variant, device=args.device)
+    chat = load_variant(args.variant, device=args.device, trust_compiled=args.trust_compiled)
     t1 = time.perf_counter()
     out = synthesize(chat, args.text, seed=args.seed, steps=args.steps, max_new_tokens=args.max_new_tokens)
     write_wav(args.out_wav, out.wav, SAMPLE_RATE)
@@ -189,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-cache", default=None,
                    help="directory of saved compile artifacts (compiled recipes): load them "
                         "before the first call and save them after it")
+    p.add_argument("--trust-compiled", action="store_true",
+                   help="load compiled code from a --compile-cache written on another machine")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_apply)
 
@@ -210,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error-increase", type=float, default=0.01,
                    help="error budget over fp32 for the recommendation (default 0.01 = 1 point)")
     p.add_argument("--out", default="out/eval", help="output directory (default: out/eval)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep recipes already measured in --out with the same configuration")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="rebuild report.md and pareto.png from DIR/results.json")
@@ -233,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--steps", type=_positive, default=None)
     p.add_argument("--max-new-tokens", type=_positive, default=1024)
+    p.add_argument("--trust-compiled", action="store_true",
+                   help="load the variant's compiled code even though it was exported elsewhere "
+                        "(compiled code runs on load: only for variants you trust)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("transcribe", help="transcribe WAV files with Whisper; score them against references")

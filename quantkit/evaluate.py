@@ -49,6 +49,7 @@ class EvalConfig:
     timeout_s: float = 1800.0
     max_error_increase: float = 0.01
     min_token_agreement: float = 0.9
+    resume: bool = False
     command: str = ""
 
 
@@ -114,28 +115,28 @@ def _median_fraction(runs: list[dict], key: str) -> float:
     return float(np.median([r[key] / r["read_gbs"] for r in runs]))
 
 
-def _utterances(chat, cfg: EvalConfig, texts: dict[str, str], out: Path, name: str,
-                reference: dict | None) -> tuple[list[dict], dict | None, dict]:
-    """Synthesize every text; teacher-force on the fp32 tokens (or record them, for fp32)."""
+def _utterances(chat, cfg: EvalConfig, texts: dict[str, str], audio_dir: Path, name: str,
+                reference: dict | None) -> tuple[list[dict], dict | None, dict | None]:
+    """Synthesize every text into ``audio_dir``; teacher-force on the fp32 tokens (or record
+    them, for fp32)."""
     from quantkit.audio import write_wav
     from quantkit.metrics import combine_fidelity, fidelity
     from quantkit.synth import SAMPLE_RATE, synthesize, teacher_forced
 
     rows, ref_out, fids, weights = [], {}, [], []
-    audio_dir = out / "audio" / name
+    is_reference = name == REFERENCE
     for uid, text in _progress(texts.items(), f"{name}: utterances"):
         syn = synthesize(chat, text, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
-        wav_path = audio_dir / f"{uid}.wav"
-        write_wav(wav_path, syn.wav, SAMPLE_RATE)
+        write_wav(audio_dir / f"{uid}.wav", syn.wav, SAMPLE_RATE)
         rows.append({"recipe": name, "id": uid, "text": text, "steps": syn.steps,
-                     "wav": str(wav_path.relative_to(out))})
-        if reference is not None and uid not in reference:
-            continue  # fp32 stopped at once on this text: nothing to compare on
-        ref_tokens = syn.tokens if reference is None else reference[uid]["tokens"]
+                     "wav": f"audio/{name}/{uid}.wav"})
+        if not is_reference and (reference is None or uid not in reference):
+            continue  # no fp32 reference, or fp32 stopped at once on this text: nothing to compare
+        ref_tokens = syn.tokens if is_reference else reference[uid]["tokens"]
         if ref_tokens.shape[0] == 0:
             continue
         tf = teacher_forced(chat, text, ref_tokens, seed=cfg.seed)
-        if reference is None:
+        if is_reference:
             ref_out[uid] = {"tokens": ref_tokens, "logprobs": tf.logprobs, "logmel": tf.logmel}
             ref = ref_out[uid]
         else:
@@ -143,7 +144,7 @@ def _utterances(chat, cfg: EvalConfig, texts: dict[str, str], out: Path, name: s
         fids.append(fidelity(ref["logprobs"], tf.logprobs, ref["logmel"], tf.logmel))
         weights.append(int(ref_tokens.shape[0]))
     fid = asdict(combine_fidelity(fids, weights)) if fids else None
-    return rows, (ref_out if reference is None else None), fid
+    return rows, (ref_out if is_reference else None), fid
 
 
 def _progress(items, desc: str):
@@ -162,7 +163,7 @@ def worker(spec_path: str) -> int:
     from quantkit.texts import load_texts
 
     spec = json.loads(Path(spec_path).read_text())
-    cfg, out = EvalConfig(**spec["config"]), Path(spec["out"])
+    cfg = EvalConfig(**spec["config"])
     _lang, texts = load_texts(cfg.texts)
     texts = dict(list(texts.items())[: cfg.limit])
     recipe = get_recipe(spec["recipe"])
@@ -176,13 +177,11 @@ def worker(spec_path: str) -> int:
     t2 = time.perf_counter()
     result = {"name": recipe.name, "load_s": t1 - t0, "apply_s": t2 - t1}
     result.update(_measure(chat, cfg, next(iter(texts.values()))))
-    ref_path = out / ".work" / "fp32_reference.pt"
-    # fp32_reference.pt is this run's own file, written by the fp32 process a moment ago
-    reference = None if name == REFERENCE else torch.load(ref_path, weights_only=False)
-    rows, ref_out, fid = _utterances(chat, cfg, texts, out, name, reference)
+    # fp32's token sequences, log-probabilities and log-mels: tensors only
+    reference = torch.load(spec["reference"], weights_only=True) if spec["reference"] else None
+    rows, ref_out, fid = _utterances(chat, cfg, texts, Path(spec["audio"]), name, reference)
     if ref_out is not None:
-        ref_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(ref_out, ref_path)
+        torch.save(ref_out, spec["save_reference"])
     result["fidelity"] = fid
     result["peak_mem_bytes"] = max(result.pop("peak_before_probe_bytes"), peak_memory(chat.device))
     result["device"] = str(chat.device)
@@ -192,32 +191,49 @@ def worker(spec_path: str) -> int:
 
 # ---------------------------------------------------------------- the parent
 
-def _run_worker(source: str, cfg: EvalConfig, out: Path) -> tuple[dict, list[dict]]:
-    """Run one recipe (a name or .toml path) in its own process."""
+WORK = ".quantkit-work"  # the run's scratch folder inside --out: quantkit's own, removed at the end
+REFERENCE_FILE = "fp32_reference.pt"  # fp32's tokens for teacher forcing (kept for --resume)
+
+
+def _run_worker(source: str, cfg: EvalConfig, out: Path, reference: Path | None) -> tuple[dict, list[dict]]:
+    """Run one recipe (a name or .toml path) in its own process; its audio lands in
+    WORK/audio/NAME, fp32's reference in WORK/REFERENCE_FILE."""
     from quantkit.recipes import get_recipe
 
     name = get_recipe(source).name
-    work = out / ".work"
-    work.mkdir(parents=True, exist_ok=True)
-    spec = {"config": asdict(cfg), "recipe": source, "out": str(out), "result": str(work / f"{name}.json")}
+    work = out / WORK
+    (work / "audio" / name).mkdir(parents=True, exist_ok=True)
+    result_path = work / f"{name}.json"
+    spec = {"config": asdict(cfg), "recipe": source, "result": str(result_path),
+            "audio": str(work / "audio" / name), "reference": str(reference) if reference else None,
+            "save_reference": str(work / REFERENCE_FILE) if name == REFERENCE else None}
     spec_path = work / f"{name}.spec.json"
     spec_path.write_text(json.dumps(spec))
-    Path(spec["result"]).unlink(missing_ok=True)
+    result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "quantkit.evaluate", str(spec_path)]
-    result_path = Path(spec["result"])
     try:
         # stderr passes through: the worker's progress bars are the user's progress display.
         # A fresh Inductor cache per recipe: its first call is a real cold compile.
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str((work / f"inductor-{name}").resolve())}
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=cfg.timeout_s, env=env)
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=cfg.timeout_s, env=env,
+                              preexec_fn=_die_with_parent)
         data = json.loads(result_path.read_text()) if result_path.exists() else {}
         error = data.get("error") or (None if proc.returncode == 0 else
                                       f"the recipe's process exited with code {proc.returncode}")
     except subprocess.TimeoutExpired:
         data, error = {}, f"timed out after {cfg.timeout_s:.0f} s"
     if error is None and "result" in data:
-        return {"status": "ok", "error": None, **data["result"]}, data["utterances"]
-    return {"name": name, "status": "failed", "error": error or "no result written"}, []
+        return {"status": "ok", "error": None, "source": source, **data["result"]}, data["utterances"]
+    return {"name": name, "status": "failed", "error": error or "no result written", "source": source}, []
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: the kernel kills it when the eval process dies, however."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _transcribe_all(model, language: str, rows: list[dict], out: Path) -> None:
@@ -289,7 +305,7 @@ def write_utterances_csv(path: Path, rows: list[dict]) -> None:
 def plan_recipes(sources: list[str]) -> list[str]:
     """The recipe sources to run, fp32 (the reference) first; refuses an empty list, a source
     given twice and two sources whose recipes share a name."""
-    from quantkit.recipes import get_recipe, recipe_names
+    from quantkit.recipes import get_recipe
 
     if not sources:
         raise QuantkitError("--recipes names no recipe")
@@ -321,48 +337,155 @@ def load_checked_asr(cfg: EvalConfig, language: str):
 
 
 def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
-    """Every input is checked before the first recipe runs; a failed recipe is recorded in
-    results.json (status "failed") and the run goes on."""
-    from quantkit.models import OVERRIDES_FILE, SYNTHETIC_CONFIGS, resolve_device
-    from quantkit.recipes import recipe_names
+    """Every input is checked before the first recipe runs. Each recipe's result and audio are
+    in place as soon as it finishes; a failed recipe is recorded (status "failed") and the run
+    goes on. With ``cfg.resume``, recipes already measured here with the same configuration
+    are kept, not run again."""
+    from quantkit.models import resolve_device
     from quantkit.report import write_report
     from quantkit.texts import load_texts
 
-    device = str(resolve_device(cfg.device))
-    names = plan_recipes(recipe_names() if cfg.recipes is None else cfg.recipes)
+    resolve_device(cfg.device)
+    names = plan_recipes(_default_recipes() if cfg.recipes is None else cfg.recipes)
     language, texts = load_texts(cfg.texts)
     if cfg.limit:
         texts = dict(list(texts.items())[: cfg.limit])
     asr = None if cfg.skip_asr else load_checked_asr(cfg, language)
+    if out.exists() and not out.is_dir():
+        raise QuantkitError(f"--out {out} is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    work = out / WORK
+    shutil.rmtree(work, ignore_errors=True)  # a killed run's scratch
+    previous = _previous_run(out)
+    kept = _resumable(previous, cfg, texts, out) if cfg.resume else {}
 
-    results, rows = [], []
-    for i, name in enumerate(names, 1):
-        log.warning("[%d/%d] %s", i, len(names), name)
-        t = time.perf_counter()
-        res, utt = _run_worker(name, cfg, out)
-        log.warning("[%d/%d] %s: %s in %.0f s%s", i, len(names), res["name"], res["status"],
-                    time.perf_counter() - t, f" ({res['error']})" if res["error"] else "")
+    results, rows, reference = [], [], None  # fp32's reference, once it is measured
+    for i, source in enumerate(names, 1):
+        key = config_key(source, cfg, texts)
+        if key in kept:
+            res, utt = kept[key]
+            reference = out / REFERENCE_FILE if res["name"] == REFERENCE else reference
+            log.warning("[%d/%d] %s: already measured with this configuration (--resume)", i, len(names), res["name"])
+        else:
+            log.warning("[%d/%d] %s", i, len(names), source)
+            t = time.perf_counter()
+            res, utt = _run_worker(source, cfg, out, reference)
+            log.warning("[%d/%d] %s: %s in %.0f s%s", i, len(names), res["name"], res["status"],
+                        time.perf_counter() - t, f" ({res['error']})" if res["error"] else "")
+            res["config_key"] = key
+            _install(out, res, utt)
+            if res["name"] == REFERENCE and res["status"] == "ok":
+                reference = out / REFERENCE_FILE
         results.append(res)
         rows += utt
+        _write_results(out, _document(cfg, language, texts, results, complete=False), rows)
     if asr is not None and rows:
         _transcribe_all(asr, language, rows, out)
         _score(results, rows, language)
+    doc = _document(cfg, language, texts, results, complete=True)
+    _write_results(out, doc, rows)
+    write_report(out)
+    _drop_stale_audio(out, _recipes_of(previous) - {r["name"] for r in results})
+    shutil.rmtree(work, ignore_errors=True)
+    return doc
+
+
+def _default_recipes() -> list[str]:
+    from quantkit.recipes import recipe_names
+
+    return recipe_names()
+
+
+def config_key(source: str, cfg: EvalConfig, texts: dict[str, str]) -> str:
+    """What a recipe's measurement depends on: its settings, the model, the texts and the
+    measuring options (not the ASR, which runs over every recipe's audio at the end)."""
+    import hashlib
+
+    from quantkit.recipes import get_recipe
+
+    what = {"recipe": get_recipe(source).to_dict(), "model": cfg.model, "device": cfg.device,
+            "texts": texts, "runs": cfg.runs, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def _document(cfg: EvalConfig, language: str, texts: dict, results: list[dict], complete: bool) -> dict:
+    from quantkit.models import OVERRIDES_FILE, SYNTHETIC_CONFIGS, resolve_device
+
     synthetic = cfg.model in SYNTHETIC_CONFIGS or (Path(cfg.model) / OVERRIDES_FILE).exists()
-    doc = {
+    return {
         "schema": SCHEMA, "model": cfg.model, "synthetic_weights": synthetic, "device": cfg.device,
         "language": language, "texts": cfg.texts, "utterances": len(texts), "runs": cfg.runs,
-        "max_new_tokens": cfg.max_new_tokens, "environment": environment(device),
-        "command": cfg.command, "recipes": results,
-        "recommendation": recommend(results, synthetic, cfg),
+        "max_new_tokens": cfg.max_new_tokens,
+        "environment": environment(str(resolve_device(cfg.device))),
+        "command": cfg.command, "complete": complete, "recipes": results,
+        "recommendation": recommend(results, synthetic, cfg) if complete else
+        {"name": None, "reason": "the run is not complete"},
     }
-    previous = _recipes_of(out / "results.json")
+
+
+def _write_results(out: Path, doc: dict, rows: list[dict]) -> None:
     write_text(out / "results.json", json.dumps(doc, indent=1, ensure_ascii=False))
     write_utterances_csv(out / "utterances.csv", rows)
-    write_report(out)
-    _drop_stale_audio(out, previous - {r["name"] for r in results})
-    shutil.rmtree(out / ".work", ignore_errors=True)
-    return doc
+
+
+def _install(out: Path, res: dict, rows: list[dict]) -> None:
+    """Move a finished recipe's audio (and fp32's reference) from the scratch folder into place."""
+    work = out / WORK
+    if res["status"] != "ok":
+        return
+    target = out / "audio" / res["name"]
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise QuantkitError(f"{target} is not a folder: cannot put {res['name']}'s audio there")
+    target.mkdir(parents=True, exist_ok=True)
+    new = {Path(r["wav"]).name for r in rows}
+    for wav in target.glob("*.wav"):  # the same recipe's audio from an earlier run here
+        if wav.name not in new and wav.is_file() and not wav.is_symlink():
+            wav.unlink()
+    for name in new:
+        os.replace(work / "audio" / res["name"] / name, target / name)
+    if res["name"] == REFERENCE and (work / REFERENCE_FILE).is_file():
+        os.replace(work / REFERENCE_FILE, out / REFERENCE_FILE)
+
+
+def _previous_run(out: Path) -> dict | None:
+    try:
+        doc = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("recipes"), list) else None
+
+
+def _resumable(previous: dict | None, cfg: EvalConfig, texts: dict, out: Path) -> dict[str, tuple[dict, list]]:
+    """config key -> (result, utterance rows) of recipes an earlier run here measured with the
+    same configuration, whose audio is all in place (fp32 also needs its reference file)."""
+    if previous is None:
+        return {}
+    rows = _read_utterances(out / "utterances.csv")
+    kept = {}
+    for res in previous["recipes"]:
+        if not isinstance(res, dict) or res.get("status") != "ok" or not res.get("config_key"):
+            continue
+        utt = [r for r in rows if r["recipe"] == res["name"]]
+        if len(utt) != len(texts) or not all((out / r["wav"]).is_file() for r in utt):
+            continue
+        if res["name"] == REFERENCE and not (out / REFERENCE_FILE).is_file():
+            continue
+        res = {k: v for k, v in res.items() if k != "error_rate"}
+        kept[res["config_key"]] = (res, [{k: r[k] for k in ("recipe", "id", "text", "steps", "wav")} for r in utt])
+    return kept
+
+
+def _read_utterances(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+    good = []
+    for r in rows:
+        if all(isinstance(r.get(k), str) for k in ("recipe", "id", "text", "steps", "wav")) and r["steps"].isdigit():
+            good.append({**r, "steps": int(r["steps"])})
+    return good
 
 
 def failures(doc: dict[str, Any]) -> list[str]:
@@ -370,11 +493,10 @@ def failures(doc: dict[str, Any]) -> list[str]:
     return [f"{r['name']} ({r['error']})" for r in doc["recipes"] if r["status"] != "ok"]
 
 
-def _recipes_of(results_json: Path) -> set[str]:
-    try:
-        return {r["name"] for r in json.loads(results_json.read_text())["recipes"]}
-    except (OSError, ValueError, KeyError, TypeError):
+def _recipes_of(doc: dict | None) -> set[str]:
+    if doc is None:
         return set()
+    return {r["name"] for r in doc["recipes"] if isinstance(r, dict) and isinstance(r.get("name"), str)}
 
 
 def _drop_stale_audio(out: Path, stale: set[str]) -> None:

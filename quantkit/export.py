@@ -19,6 +19,9 @@ weights (``LlamaModel.from_pretrained``) is answered with the stored, already-qu
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import glob
 import hashlib
 import json
 import logging
@@ -32,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantkit import trust
 from quantkit.errors import QuantkitError
 
 log = logging.getLogger(__name__)
@@ -137,22 +141,29 @@ def _recipe_and_metrics(recipe: str | None, best: str | None) -> tuple[Any, dict
     name = (doc.get("recommendation") or {}).get("name")
     if not name:
         raise QuantkitError(f"{best}/results.json recommends no recipe")
-    chosen = next(r for r in doc["recipes"] if r["name"] == name)
+    chosen = next((r for r in doc["recipes"] if r["name"] == name and r["status"] == "ok"), None)
+    if chosen is None:
+        raise QuantkitError(f"{best}/results.json recommends '{name}', which it does not list as measured")
     metrics = {k: chosen.get(k) for k in ("ms_per_step", "warm_s_median", "rtf", "weight_bytes",
                                           "error_rate", "fidelity")}
-    metrics["reason"] = doc["recommendation"]["reason"]
-    return get_recipe(name), metrics
+    metrics["reason"] = doc["recommendation"].get("reason")
+    # a recipe given to eval as a .toml path is exported from that file
+    source = chosen.get("source") if isinstance(chosen.get("source"), str) else name
+    rec = get_recipe(source)
+    if rec.name != name:
+        raise QuantkitError(f"{best}/results.json: recipe '{name}' came from {source}, which now "
+                            f"holds '{rec.name}'")
+    return rec, metrics
 
 
 def export_variant(out: str | Path, recipe: str | None = None, best: str | None = None,
                    model: str = "synthetic", device: str = "cpu", force: bool = False) -> dict[str, Any]:
-    """Write a variant directory atomically: a temporary sibling, renamed at the very end."""
+    """Write a variant directory: into a temporary sibling, renamed into place at the very end."""
     from quantkit.apply import apply_recipe, weight_bytes
     from quantkit.models import load_chat, resolve_source
 
-    out = Path(out)
-    if out.exists() and not force:
-        raise QuantkitError(f"{out} already exists (use --force to replace it)")
+    out = Path(out).absolute()
+    check_export_target(out, force)
     rec, metrics = _recipe_and_metrics(recipe, best)
     if rec.baseline:
         raise QuantkitError("the 'stock' baseline changes nothing: export fp32 or a quantized recipe")
@@ -171,7 +182,8 @@ def export_variant(out: str | Path, recipe: str | None = None, best: str | None 
     chat = load_chat(model, device)
     apply_recipe(chat, rec)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    _remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(out)}{os.getpid()}.", dir=out.parent))
     try:
         _copy_assets(src, tmp)
         gpt_file = _write_gpt(chat, tmp)
@@ -189,15 +201,113 @@ def export_variant(out: str | Path, recipe: str | None = None, best: str | None 
             "files": {f: sha256(tmp / f) for f in files},
         }
         _write_manifest(tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        trust.record(tmp / MANIFEST)
+        _move_into_place(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     sizes = {"total_bytes": sum((out / f).stat().st_size for f in files),
              "gpt_bytes": (out / gpt_file).stat().st_size}
     return {"out": str(out), "recipe": rec.name, **sizes, "compile_artifacts": bool(compiled)}
+
+
+def check_export_target(out: Path, force: bool) -> None:
+    """Refuse, before any work, a target export must not touch: ``--force`` replaces only a
+    quantkit variant (every file in it listed in its manifest) or an empty folder."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise QuantkitError(f"{out} exists and is not a directory: export writes a directory")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise QuantkitError(f"cannot write {out}: {parent} is not a writable directory")
+    if not out.exists():
+        return
+    if not force:
+        raise QuantkitError(f"{out} already exists (use --force to replace the variant in it)")
+    if any(out.iterdir()) and not _is_variant(out):
+        raise QuantkitError(f"{out} is not a quantkit variant: --force replaces only a variant "
+                            "or an empty folder, never other files")
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise QuantkitError(f"{out} is the current directory or holds it: export from elsewhere")
+
+
+def _is_variant(folder: Path) -> bool:
+    """True if ``folder`` holds a manifest and exactly the files it lists."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        listed = set(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return _present_files(folder) == listed
+
+
+def _present_files(folder: Path) -> set[str]:
+    """Every entry under ``folder`` that is not a directory (links included), but the manifest."""
+    found = set()
+    for root, dirs, names in os.walk(folder):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            found.add(Path(root, name).relative_to(folder).as_posix())
+    return found - {MANIFEST}
+
+
+def _temp_prefix(out: Path) -> str:
+    return f".{out.name}.export-"
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary folders of exports to the same place whose process is gone (killed)."""
+    prefix = _temp_prefix(out)
+    for tmp in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = tmp.name[len(prefix):].split(".")[0]
+        if tmp.is_dir() and not tmp.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+            log.warning("removing %s, left by an interrupted export", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
+    """New in, old aside, old deleted: a crash at any point leaves a whole variant under ``out``
+    or beside it, never neither. Without ``force`` the rename fails if ``out`` appeared since
+    the start (another export won the race)."""
+    aside = None
+    if force and out.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(out)}{os.getpid()}.old.", dir=out.parent))
+        os.rename(out, aside / "variant")
+    try:
+        rename_noreplace(tmp, out)
+    except FileExistsError:
+        if aside is not None:
+            os.rename(aside / "variant", out)
+            aside.rmdir()
+        raise QuantkitError(f"{out} appeared while exporting (another export?): left as it is") from None
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """rename(2) that fails with FileExistsError if ``dst`` exists, even an empty folder."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:  # not glibc >= 2.28: check, then rename (a window remains)
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "exists", str(dst))
+        os.rename(src, dst)
+        return
+    at_fdcwd, rename_noreplace_flag = -100, 1
+    if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace_flag) != 0:
+        err = ctypes.get_errno()
+        raise FileExistsError(err, os.strerror(err), str(dst)) if err == errno.EEXIST else OSError(
+            err, os.strerror(err), str(dst))
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
@@ -220,12 +330,31 @@ def read_manifest(folder: Path) -> dict:
     for key in ("recipe", "files", "versions", "gpt_weights"):
         if key not in manifest:
             raise QuantkitError(f"{path}: missing '{key}'")
+    if not isinstance(manifest["recipe"], dict) or not isinstance(manifest["recipe"].get("name"), str):
+        raise QuantkitError(f"{path}: 'recipe' is malformed")
     return manifest
 
 
 def verify(folder: Path, manifest: dict) -> None:
-    """Every listed file present and unchanged, nothing added, the same library versions."""
-    for rel, digest in manifest["files"].items():
+    """The manifest lists every file present, each inside the folder, none a link, each
+    unchanged; the files it names are among them; the library versions are the running ones."""
+    files = manifest["files"]
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in files.items()):
+        raise QuantkitError(f"variant {folder}: the manifest's file list is empty or malformed")
+    for rel in files:
+        _inside(folder, rel)
+    present = _present_files(folder)
+    links = sorted(r for r in present if (folder / r).is_symlink())
+    if links:
+        raise QuantkitError(f"variant {folder}: {links[0]} is a symbolic link (refused)")
+    unlisted = sorted(present - set(files))
+    if unlisted:
+        raise QuantkitError(f"variant {folder}: {unlisted[0]} is not listed in the manifest (refused)")
+    for rel in _named_files(manifest):
+        if rel not in files and not any(f.startswith(rel.rstrip("/") + "/") for f in files):
+            raise QuantkitError(f"variant {folder}: the manifest names {rel!r}, which it does not list")
+    for rel, digest in files.items():
         path = folder / rel
         if not path.is_file():
             raise QuantkitError(f"variant {folder} is missing {rel}")
@@ -233,11 +362,32 @@ def verify(folder: Path, manifest: dict) -> None:
             raise QuantkitError(f"variant {folder}: {rel} does not match its hash in the manifest "
                                 "(corrupted or edited)")
     current = _versions()
-    diff = [f"{k} {v} (running {current.get(k)})" for k, v in manifest["versions"].items()
-            if current.get(k) != v]
+    versions = manifest["versions"] if isinstance(manifest["versions"], dict) else {}
+    diff = [f"{k} {v} (running {current.get(k)})" for k, v in versions.items() if current.get(k) != v]
     if diff:
         raise QuantkitError(f"variant {folder} was exported with {', '.join(diff)}: re-export it "
                             "with the installed libraries")
+
+
+def _inside(folder: Path, rel: str) -> Path:
+    """``folder/rel`` for a plain relative path that stays inside ``folder``."""
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts or "\\" in rel:
+        raise QuantkitError(f"variant {folder}: the manifest lists {rel!r}, a path outside the variant")
+    return folder / rel
+
+
+def _named_files(manifest: dict) -> list[str]:
+    """Paths the manifest's other fields point to (weights, compiled code, kernels)."""
+    weights = manifest.get("gpt_weights")
+    artifacts = manifest.get("compile_artifacts") or {}
+    if not isinstance(weights, dict) or not isinstance(weights.get("file"), str) or not isinstance(artifacts, dict):
+        raise QuantkitError("the variant's manifest is malformed (gpt_weights, compile_artifacts)")
+    named = [weights["file"]] + [artifacts[k] for k in ("file", "prefill", "kernel", "kernels")
+                                 if artifacts.get(k) is not None]
+    if not all(isinstance(n, str) for n in named):
+        raise QuantkitError("the variant's manifest is malformed (file names must be strings)")
+    return named
 
 
 @contextlib.contextmanager
@@ -261,7 +411,7 @@ def _stored_gpt(folder: Path, manifest: dict):
             state, materialized = load_file(str(path)), False
         else:
             materialized = _prepare_skeleton(model, manifest["recipe"]["gpt"]["quantize"])
-            state = torch.load(path, weights_only=False)  # hash-checked above
+            state = torch.load(path, weights_only=True)  # tensors only: nothing is unpickled as code
         # meta skeletons take the stored tensors as they are (torchao subclasses included)
         model.load_state_dict(state, strict=False, assign=not materialized)
         # inv_freq is a non-persistent buffer: rebuild it as LlamaModel's constructor does
@@ -293,8 +443,10 @@ def _prepare_skeleton(model: nn.Module, method: str) -> bool:
     return True
 
 
-def load_variant(folder: str | Path, device: str = "cpu"):
-    """A ready ChatTTS ``Chat`` from an exported variant (checked, not re-quantized)."""
+def load_variant(folder: str | Path, device: str = "cpu", trust_compiled: bool = False):
+    """A ready ChatTTS ``Chat`` from an exported variant (checked, not re-quantized). Its
+    compiled code loads only if this machine exported it or ``trust_compiled``; otherwise the
+    recipe compiles just in time."""
     from quantkit.apply import apply_recipe
     from quantkit.models import new_chat, read_overrides, resolve_device
     from quantkit.recipes import parse_recipe
@@ -316,6 +468,11 @@ def load_variant(folder: str | Path, device: str = "cpu"):
         raise QuantkitError(f"variant {folder} could not be loaded: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
     artifacts = manifest.get("compile_artifacts")
+    if artifacts and not (trust_compiled or trust.is_trusted(folder / MANIFEST)):
+        log.warning("variant %s was not exported on this machine: its compiled code is not "
+                    "loaded (pass --trust-compiled / trust_compiled=True if you trust its origin); "
+                    "compiling just in time instead", folder)
+        artifacts = None
     if artifacts and artifacts.get("kernel"):
         from quantkit import int8_gemv
 
@@ -330,5 +487,4 @@ def load_variant(folder: str | Path, device: str = "cpu"):
     # ChatTTS's text normalizer JIT-compiles a numba function on its first text (1-1.7 s here,
     # as long as the whole first synthesis of an int8 variant): a loaded variant is ready.
     chat.normalizer("Ready.", True, True, None)
-    chat.quantkit_source = str(folder)
     return chat

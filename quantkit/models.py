@@ -290,5 +290,4 @@ def load_chat(model: str = "synthetic-tiny", device: str = "cpu"):
                             f"{str(exc).splitlines()[0][:200]}") from None
     if not ok:
         raise QuantkitError(f"ChatTTS could not load every component from {root}")
-    chat.quantkit_source = model
     return chat

@@ -25,6 +25,11 @@ def load_results(out: Path) -> dict[str, Any]:
         raise QuantkitError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("schema") != 1 or not isinstance(doc.get("recipes"), list):
         raise QuantkitError(f"{path} is not a quantkit results file of schema 1")
+    for r in doc["recipes"]:
+        if not isinstance(r, dict) or not isinstance(r.get("name"), str) or r.get("status") not in ("ok", "failed"):
+            raise QuantkitError(f"{path}: malformed recipe entry {str(r)[:80]}")
+    if not isinstance(doc.get("recommendation"), dict):
+        raise QuantkitError(f"{path}: malformed or missing 'recommendation'")
     return doc
 
 
@@ -175,6 +180,9 @@ def render_markdown(doc: dict) -> str:
 def write_report(out: Path) -> None:
     out = Path(out)
     doc = load_results(out)
-    text = render_markdown(doc)
+    try:
+        text = render_markdown(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise QuantkitError(f"{out / 'results.json'} is malformed ({type(exc).__name__}: {exc})") from None
     write_text(out / "report.md", text)
     plot_pareto(doc, out / "pareto.png")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quantkit import trust
 from quantkit.apply import apply_recipe, weight_bytes
 from quantkit.atomic import check_writable_target, write_text
 from quantkit.audio import write_wav
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
                text: str = "", seed: int = 0, steps: int | None = None,
                max_new_tokens: int = 1024, out_wav: str | None = None,
-               compile_cache: str | None = None) -> dict[str, Any]:
+               compile_cache: str | None = None, trust_compiled: bool = False) -> dict[str, Any]:
     recipe = get_recipe(recipe_name)  # validate before the slow load
+    check_length(recipe, steps)
     if out_wav:
         check_writable_target(out_wav)
     import ChatTTS  # noqa: F401 - import time (transformers, numba) is not load time
@@ -35,7 +37,7 @@ def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
     apply_recipe(chat, recipe)
     cache_state, key = None, _key(recipe, model)
     if compile_cache and recipe.compile.enabled:
-        cache_state = "loaded" if _load_compiled(chat, key, Path(compile_cache)) else "saved"
+        cache_state = "loaded" if _load_compiled(chat, key, Path(compile_cache), trust_compiled) else "saved"
     t2 = time.perf_counter()
     first = synthesize(chat, text, seed=seed, steps=steps, max_new_tokens=max_new_tokens)
     if cache_state == "saved":
@@ -63,6 +65,19 @@ def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
     }
 
 
+MAX_POSITIONS = 4096  # ChatTTS's GPT (its Config.gpt.max_position_embeddings)
+
+
+def check_length(recipe, steps: int | None) -> None:
+    """Refuse a fixed step count no decoding can hold (prompt included), before the load."""
+    limit = recipe.compile.cache_capacity if recipe.compile.enabled else MAX_POSITIONS
+    where = (f"recipe '{recipe.name}' decodes into a KV cache of {limit} slots" if recipe.compile.enabled
+             else f"ChatTTS's GPT has {limit} positions")
+    if steps is not None and steps >= limit:
+        raise QuantkitError(f"--steps {steps} does not fit: {where}, prompt included, so --steps "
+                            f"must stay below {limit} minus the prompt's length")
+
+
 COMPILED_INFO = "compiled.json"
 
 
@@ -71,19 +86,32 @@ def _key(recipe, model: str) -> dict:
     return json.loads(json.dumps({"recipe": recipe.to_dict(), "model": model}))
 
 
-def _load_compiled(chat, key: dict, folder: Path) -> bool:
-    """Load what an earlier run saved in ``folder`` for the same recipe and model; False if none."""
+def _load_compiled(chat, key: dict, folder: Path, trust_compiled: bool) -> bool:
+    """Load what an earlier run saved in ``folder`` for the same recipe and model; False if
+    there is none, or it is not trusted (then the recipe compiles just in time)."""
     from quantkit.compile_artifacts import load_compiled
+    from quantkit.export import sha256
 
     try:
         info = json.loads((folder / COMPILED_INFO).read_text())
     except (OSError, ValueError):
         return False
-    if info.get("for") != key:  # another recipe's graphs: compile, then replace them
+    if not isinstance(info, dict) or info.get("for") != key:  # another recipe's: compile, replace
         return False
+    if not (trust_compiled or trust.is_trusted(folder / COMPILED_INFO)):
+        log.warning("compile cache %s was not written on this machine: its compiled code is not "
+                    "loaded (pass --trust-compiled if you trust its origin); compiling just in time",
+                    folder)
+        return False
+    files = info.get("files")
+    if not isinstance(files, dict) or not files or any(
+            not (folder / rel).is_file() or (folder / rel).is_symlink() or sha256(folder / rel) != digest
+            for rel, digest in files.items()):
+        raise QuantkitError(f"compile cache {folder} is damaged (a file is missing or changed); "
+                            "delete it or give another directory")
     try:
         load_compiled(chat.gpt.generate, folder, info)
-    except Exception as exc:  # noqa: BLE001 - unlike a variant's files, these carry no hashes
+    except Exception as exc:  # noqa: BLE001 - pickles of compiled functions fail in many ways
         raise QuantkitError(f"compile cache {folder} could not be loaded ({type(exc).__name__}); "
                             "delete it or give another directory") from None
     return True
@@ -91,8 +119,12 @@ def _load_compiled(chat, key: dict, folder: Path) -> bool:
 
 def _save_compiled(chat, key: dict, folder: Path) -> None:
     from quantkit.compile_artifacts import save_compiled
+    from quantkit.export import sha256
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / COMPILED_INFO).unlink(missing_ok=True)  # written last: never names half-written files
     info = save_compiled(chat.gpt.generate, folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPILED_INFO)
+    info["files"] = {p.relative_to(folder).as_posix(): sha256(p) for p in files}
     write_text(folder / COMPILED_INFO, json.dumps({**info, "for": key}, indent=1))
+    trust.record(folder / COMPILED_INFO)

@@ -10,6 +10,11 @@ DATA = Path(__file__).resolve().parent / "data"
 SHIPPED = {"en": DATA / "harvard_en.tsv", "zh": DATA / "zh_everyday.tsv"}
 
 
+def plain_name(name: str) -> bool:
+    """A name usable as one file name inside a folder, and nothing more."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0") and len(name) < 200
+
+
 def read_tsv(path: str | Path) -> dict[str, str]:
     """`id<TAB>text` lines; blank lines and lines starting with # are skipped."""
     path = Path(path)
@@ -24,9 +29,13 @@ def read_tsv(path: str | Path) -> dict[str, str]:
         uid, sep, text = line.partition("\t")
         if not sep or not uid.strip():
             raise QuantkitError(f"{path}:{n}: expected 'id<TAB>text'")
+        uid = uid.strip()
+        if not plain_name(uid):
+            raise QuantkitError(f"{path}:{n}: id {uid!r} must be a plain file name "
+                                "(no '/', no leading '.'): it names the utterance's audio file")
         if uid in rows:
             raise QuantkitError(f"{path}:{n}: duplicate id '{uid}'")
-        rows[uid.strip()] = text.strip()
+        rows[uid] = text.strip()
     if not rows:
         raise QuantkitError(f"{path} holds no utterances")
     return rows

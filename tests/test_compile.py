@@ -170,6 +170,7 @@ def test_saved_compilation_round_trip_in_a_fresh_process(recipe, tiny_dir, tmp_p
 
 
 def test_damaged_compile_cache_is_one_clear_error(tiny_dir, tmp_path):
+    from quantkit.export import sha256
     from quantkit.run import COMPILED_INFO, _key
 
     cache = tmp_path / "cache"
@@ -177,10 +178,11 @@ def test_damaged_compile_cache_is_one_clear_error(tiny_dir, tmp_path):
     (cache / "decode_step.aot").write_bytes(b"not a compiled function")
     (cache / "prefill.aot").write_bytes(b"not one either")
     info = {"kind": "aot", "file": "decode_step.aot", "prefill": "prefill.aot", "sampling": {},
+            "files": {f: sha256(cache / f) for f in ("decode_step.aot", "prefill.aot")},
             "for": _key(get_recipe("fp32-compiled"), "synthetic-tiny")}
     (cache / COMPILED_INFO).write_text(json.dumps(info))
     proc = run_cli("apply", "fp32-compiled", "--model", "synthetic-tiny", "--steps", "4",
-                   "--compile-cache", str(cache))
+                   "--compile-cache", str(cache), "--trust-compiled")
     assert_one_line_error(proc, "could not be loaded", str(cache))
     assert (cache / COMPILED_INFO).read_text() == json.dumps(info)  # nothing overwritten
 

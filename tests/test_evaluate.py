@@ -20,9 +20,9 @@ RECIPE_KEYS = {"name", "status", "error", "load_s", "apply_s", "first_call_s", "
 @pytest.fixture(scope="module")
 def eval_dir(tmp_path_factory, tiny_dir):
     out = tmp_path_factory.mktemp("eval")
-    stale = out / "audio" / "int8-dynamic"  # from an earlier run into the same directory
-    stale.mkdir(parents=True)
-    (stale / "a.wav").write_bytes(b"RIFF")
+    mine = out / "audio" / "int8-dynamic"  # the user's, named like a recipe: eval never wrote it
+    mine.mkdir(parents=True)
+    (mine / "a.wav").write_bytes(b"RIFF")
     proc = run_cli("eval", "--model", "synthetic-tiny", "--recipes", f"bf16,{BROKEN}", "--limit", "2",
                    "--max-new-tokens", "16", "--runs", "2", "--out", str(out))
     # one recipe failed: exit 1, results still written, the last line names it and why
@@ -35,6 +35,7 @@ def eval_dir(tmp_path_factory, tiny_dir):
 def test_eval_writes_schema_valid_results(eval_dir):
     doc = json.loads((eval_dir / "results.json").read_text())
     assert doc["schema"] == 1 and doc["synthetic_weights"] is True and doc["model"] == "synthetic-tiny"
+    assert doc["complete"] is True
     assert {"torch", "torchao", "chattts", "transformers", "cpu", "gpu", "threads"} <= set(doc["environment"])
     assert doc["command"].startswith("python -m quantkit eval")
     names = [r["name"] for r in doc["recipes"]]
@@ -75,8 +76,9 @@ def test_eval_outputs_report_plot_csv_and_audio(eval_dir):
     rows = (eval_dir / "utterances.csv").read_text().splitlines()
     assert rows[0].startswith("recipe,id,steps,wav,text,transcript,error") and len(rows) == 1 + 2 * 2
     assert len(list((eval_dir / "audio" / "bf16").glob("*.wav"))) == 2
-    assert sorted(p.name for p in (eval_dir / "audio").iterdir()) == ["bf16", "fp32"]  # stale audio gone
-    assert not (eval_dir / ".work").exists()
+    assert sorted(p.name for p in (eval_dir / "audio").iterdir()) == ["bf16", "fp32", "int8-dynamic"]
+    assert (eval_dir / "audio" / "int8-dynamic" / "a.wav").read_bytes() == b"RIFF"  # not eval's: kept
+    assert not (eval_dir / ".quantkit-work").exists()
 
 
 def test_report_rebuild_is_identical(eval_dir):
