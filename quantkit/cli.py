@@ -49,6 +49,13 @@ def _positive_seconds(value: str) -> float:
     return x
 
 
+def _sizes(value: str) -> list[int]:
+    sizes = [_positive(v.strip()) for v in value.split(",") if v.strip()]
+    if not sizes or len(set(sizes)) != len(sizes) or max(sizes) > 64:
+        raise argparse.ArgumentTypeError(f"'{value}' must be distinct sizes from 1 to 64, comma-separated")
+    return sizes
+
+
 def _add_model(p: argparse.ArgumentParser, default: str = "synthetic") -> None:
     p.add_argument("--model", default=default,
                    help="chattts | synthetic | synthetic-tiny | a ChatTTS asset directory "
@@ -117,7 +124,8 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
                      limit=args.limit, asr_model=args.asr_model, runs=args.runs,
                      max_new_tokens=args.max_new_tokens, skip_asr=args.skip_asr, seed=args.seed,
                      timeout_s=args.timeout, max_error_increase=args.max_error_increase,
-                     resume=args.resume,
+                     resume=args.resume, call_shapes=not args.skip_call_shapes,
+                     long_steps=args.long_steps, batch_sizes=args.batch_sizes,
                      command=default_command(list(argv)))
     doc = run_eval(cfg, Path(args.out))
     rec = doc["recommendation"]
@@ -214,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error-increase", type=float, default=0.01,
                    help="error budget over fp32 for the recommendation (default 0.01 = 1 point)")
     p.add_argument("--out", default="out/eval", help="output directory (default: out/eval)")
+    p.add_argument("--skip-call-shapes", action="store_true",
+                   help="do not time Chat.infer's call shapes (long utterance, batches, refinement, streaming)")
+    p.add_argument("--long-steps", type=_positive, default=1100,
+                   help="GPT steps of the long-utterance call (default 1100)")
+    p.add_argument("--batch-sizes", type=_sizes, default=[1, 4, 8, 16],
+                   help="batch sizes whose throughput is timed (default 1,4,8,16)")
     p.add_argument("--resume", action="store_true",
                    help="keep recipes already measured in --out with the same configuration")
     p.set_defaults(func=cmd_eval)

@@ -8,8 +8,8 @@ the same shapes but for the number of filled cache slots, which it takes as one 
 so it compiles once. The prompt pass (prefill) is compiled apart, its length one symbolic size
 too. Saving and loading what was compiled: quantkit.compile_artifacts.
 
-This module is the one place that replaces ChatTTS internals: ``GPT.generate``, for batch-1
-code generation. Text refinement, streaming and batches fall back to ChatTTS's loop.
+``CompiledGenerate`` stands in for ChatTTS's ``GPT.generate`` (installed through
+quantkit.chattts) and runs quantkit.generate's loop for every call shape it covers.
 """
 
 from __future__ import annotations
@@ -19,70 +19,45 @@ import hashlib
 import json
 import logging
 import platform
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from quantkit import chattts
 from quantkit.atomic import write_text
+from quantkit.generate import (Decoder, Request, advance, decode_step, decode_text_step, generate, prefill,
+                               prefill_positions)
 from quantkit.recipes import CompileSettings
-from quantkit.sampling import ExpNoise, Sampling, draw, process_logits, sampling_from
-from quantkit.static_cache import StaticCacheGPT
+from quantkit.sampling import ExpNoise, Sampling, sampling_from
+from quantkit.static_cache import MAX_CAPACITY
 
 log = logging.getLogger(__name__)
 
 
-def decode_step(model: StaticCacheGPT, ids: torch.Tensor, keys: torch.Tensor, window: torch.Tensor,
-                temperature: torch.Tensor, mask_eos: torch.Tensor, noise: torch.Tensor,
-                pos: torch.Tensor | None = None):
-    """One step: the last tokens ids (1, num_vq), fed at position ``pos`` (default ``keys[-1:]``)
-    and attending to the cache slots ``keys`` (``slots[:pos + 1]``, or every slot, masked, where
-    ``model.full_keys``) -> (hidden (1, H), next tokens (1, num_vq), the penalty window with ids
-    appended, whether a next token is EOS).
-
-    A free function of the model (not a bound method) so that it can be compiled ahead of time
-    and saved; the sampling constants come from ``model.sampling``."""
-    window = torch.cat([window[:, 1:], ids.view(-1, 1)], 1)
-    emb = torch.stack([emb(ids[:, i]) for i, emb in enumerate(model.emb_code)], 2).sum(2)
-    hidden = model(emb[:, None].float(), keys[-1:] if pos is None else pos, keys)[:, -1]
-    probs = process_logits(code_logits(model, hidden), window, temperature, mask_eos, model.sampling)
-    nxt = draw(probs, noise)
-    return hidden, nxt, window, nxt.eq(model.sampling.eos).any()
-
-
-def prefill(model: StaticCacheGPT, emb: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-    """The prompt's embeddings (1, L, H) into cache slots ``prompt`` (``slots[:L]``) -> the last
-    hidden state (1, H). A free function, as decode_step, to be compiled ahead of time."""
-    return model(emb, prompt, prompt)[:, -1]
-
-
-def code_logits(model: StaticCacheGPT, hidden: torch.Tensor) -> torch.Tensor:
-    """Hidden (1, H) -> the four code heads' logits (num_vq, vocab), fp32."""
-    return torch.stack(model.heads_code(hidden), 1).float()[0]
-
-
-def compile_decode_step(settings: CompileSettings) -> Callable:
-    return torch.compile(decode_step, fullgraph=True, dynamic=False, **compile_kwargs(settings))
+def compile_decode_step(settings: CompileSettings, step: Callable = decode_step) -> Callable:
+    return torch.compile(step, fullgraph=True, dynamic=False, **compile_kwargs(settings))
 
 
 def compile_prefill(settings: CompileSettings) -> Callable:
     """The prompt pass, compiled: eagerly, its ~30 small operations per layer around the int8
-    products cost 55 ms of a 40-token prompt, compiled 38 (int8-dynamic, full-size synthetic, one
-    process). Never as CUDA graphs: one graph would be recorded per prompt length."""
+    products cost more than the products. Never as CUDA graphs: one graph would be recorded per
+    prompt length."""
     return torch.compile(prefill, fullgraph=True, dynamic=False, **compile_kwargs(settings, cuda_graphs=False))
 
 
 class CompiledGenerate:
-    """Drop-in for ``GPT.generate`` (same arguments, same GenerationOutputs)."""
+    """Drop-in for ChatTTS's ``GPT.generate`` (same arguments, same GenerationOutputs, streaming
+    included) that decodes on the static-cache path (quantkit.generate): batches, text
+    refinement, streaming and any length up to 8192 slots. What it does not cover goes to
+    ChatTTS's own loop, with a warning naming the reason (once per reason)."""
 
     def __init__(self, chat, settings: CompileSettings, compile_step: bool = True):
         self.chat = chat
-        self.gpt = chat.gpt
         self.fallback = chat.gpt.generate
         device = torch.device(chat.device_gpt)
         self.settings = settings = for_device(settings, device)
-        self.model = StaticCacheGPT(chat, settings.cache_capacity)
+        self.model = chattts.static_model(chat, settings.cache_capacity)
         # CUDA graphs replay a step recorded for one set of shapes: a step attending to the n
         # filled slots would record a graph for every n. With them, as in gpt-fast, a step
         # attends to every slot of the cache under a mask (one shape; on a GPU reading the
@@ -92,15 +67,16 @@ class CompiledGenerate:
         # Just-in-time compiled functions, and the ahead-of-time ones used first where they
         # exist (loaded from a variant, or compiled at first use on CPU).
         self.step = compile_decode_step(settings) if compile_step else decode_step
+        self.text_step = compile_decode_step(settings, decode_text_step) if compile_step else decode_text_step
         self.prefill = compile_prefill(settings) if compile_step else prefill
         self.precompiled: dict[Sampling, Callable] = {}
         self.precompiled_prefill: Callable | None = None
         # On CPU, compiled ahead of time at first use: the functions that `apply --compile-cache`
-        # and export save are then the ones that ran (as fast as through Dynamo: +3% and -1.4% in
-        # two in-process comparisons here). CUDA keeps just-in-time compilation: CUDA graphs are
-        # untested ahead of time here.
+        # and export save are then the ones that ran. CUDA keeps just-in-time compilation:
+        # CUDA graphs are untested ahead of time here.
         self.ahead = compile_step and self.model.slots.device.type == "cpu"
         self._interned: dict[Sampling, Sampling] = {}
+        self._warned: set[str] = set()
         # (decode steps, seconds) of the last call (None where it ran ChatTTS's loop): the steps
         # alone, without the prompt pass and ChatTTS's work around the loop, for the evaluator.
         self.last_steps: tuple[int, float] | None = None
@@ -109,11 +85,18 @@ class CompiledGenerate:
         # One Sampling object per value: the compiled step guards on model.sampling.
         self.model.sampling = self._interned.setdefault(s, s)
 
-    def _step_fn(self, s: Sampling):
+    def _step_fn(self, s: Sampling, text: bool = False):
         self._use_sampling(s)
+        if text:
+            return self.text_step
         if s not in self.precompiled and self.ahead:
             self.precompiled[s] = _or_just_in_time(lambda: self.precompile_step(s), self.step)
         return self.precompiled.get(s, self.step)
+
+    def _prefill_fn(self):
+        if self.precompiled_prefill is None and self.ahead:
+            self.precompiled_prefill = _or_just_in_time(self.precompile_prefill, self.prefill)
+        return self.precompiled_prefill or self.prefill
 
     def precompile_step(self, s: Sampling) -> "Precompiled":
         """The decode step for sampling ``s`` compiled ahead of time (raises where that fails)."""
@@ -123,47 +106,35 @@ class CompiledGenerate:
         """The prompt pass compiled ahead of time (raises where that fails)."""
         return Precompiled(_aot(compile_prefill, self.settings, self.example_prompt()), self.prefill)
 
-    def _prefill(self, emb: torch.Tensor) -> torch.Tensor:
-        """The prompt (1, L, H) through the cache -> last hidden state (1, H)."""
-        if not emb.is_inference():  # as ChatTTS's embeddings are: the saved prompt pass guards on it
-            with torch.inference_mode():
-                emb = emb.clone()
-        prompt = self.model.slots[:emb.shape[1]]
-        torch._dynamo.maybe_mark_dynamic(prompt, 0)  # one graph for every prompt length
-        torch._dynamo.maybe_mark_dynamic(emb, 1)
-        if self.precompiled_prefill is None and self.ahead:
-            self.precompiled_prefill = _or_just_in_time(self.precompile_prefill, self.prefill)
-        return (self.precompiled_prefill or self.prefill)(self.model, emb, prompt)
-
     def example_inputs(self, s: Sampling) -> tuple:
-        num_vq = len(self.model.emb_code)
-        device = self.model.slots.device
+        """Arguments for compiling the decode step ahead of time: the cache's current rows."""
+        model, rows = self.model, self.model.rows
+        num_vq, device = len(model.emb_code), model.slots.device
         self._use_sampling(s)
-        keys = self.model.slots[:2]
+        keys = model.slots[:2]
         torch._dynamo.mark_dynamic(keys, 0)
-        return (self.model, torch.zeros(1, num_vq, dtype=torch.long, device=device), keys,
-                torch.full((num_vq, s.past_window), -1, dtype=torch.long, device=device),
-                torch.ones(num_vq, 1, device=device), torch.tensor(False, device=device),
-                torch.ones(num_vq, self.chat.config.gpt.num_audio_tokens, device=device))
+        return (model, torch.zeros(rows, num_vq, dtype=torch.long, device=device), keys,
+                torch.ones(rows, 1, dtype=torch.long, device=device),
+                torch.zeros(rows, dtype=torch.long, device=device),
+                torch.full((rows * num_vq, s.past_window), -1, dtype=torch.long, device=device),
+                torch.ones(rows * num_vq, 1, device=device), torch.tensor(False, device=device),
+                torch.ones(rows * num_vq, chattts.num_audio_tokens(self.chat), device=device))
 
     def example_prompt(self) -> tuple:
         """Arguments for compiling the prompt pass ahead of time (any length from 2)."""
+        model, rows = self.model, self.model.rows
         with torch.inference_mode():
-            emb = torch.zeros(1, 2, self.model.llama.config.hidden_size, device=self.model.slots.device)
-        prompt = self.model.slots[:2]
-        torch._dynamo.mark_dynamic(emb, 1)
-        torch._dynamo.mark_dynamic(prompt, 0)
-        return self.model, emb, prompt
+            emb = torch.zeros(rows, 2, model.llama.config.hidden_size, device=model.slots.device)
+        prompt = model.slots[:2]
+        pad = torch.zeros(rows, dtype=torch.long, device=prompt.device)
+        positions = prefill_positions(pad, 2)
+        for t, dim in ((emb, 1), (prompt, 0), (positions, 1)):
+            torch._dynamo.mark_dynamic(t, dim)
+        return model, emb, prompt, positions, pad
 
     def default_sampling(self) -> Sampling:
         """What ChatTTS's default InferCodeParams give (the harness uses them)."""
-        from ChatTTS.model import gen_logits
-
-        p = self.chat.InferCodeParams()
-        num_code = self.chat.config.gpt.num_audio_tokens - 1
-        warpers, processors = gen_logits(num_code=num_code, top_P=p.top_P, top_K=p.top_K,
-                                         repetition_penalty=p.repetition_penalty)
-        return sampling_from((*processors, *warpers), num_code)
+        return chattts.default_sampling(self.chat)
 
     def __call__(self, emb, inputs_ids, temperature, eos_token, attention_mask=None, max_new_token=2048,
                  min_new_token=0, logits_processors=(), infer_text=False, return_attn=False,
@@ -171,11 +142,12 @@ class CompiledGenerate:
                  stream_batch=24, manual_seed=None, context=None):
         self.last_steps = None
         s = sampling_from(logits_processors, int(eos_token))
-        length = inputs_ids.shape[1]
-        if (infer_text or stream or return_attn or inputs_ids.shape[0] != 1 or s is None
-                or length + max_new_token > self.settings.cache_capacity
-                or (attention_mask is not None and not bool(attention_mask.all()))):
-            log.info("compiled decoding does not cover this call; using ChatTTS's loop")
+        pad = left_padding(attention_mask, inputs_ids.shape[:2], inputs_ids.device)
+        reason = self._not_covered(s, infer_text, return_attn, pad, inputs_ids, max_new_token, stream_batch)
+        if reason is not None:
+            if reason not in self._warned:
+                self._warned.add(reason)
+                log.warning("compiled decoding does not cover %s: this call runs ChatTTS's own loop", reason)
             kwargs = dict(attention_mask=attention_mask, max_new_token=max_new_token,
                           min_new_token=min_new_token, logits_processors=logits_processors,
                           infer_text=infer_text, return_attn=return_attn, return_hidden=return_hidden,
@@ -185,83 +157,82 @@ class CompiledGenerate:
                 kwargs["context"] = context
             yield from self.fallback(emb, inputs_ids, temperature, eos_token, **kwargs)
             return
-        yield self._generate(emb, inputs_ids, temperature, s, max_new_token, min_new_token,
-                             return_hidden, manual_seed, context)
+        rows = inputs_ids.shape[0]
+        if not emb.is_inference():  # as ChatTTS's embeddings are: the saved prompt pass guards on it
+            with torch.inference_mode():
+                emb = emb.clone()
+        req = Request(emb=emb, pad=pad.to(emb.device), max_new=max_new_token, min_new=min_new_token,
+                      temperature=temperature.to(emb.device).float().view(1, -1).expand(rows, -1).reshape(-1, 1),
+                      text=infer_text, stream_every=stream_batch if stream else None,
+                      return_hidden=return_hidden, redo_empty=ensure_non_empty and manual_seed is None,
+                      stop=context.get if context is not None else (lambda: False))
+        dec = self._decoder(s, infer_text, manual_seed)
+        with torch.no_grad():
+            for progress in generate(dec, req, s):
+                if progress.final and dec.steps:
+                    self.last_steps = (dec.steps, dec.step_seconds)
+                yield chattts.generation_outputs(progress, inputs_ids.dtype, infer_text)
 
-    @torch.no_grad()
-    def _generate(self, emb, inputs_ids, temperature, s: Sampling, max_new_token, min_new_token,
-                  return_hidden, manual_seed, context):
-        from ChatTTS.model.gpt import GPT
+    def _not_covered(self, s, infer_text, return_attn, pad, inputs_ids, max_new_token, stream_batch) -> str | None:
+        """Why this call cannot run on the static-cache path, or None."""
+        if return_attn:
+            return "return_attn (attention weights)"
+        if s is None:
+            return "a logits processor it does not know"
+        if infer_text and s.penalty is not None:
+            return "text refinement with a repetition penalty"
+        if pad is None:
+            return "an attention mask that is not left padding"
+        if inputs_ids.shape[1] + max_new_token > MAX_CAPACITY:
+            return f"prompt + max_new_token beyond {MAX_CAPACITY} tokens"
+        if stream_batch < 1:
+            return "stream_batch below 1"
+        return None
 
-        device = emb.device
-        num_vq = inputs_ids.shape[2]
-        length = inputs_ids.shape[1]
-        step = self._step_fn(s)
-        temp = temperature.to(device).float().view(-1, 1)  # (num_vq, 1): batch 1
-        window = torch.full((num_vq, s.past_window), -1, dtype=torch.long, device=device)
-        mask_eos = (torch.tensor(False, device=device), torch.tensor(True, device=device))
-        noise = ExpNoise(self.gpt.generator, manual_seed)
-
-        hidden = self._prefill(emb)
-        probs = process_logits(code_logits(self.model, hidden), window, temp, mask_eos[min_new_token > 0], s)
-        nxt = draw(probs, noise(probs))
-        eos = nxt.eq(s.eos).any()
-        tokens, hiddens, n_out, advanced = [], [], 0, 0
-        start = time.perf_counter()
-        for i in range(max_new_token):
-            tokens.append(nxt)
-            if return_hidden:
-                hiddens.append(hidden)
-            if bool(eos) or (context is not None and context.get()):
-                break
-            n_out += 1
-            if i + 1 == max_new_token:
-                break
-            hidden, nxt, window, eos = self._advance(step, nxt, length + i, window, temp,
-                                                     mask_eos[i + 1 < min_new_token], noise(probs))
-            advanced += 1
-        if advanced:
-            if device.type == "cuda":  # the last step's EOS flag may be unread
-                torch.cuda.synchronize(device)
-            self.last_steps = (advanced, time.perf_counter() - start)
-        ids = torch.cat([inputs_ids[0], torch.cat(tokens).to(inputs_ids.dtype)])[None]
-        hid = [torch.cat(hiddens)[:n_out]] if return_hidden else []
-        return GPT.GenerationOutputs(ids=[ids[0].narrow(0, length, n_out)], attentions=[], hiddens=hid)
-
-    def _advance(self, step, ids: torch.Tensor, pos: int, window, temp, mask_eos, noise):
-        """Run the decode step for tokens ``ids`` (1, num_vq) at position ``pos``."""
-        slots = self.model.slots
-        if self.model.full_keys:
-            # pos as its own tensor, not a view of keys: the layout run and tested on a GPU (a
-            # view, as the CPU layout passes, would spare this copy; untested with CUDA graphs)
-            out = step(self.model, ids, slots, window, temp, mask_eos, noise, slots[pos:pos + 1].clone())
-        else:
-            keys = slots[:pos + 1]
-            torch._dynamo.maybe_mark_dynamic(keys, 0)  # one graph for every length
-            out = step(self.model, ids, keys, window, temp, mask_eos, noise)
-        if self.graphs:  # CUDA graphs reuse their output buffers
-            out = tuple(t.clone() for t in out)
-        return out
+    def _decoder(self, s: Sampling, text: bool, manual_seed: int | None) -> Decoder:
+        step = self._step_fn(s, text)
+        return Decoder(model=self.model, prefill=self._prefill_fn(), step=step,
+                       noise=ExpNoise(chattts.generator(self.chat), manual_seed, self.model.slots.device),
+                       graphs=self.graphs)
 
     @torch.no_grad()
     def forced_hidden(self, emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
         """Hidden states this path computes over a given code sequence (teacher forcing): the
         prompt embeddings ``emb`` (1, L, H), then ``tokens`` (n, num_vq) one step at a time
         through the (compiled) step -> (n, H) fp32, row i being what predicts token i. None
-        when the sequence does not fit the cache."""
+        when the sequence does not fit the largest cache."""
         length, n = emb.shape[1], tokens.shape[0]
-        if length + n > self.settings.cache_capacity:
+        if length + n > MAX_CAPACITY:
             return None
         s = self.default_sampling()
-        step = self._step_fn(s)
+        dec = self._decoder(s, False, 0)
+        if not emb.is_inference():
+            with torch.inference_mode():
+                emb = emb.clone()
         num_vq, device = tokens.shape[1], emb.device
+        self.model.reserve(1, length + n)
+        pad = torch.zeros(1, dtype=torch.long, device=device)
         window = torch.full((num_vq, s.past_window), -1, dtype=torch.long, device=device)
         temp, no_mask = torch.ones(num_vq, 1, device=device), torch.tensor(False, device=device)
-        noise = torch.ones(num_vq, self.chat.config.gpt.num_audio_tokens, device=device)
-        hiddens = [self._prefill(emb)]
+        noise = torch.ones(num_vq, chattts.num_audio_tokens(self.chat), device=device)
+        prompt, positions = self.model.slots[:length], prefill_positions(pad, length)
+        for t, dim in ((prompt, 0), (emb, 1), (positions, 1)):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+        hiddens = [dec.prefill(self.model, emb, prompt, positions, pad)]
         for i in range(n - 1):
-            hiddens.append(self._advance(step, tokens[i:i + 1], length + i, window, temp, no_mask, noise)[0])
+            hiddens.append(advance(dec, tokens[i:i + 1], length + i, pad, window, temp, no_mask, noise)[0])
         return torch.cat(hiddens).float()
+
+
+def left_padding(mask: torch.Tensor | None, shape: tuple[int, int], device) -> torch.Tensor | None:
+    """Each row's count of leading zeros in an attention mask (B, L) that is left padding, else
+    None; zeros where there is no mask."""
+    if mask is None:
+        return torch.zeros(shape[0], dtype=torch.long, device=device)
+    valid = mask.bool()
+    pad = (~valid).sum(1)
+    expected = torch.arange(valid.shape[1], device=valid.device)[None] >= pad[:, None]
+    return pad.long() if bool(torch.equal(valid, expected)) else None
 
 
 def _or_just_in_time(precompile: Callable[[], "Precompiled"], fallback: Callable) -> Callable:
@@ -326,7 +297,7 @@ def enable_compiled_decoding(chat, settings: CompileSettings, compile_step: bool
     if compile_step:
         skip_vec_isa_probe()
     gen = CompiledGenerate(chat, settings, compile_step=compile_step)
-    chat.gpt.generate = gen
+    chattts.install_generate(chat, gen)
     return gen
 
 

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from quantkit.machine import environment, peak_memory, probe_buffer, read_bandwi
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
+SCHEMA = 2  # 2: call_shapes, complete, source and config_key per recipe (docs/methodology.md)
 REFERENCE = "fp32"
 
 
@@ -50,6 +50,9 @@ class EvalConfig:
     max_error_increase: float = 0.01
     min_token_agreement: float = 0.9
     resume: bool = False
+    call_shapes: bool = True  # also time Chat.infer's call shapes (quantkit.shapes)
+    long_steps: int = 1100
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8, 16])
     command: str = ""
 
 
@@ -177,6 +180,11 @@ def worker(spec_path: str) -> int:
     t2 = time.perf_counter()
     result = {"name": recipe.name, "load_s": t1 - t0, "apply_s": t2 - t1}
     result.update(_measure(chat, cfg, next(iter(texts.values()))))
+    if cfg.call_shapes:
+        from quantkit.shapes import ShapeSettings, measure_call_shapes
+
+        settings = ShapeSettings(long_steps=cfg.long_steps, batch_sizes=tuple(cfg.batch_sizes))
+        result["call_shapes"] = measure_call_shapes(chat, list(texts.values()), settings, cfg.seed)
     # fp32's token sequences, log-probabilities and log-mels: tensors only
     reference = torch.load(spec["reference"], weights_only=True) if spec["reference"] else None
     rows, ref_out, fid = _utterances(chat, cfg, texts, Path(spec["audio"]), name, reference)
@@ -404,7 +412,8 @@ def config_key(source: str, cfg: EvalConfig, texts: dict[str, str]) -> str:
     from quantkit.recipes import get_recipe
 
     what = {"recipe": get_recipe(source).to_dict(), "model": cfg.model, "device": cfg.device,
-            "texts": texts, "runs": cfg.runs, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+            "texts": texts, "runs": cfg.runs, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+            "call_shapes": [cfg.call_shapes, cfg.long_steps, cfg.batch_sizes]}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 

@@ -23,8 +23,8 @@ def load_results(out: Path) -> dict[str, Any]:
         raise QuantkitError(f"{path} does not exist (run `python -m quantkit eval --out {out}` first)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise QuantkitError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("schema") != 1 or not isinstance(doc.get("recipes"), list):
-        raise QuantkitError(f"{path} is not a quantkit results file of schema 1")
+    if not isinstance(doc, dict) or doc.get("schema") not in (1, 2) or not isinstance(doc.get("recipes"), list):
+        raise QuantkitError(f"{path} is not a quantkit results file (schema 1 or 2)")
     for r in doc["recipes"]:
         if not isinstance(r, dict) or not isinstance(r.get("name"), str) or r.get("status") not in ("ok", "failed"):
             raise QuantkitError(f"{path}: malformed recipe entry {str(r)[:80]}")
@@ -161,6 +161,7 @@ def render_markdown(doc: dict) -> str:
                    [[r["name"], _f(f["token_agreement"], ".4f"),
                      " / ".join(f"{x:.3f}" for x in f["per_codebook"]), _f(f["kl"], ".2e"),
                      _f(f["mel_distance"], ".2e")] for r in ok if (f := r.get("fidelity"))]), ""]
+    out += _call_shapes_section([r for r in ok if r.get("call_shapes")], stock)
     failed = [r for r in recipes if r["status"] != "ok"]
     if failed:
         out += ["## Failed recipes", ""] + [f"- **{r['name']}**: {r['error']}" for r in failed] + [""]
@@ -177,6 +178,63 @@ def render_markdown(doc: dict) -> str:
     return "\n".join(out)
 
 
+def _call_shapes_section(rows: list[dict], stock: dict | None) -> list[str]:
+    """The calls users make, through Chat.infer: long utterance, batches, refinement, streaming."""
+    if not rows:
+        return []
+    base = (stock or {}).get("call_shapes")
+    vs = lambda r, get: (_f(get(base) / get(r["call_shapes"]), ".2f") + "x") if base else "—"  # noqa: E731
+    sizes = [b["batch"] for b in rows[0]["call_shapes"]["batches"]]
+    first = rows[0]["call_shapes"]
+    out = ["## What users get: Chat.infer", "",
+           f"Through ChatTTS's own `Chat.infer`, fixed lengths, each timed warm: one utterance of "
+           f"{first['long']['steps']} steps; batches of {', '.join(map(str, sizes))} texts of "
+           f"{first['batches'][0]['steps']} steps (throughput in audio seconds per wall second); "
+           f"{first['refine']['texts']} texts with text refinement on ({first['refine']['refine_steps']} "
+           f"refinement steps, then {first['refine']['steps']} code steps); `stream=True` with "
+           f"`stream_batch` {first['stream']['stream_batch']} and no hand-over skipped, "
+           f"{first['stream']['steps']} steps: time to the first chunk against the whole call "
+           "unstreamed. Speed-ups are against stock's same call.", "",
+           _table(["recipe", "long s", "long vs stock", *[f"batch {b} audio s/s" for b in sizes],
+                   "batch max / batch 1", "refine s", "refine vs stock", "first chunk s", "whole call s",
+                   "first chunk / whole"],
+                  [[r["name"], _f(c["long"]["s"]), vs(r, lambda x: x["long"]["s"]),
+                    *[_f(b["audio_s_per_s"]) for b in c["batches"]],
+                    _f(c["batches"][-1]["audio_s_per_s"] / c["batches"][0]["audio_s_per_s"], ".2f") + "x",
+                    _f(c["refine"]["s"]), vs(r, lambda x: x["refine"]["s"]),
+                    _f(c["stream"]["first_chunk_s"]), _f(c["stream"]["whole_s"]), _f(c["stream"]["ratio"], ".2f")]
+                   for r in rows if (c := r["call_shapes"])]), "",
+           "![throughput versus batch size](throughput.png)", ""]
+    return out
+
+
+def plot_throughput(doc: dict, path: Path) -> None:
+    """Audio seconds per wall second against batch size, per recipe (where measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc["recipes"] if r["status"] == "ok" and r.get("call_shapes")]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for r in rows:
+        batches = r["call_shapes"]["batches"]
+        ax.plot([b["batch"] for b in batches], [b["audio_s_per_s"] for b in batches], marker="o", label=r["name"])
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="real time")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("texts per Chat.infer call (batch)")
+    ax.set_ylabel("audio seconds per wall second")
+    ax.set_title(f"{doc['model']} on {doc['device']}: throughput", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
 def write_report(out: Path) -> None:
     out = Path(out)
     doc = load_results(out)
@@ -186,3 +244,4 @@ def write_report(out: Path) -> None:
         raise QuantkitError(f"{out / 'results.json'} is malformed ({type(exc).__name__}: {exc})") from None
     write_text(out / "report.md", text)
     plot_pareto(doc, out / "pareto.png")
+    plot_throughput(doc, out / "throughput.png")

@@ -79,16 +79,19 @@ def draw(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 class ExpNoise:
-    """The Exp(1) noise ``torch.multinomial`` draws for one sample from probabilities of this
+    """The Exp(1) noise ``torch.multinomial`` draws for one sample from probabilities of a given
     shape: from the global generator each step, or, seeded, from ChatTTS's generator re-seeded
     each step as its loop does, which draws the same noise every step: drawn once."""
 
-    def __init__(self, generator: torch.Generator, seed: int | None):
-        self.generator, self.seed, self.fixed = generator, seed, None
+    def __init__(self, generator: torch.Generator, seed: int | None, device: torch.device | str = "cpu"):
+        self.generator, self.seed, self.device = generator, seed, device
+        self.fixed: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def __call__(self, probs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, shape: tuple[int, ...]) -> torch.Tensor:
+        shape = tuple(shape)
         if self.seed is None:
-            return torch.empty_like(probs).exponential_(1)
-        if self.fixed is None:
-            self.fixed = torch.empty_like(probs).exponential_(1, generator=self.generator.manual_seed(self.seed))
-        return self.fixed
+            return torch.empty(shape, device=self.device).exponential_(1)
+        if shape not in self.fixed:
+            self.fixed[shape] = torch.empty(shape, device=self.device).exponential_(
+                1, generator=self.generator.manual_seed(self.seed))
+        return self.fixed[shape]

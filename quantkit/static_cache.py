@@ -12,36 +12,61 @@ from quantkit.linears import GemvLinear, PlainInt8Linear, SharedInput, decode_tw
 from quantkit.precision import float_dtype
 
 
+MAX_CAPACITY = 8192  # slots a cache may grow to (prompt and generated tokens)
+
+
 class StaticCacheGPT(nn.Module):
     """gpt-fast style forward over ChatTTS's Llama modules with a fixed-capacity KV cache.
 
     It calls the model's own (possibly cast or quantized) Linear, norm and rotary modules, so
-    every recipe's weights are what runs; only the cache and masking are ours.
+    every recipe's weights are what runs; only the cache and masking are ours. The cache holds
+    ``rows`` sequences of ``capacity`` slots; ``reserve`` re-allocates it for another batch bucket
+    or a longer call (doubling the capacity), each shape compiled once.
     """
 
-    def __init__(self, chat, capacity: int):
+    def __init__(self, llama: nn.Module, emb_code: nn.ModuleList, head_code: nn.ModuleList,
+                 emb_text: nn.Module, head_text: nn.Module, device: torch.device, capacity: int):
         super().__init__()
-        self.llama = chat.gpt.gpt
-        cfg = self.llama.config
-        self.capacity = capacity
-        heads = cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        self.dtype = float_dtype(self.llama)
-        device = torch.device(chat.device_gpt)
-        shape, count = (1, kv_heads, capacity, head_dim), 2 * cfg.num_hidden_layers
-        if device.type == "cpu":  # every step reads the filled part: huge pages, as the weights
+        self.llama = llama
+        cfg = llama.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.dtype = float_dtype(llama)
+        self.device = torch.device(device)
+        self.rows, self.capacity = 0, 0
+        self.emb_code, self.emb_text = emb_code, emb_text
+        self.heads_code = SharedInput(list(head_code), self.device)
+        self.head_text = FoldedHead(head_text)
+        self.layers = nn.ModuleList(DecoderLayer(layer, self.heads, self.kv_heads, self.head_dim, self.device)
+                                    for layer in llama.layers)
+        self.full_keys = False
+        self.reserve(1, capacity)
+        if self.device.type == "cpu":
+            self._rehouse_weights()
+
+    def reserve(self, rows: int, length: int) -> None:
+        """A cache of ``rows`` rows and at least ``length`` slots: the same one if it fits (its
+        contents kept), else a new one of twice the capacity until it fits (the filled slots
+        copied where the rows stay the same)."""
+        capacity = max(self.capacity, 1)
+        while capacity < length:
+            capacity *= 2
+        if rows == self.rows and capacity == self.capacity:
+            return
+        if capacity > MAX_CAPACITY:
+            raise ValueError(f"{length} slots exceed the largest KV cache ({MAX_CAPACITY})")
+        shape = (rows, self.kv_heads, capacity, self.head_dim)
+        count = 2 * len(self.layers)
+        if self.device.type == "cpu":  # every step reads the filled part: huge pages, as the weights
             caches = [c.zero_() for c in hugepages.empty_each([(shape, self.dtype)] * count)]
         else:
-            caches = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(count)]
-        self.register_buffer("slots", torch.arange(capacity, device=device), persistent=False)
-        self.emb_code = chat.embed.emb_code
-        self.heads_code = SharedInput(list(chat.embed.head_code), device)
-        self.layers = nn.ModuleList(DecoderLayer(layer, caches[2 * i], caches[2 * i + 1], heads, kv_heads, head_dim,
-                                                 device) for i, layer in enumerate(self.llama.layers))
-        self.full_keys = False
-        if device.type == "cpu":
-            self._rehouse_weights()
+            caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(count)]
+        keep = self.capacity if rows == self.rows else 0
+        for i, layer in enumerate(self.layers):
+            layer.set_cache(caches[2 * i], caches[2 * i + 1], keep)
+        self.register_buffer("slots", torch.arange(capacity, device=self.device), persistent=False)
+        self.rows, self.capacity = rows, capacity
 
     def set_full_keys(self, full: bool) -> None:
         """Whether a decode step attends to every cache slot under a mask (CUDA graphs: one
@@ -68,19 +93,37 @@ class StaticCacheGPT(nn.Module):
             else:
                 m.weight.data = t
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """x: (1, T, H) embeddings at positions pos (T,), attending to the cache slots ``keys``
-        (a prefix ``slots[:n]``, n >= pos.max() + 1) -> final hidden states (1, T, H), fp32.
+    def forward(self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+                pad: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, H) embeddings into cache ``slots`` (T,) at rotary ``positions`` (B, T),
+        attending to the cache slots ``keys`` (a prefix ``slots[:n]``, n > slots.max(); or every
+        slot, masked), of which each row's first ``pad`` (B,) are its left padding -> final hidden
+        states (B, T, H), fp32.
 
         Attention reads only those n slots, not the whole capacity: at capacity 1024 the full
         cache is 126 MB of fp32 per step, as much as the int8 weights. The compiled step takes n
         as a symbolic size (one graph for every length), the rest of its shapes are static."""
         x = x.to(self.dtype)
-        cos, sin = self.llama.rotary_emb(x, pos[None])
-        pos = pos.clone()  # the decode step's pos is a view of keys: a layer's inputs may not alias
+        cos, sin = self.llama.rotary_emb(x, positions)
+        slots = slots.clone()  # the decode step's slot is a view of keys: a layer's inputs may not alias
         for layer in self.layers:
-            x = layer(x, cos, sin, pos, keys)
+            x = layer(x, cos, sin, slots, keys, pad)
         return self.llama.norm(x).float()
+
+
+class FoldedHead(nn.Module):
+    """ChatTTS's weight-norm text head with its weight computed once (the value its
+    ``P.cached()`` forward computes each call), not on every step."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head, self.weight = head, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            with torch.no_grad():
+                self.weight = self.head.weight.detach().clone()
+        return F.linear(x, self.weight, self.head.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -93,47 +136,59 @@ class DecoderLayer(nn.Module):
     every layer, instead of 20 copies. Dynamo reuses it only where every input matches in shape,
     strides and storage offset and no two inputs share a storage (hugepages.empty_each)."""
 
-    def __init__(self, layer: nn.Module, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int,
-                 kv_heads: int, head_dim: int, device: torch.device):
+    def __init__(self, layer: nn.Module, heads: int, kv_heads: int, head_dim: int, device: torch.device):
         super().__init__()
         self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
         self.act_fn = layer.mlp.act_fn
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.full_keys = False  # StaticCacheGPT.set_full_keys
-        self.register_buffer("k_cache", k_cache, persistent=False)
-        self.register_buffer("v_cache", v_cache, persistent=False)
+        self.register_buffer("k_cache", None, persistent=False)  # set_cache
+        self.register_buffer("v_cache", None, persistent=False)
         attn, mlp = layer.self_attn, layer.mlp
         self.proj = nn.ModuleDict({"qkv": SharedInput([attn.q_proj, attn.k_proj, attn.v_proj], device),
                                    "o": decode_twin(attn.o_proj, device),
                                    "gate_up": SharedInput([mlp.gate_proj, mlp.up_proj], device),
                                    "down": decode_twin(mlp.down_proj, device)})
 
+    def set_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, keep: int) -> None:
+        """New cache tensors, holding the first ``keep`` slots of the old ones."""
+        if keep:
+            k_cache[:, :, :keep].copy_(self.k_cache[:, :, :keep])
+            v_cache[:, :, :keep].copy_(self.v_cache[:, :, :keep])
+        self.register_buffer("k_cache", k_cache, persistent=False)
+        self.register_buffer("v_cache", v_cache, persistent=False)
+
     @torch.compiler.nested_compile_region
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
-                keys: torch.Tensor) -> torch.Tensor:
-        t, n, p = x.shape[1], keys.shape[0], self.proj
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                keys: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        b, t, p = x.shape[0], x.shape[1], self.proj
         h = self.input_layernorm(x)
         q, k, v = p.qkv(h)
-        q = q.view(1, t, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        self.k_cache.index_copy_(2, pos, k.to(self.k_cache.dtype))
-        self.v_cache.index_copy_(2, pos, v.to(self.v_cache.dtype))
+        self.k_cache.index_copy_(2, slots, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, slots, v.to(self.v_cache.dtype))
+        n = keys.shape[0]
         k, v = self.k_cache[:, :, :n], self.v_cache[:, :, :n]
+        valid = keys[None, :] >= pad[:, None]  # (B, n): a row's padding is never attended
         masked = t > 1 or self.full_keys  # one new token attends to every filled slot
         if not masked and self.kv_heads == self.heads and x.device.type == "cpu":
-            o = attend_one(q, k, v)
+            o = attend_one(q, k, v, valid)
         else:
-            mask = (keys[None, :] <= pos[:, None])[None, None] if masked else None  # (1, 1, T, n)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
-        x = x + p.o(o.transpose(1, 2).reshape(1, t, -1))
+            seen = keys[None, :] <= slots[:, None]  # (T, n) causal
+            # a padding query sees itself at least (it has no other key; its output is unused)
+            mask = (valid[:, None, :] & seen[None]) | (keys[None, :] == slots[:, None])[None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+                                               enable_gqa=self.kv_heads != self.heads)
+        x = x + p.o(o.transpose(1, 2).reshape(b, t, -1))
         h = self.post_attention_layernorm(x)
         gate, up = p.gate_up(h)
         return x + p.down(self.act_fn(gate) * up)  # LlamaMLP
 
 
-def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Attention of one query per head (1, H, 1, D) over n cached keys and values (1, H, n, D),
     in fp32, as multiply-and-sums. Why not SDPA: on CPU its flash kernel runs two MKL GEMVs and
     allocates its buffers per head, about 60 us a layer at 50 keys, more than reading the keys;
@@ -141,6 +196,7 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     int8-dynamic-compiled step, in one process against SDPA). The softmax's division comes
     after the sum over values: written as ``softmax(s) @ v``, Inductor divides inside that sum,
     once per key and value element (5% of a 9 ms int8 step, measured in one process)."""
-    scores = (q.float() * k.float()).sum(-1, keepdim=True) * q.shape[-1] ** -0.5  # (1, H, n, 1)
+    scores = (q.float() * k.float()).sum(-1, keepdim=True) * q.shape[-1] ** -0.5  # (B, H, n, 1)
+    scores = scores.masked_fill(~valid[:, None, :, None], -float("inf"))  # valid: (B, n)
     e = torch.exp(scores - scores.amax(2, keepdim=True))
     return ((e * v.float()).sum(2, keepdim=True) / e.sum(2, keepdim=True)).to(q.dtype)

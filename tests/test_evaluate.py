@@ -24,7 +24,8 @@ def eval_dir(tmp_path_factory, tiny_dir):
     mine.mkdir(parents=True)
     (mine / "a.wav").write_bytes(b"RIFF")
     proc = run_cli("eval", "--model", "synthetic-tiny", "--recipes", f"bf16,{BROKEN}", "--limit", "2",
-                   "--max-new-tokens", "16", "--runs", "2", "--out", str(out))
+                   "--max-new-tokens", "16", "--runs", "2", "--long-steps", "40", "--batch-sizes", "1,2",
+                   "--out", str(out))
     # one recipe failed: exit 1, results still written, the last line names it and why
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -34,7 +35,7 @@ def eval_dir(tmp_path_factory, tiny_dir):
 
 def test_eval_writes_schema_valid_results(eval_dir):
     doc = json.loads((eval_dir / "results.json").read_text())
-    assert doc["schema"] == 1 and doc["synthetic_weights"] is True and doc["model"] == "synthetic-tiny"
+    assert doc["schema"] == 2 and doc["synthetic_weights"] is True and doc["model"] == "synthetic-tiny"
     assert doc["complete"] is True
     assert {"torch", "torchao", "chattts", "transformers", "cpu", "gpu", "threads"} <= set(doc["environment"])
     assert doc["command"].startswith("python -m quantkit eval")
@@ -55,6 +56,15 @@ def test_eval_writes_schema_valid_results(eval_dir):
     assert fp32["fidelity"]["token_agreement"] == 1.0 and fp32["fidelity"]["kl"] == 0.0
     assert fp32["error_rate"]["delta_vs_fp32"] == 0.0
     assert bf16["fidelity"]["kl"] > 0
+    for r in (fp32, bf16):  # what users get, through Chat.infer
+        shapes = r["call_shapes"]
+        assert shapes["long"]["steps"] == 40 and shapes["long"]["s"] > 0
+        assert [b["batch"] for b in shapes["batches"]] == [1, 2]
+        assert all(b["audio_s_per_s"] == pytest.approx(b["batch"] * b["steps"] * 512 / 24000 / b["s"])
+                   for b in shapes["batches"])
+        assert shapes["refine"]["texts"] == 4 and shapes["refine"]["s"] > 0
+        assert 0 < shapes["stream"]["first_chunk_s"] and shapes["stream"]["ratio"] == pytest.approx(
+            shapes["stream"]["first_chunk_s"] / shapes["stream"]["whole_s"])
     assert doc["recommendation"]["name"] in ("fp32", "bf16")
     assert "fidelity" in doc["recommendation"]["reason"]
 
@@ -71,8 +81,10 @@ def test_eval_outputs_report_plot_csv_and_audio(eval_dir):
     report = (eval_dir / "report.md").read_text()
     assert "Synthetic weights" in report and "## Recommendation" in report
     assert "python -m quantkit eval" in report and "fp16-fbgemm" in report
-    png = (eval_dir / "pareto.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    for plot in ("pareto.png", "throughput.png"):
+        png = (eval_dir / plot).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert "## What users get: Chat.infer" in report and "batch 2 audio s/s" in report
     rows = (eval_dir / "utterances.csv").read_text().splitlines()
     assert rows[0].startswith("recipe,id,steps,wav,text,transcript,error") and len(rows) == 1 + 2 * 2
     assert len(list((eval_dir / "audio" / "bf16").glob("*.wav"))) == 2

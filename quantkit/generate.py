@@ -1,0 +1,206 @@
+"""Decoding over a static KV cache in call order, as gpt-fast's generate.py: ``prefill``,
+``decode_step`` (and ``decode_text_step``, text refinement's), and the ``generate`` loop.
+
+Plain tensors and modules only: the model is a quantkit.static_cache.StaticCacheGPT, the request
+a ``Request``; quantkit.compile adapts ChatTTS's ``GPT.generate`` call to it. A batch decodes
+its rows together (left-padded prompts, as ChatTTS pads them; each row stops at its own EOS).
+The step functions are free functions of the model, so that they can be compiled, also ahead
+of time; the sampling constants they bake in come from ``model.sampling``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from quantkit.sampling import Sampling, draw, process_logits
+
+
+def prefill(model, emb: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+            pad: torch.Tensor) -> torch.Tensor:
+    """Prompt embeddings (B, L, H) into cache ``slots`` (L,), at rotary ``positions`` (B, L), rows
+    left-padded by ``pad`` (B,) -> the last hidden state of each row (B, H)."""
+    return model(emb, slots, positions, slots, pad)[:, -1]
+
+
+def decode_step(model, ids: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                pad: torch.Tensor, window: torch.Tensor, temperature: torch.Tensor,
+                mask_eos: torch.Tensor, noise: torch.Tensor, slot: torch.Tensor | None = None):
+    """One audio-code step for every row: the last tokens ``ids`` (B, num_vq), fed into cache
+    slot ``slot`` (default ``keys[-1:]``) at rotary ``positions`` (B, 1), attending to the slots
+    ``keys`` -> (hidden (B, H), next tokens (B, num_vq), the penalty window with ``ids``
+    appended, whether each row's next tokens hold EOS (B,))."""
+    rows = ids.shape[0]
+    window = torch.cat([window[:, 1:], ids.reshape(-1, 1)], 1)
+    emb = torch.stack([emb(ids[:, i]) for i, emb in enumerate(model.emb_code)], 2).sum(2)
+    hidden = model(emb[:, None].float(), keys[-1:] if slot is None else slot, positions, keys, pad)[:, -1]
+    probs = process_logits(code_logits(model, hidden), window, temperature, mask_eos, model.sampling)
+    nxt = draw(probs, noise).view(rows, -1)
+    return hidden, nxt, window, nxt.eq(model.sampling.eos).any(1)
+
+
+def decode_text_step(model, ids: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                     pad: torch.Tensor, window: torch.Tensor, temperature: torch.Tensor,
+                     mask_eos: torch.Tensor, noise: torch.Tensor, slot: torch.Tensor | None = None):
+    """decode_step for text refinement: text tokens ``ids`` (B, 1) through the text embedding and
+    the text head."""
+    rows = ids.shape[0]
+    window = torch.cat([window[:, 1:], ids.reshape(-1, 1)], 1)
+    emb = model.emb_text(ids[:, 0])
+    hidden = model(emb[:, None].float(), keys[-1:] if slot is None else slot, positions, keys, pad)[:, -1]
+    probs = process_logits(text_logits(model, hidden), window, temperature, mask_eos, model.sampling)
+    nxt = draw(probs, noise).view(rows, 1)
+    return hidden, nxt, window, nxt.eq(model.sampling.eos).any(1)
+
+
+def code_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Hidden (B, H) -> the code heads' logits (B * num_vq, vocab), fp32, rows in ChatTTS's order
+    (row b * num_vq + q is row b's codebook q)."""
+    return torch.stack(model.heads_code(hidden), 1).float().flatten(0, 1)
+
+
+def text_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Hidden (B, H) -> the text head's logits (B, vocab), fp32."""
+    return model.head_text(hidden).float()
+
+
+@dataclass
+class Request:
+    """One generate call, as tensors and numbers."""
+    emb: torch.Tensor  # (B, L, H) prompt embeddings
+    pad: torch.Tensor  # (B,) slots of left padding before each row's prompt
+    temperature: torch.Tensor  # (B * width, 1)
+    max_new: int
+    min_new: int = 0
+    text: bool = False  # text refinement: one token a row, from the text head
+    stream_every: int | None = None  # hand over the progress every this many steps
+    return_hidden: bool = False
+    redo_empty: bool = False  # ChatTTS's ensure_non_empty, unseeded: redo a call whose first token ends a row
+    stop: Callable[[], bool] = field(default=lambda: False)
+
+
+@dataclass
+class Progress:
+    tokens: torch.Tensor  # (B, steps, width) tokens generated so far
+    hiddens: torch.Tensor | None  # (B, steps, H), where asked for
+    ends: torch.Tensor  # (B,) tokens before each row's EOS (ChatTTS's end_idx)
+    final: bool
+
+
+@dataclass
+class Decoder:
+    """What ``generate`` calls: the model and the (compiled or eager) functions, and the noise
+    source (``noise(shape)`` -> Exp(1) noise, as torch.multinomial would draw it)."""
+    model: torch.nn.Module
+    prefill: Callable
+    step: Callable
+    noise: Callable[[tuple[int, ...]], torch.Tensor]
+    graphs: bool = False  # CUDA graphs: outputs are reused buffers, and every slot is attended
+    step_seconds: float = 0.0  # the decode steps alone (no prompt pass), of the last call
+    steps: int = 0
+
+
+def bucket(rows: int) -> int:
+    """Rows a batch runs as: a power of two, so that few batch sizes are compiled."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def generate(dec: Decoder, req: Request, s: Sampling) -> Iterator[Progress]:
+    """Decode ``req`` with sampling ``s``: yields the progress every ``req.stream_every`` steps
+    in which a row was still going (as ChatTTS's loop hands over its stream) and once at the
+    end."""
+    while True:
+        redo = yield from _generate(dec, req, s)
+        if not redo:
+            return
+
+
+def _generate(dec: Decoder, req: Request, s: Sampling) -> Iterator[Progress]:
+    model, real = dec.model, req.emb.shape[0]
+    width = 1 if req.text else len(model.emb_code)
+    rows, length = bucket(real), req.emb.shape[1]
+    device = req.emb.device
+    model.reserve(rows, length + 1)
+    with torch.inference_mode():  # as ChatTTS's embeddings are: the compiled prompt pass guards on it
+        emb = _rows(req.emb, rows)
+    pad = _rows(req.pad, rows)
+    temp = _rows(req.temperature.view(real, width), rows).view(-1, 1)
+    window = torch.full((rows * width, s.past_window), -1, dtype=torch.long, device=device)
+    mask_eos = (torch.tensor(False, device=device), torch.tensor(True, device=device))
+    prompt, positions = model.slots[:length], prefill_positions(pad, length)
+    for t, dim in ((prompt, 0), (emb, 1), (positions, 1)):  # one graph for every prompt length
+        torch._dynamo.maybe_mark_dynamic(t, dim)
+    hidden = dec.prefill(model, emb, prompt, positions, pad)
+    logits = text_logits(model, hidden) if req.text else code_logits(model, hidden)
+    probs = process_logits(logits, window, temp, mask_eos[req.min_new > 0], s)
+    nxt = draw(probs, _noise(dec, probs.shape, real * width)).view(rows, width)
+    eos = nxt.eq(s.eos).any(1)
+    finish = torch.zeros(real, dtype=torch.bool, device=device)
+    ends = torch.zeros(real, dtype=torch.long, device=device)
+    tokens, hiddens, stream_iter = [], [], 0
+    dec.steps, start = 0, time.perf_counter()
+    for i in range(req.max_new):
+        tokens.append(nxt[:real])
+        if req.return_hidden:
+            hiddens.append(hidden[:real])
+        finish |= eos[:real]
+        if i == 0 and req.redo_empty and bool(finish.any()):
+            return True
+        going = ~finish
+        ends += going
+        stream_iter += int(going.any())
+        if req.stream_every and stream_iter > 0 and stream_iter % req.stream_every == 0:
+            yield _progress(tokens, hiddens, ends, final=False)
+        if bool(finish.all()) or req.stop() or i + 1 == req.max_new:
+            break
+        hidden, nxt, window, eos = advance(dec, nxt, length + i, pad, window, temp,
+                                            mask_eos[i + 1 < req.min_new], _noise(dec, probs.shape, real * width))
+        dec.steps += 1
+    if dec.steps and device.type == "cuda":  # the last step's EOS flags may be unread
+        torch.cuda.synchronize(device)
+    dec.step_seconds = time.perf_counter() - start
+    yield _progress(tokens, hiddens, ends, final=True)
+    return False
+
+
+def advance(dec: Decoder, ids: torch.Tensor, slot: int, pad: torch.Tensor, window, temp, mask_eos, noise):
+    """Run the decode step for tokens ``ids`` (rows, width) fed into cache slot ``slot``."""
+    model = dec.model
+    model.reserve(ids.shape[0], slot + 1)
+    positions = (slot - pad).view(-1, 1)
+    if dec.graphs:
+        # every slot attended under a mask (one shape for every length); the slot as its own
+        # tensor, not a view of the keys: the layout run and tested on a GPU
+        out = dec.step(model, ids, model.slots, positions, pad, window, temp, mask_eos, noise,
+                       model.slots[slot:slot + 1].clone())
+        return tuple(t.clone() for t in out)  # CUDA graphs reuse their output buffers
+    keys = model.slots[:slot + 1]
+    torch._dynamo.maybe_mark_dynamic(keys, 0)  # one graph for every length
+    return dec.step(model, ids, keys, positions, pad, window, temp, mask_eos, noise)
+
+
+def prefill_positions(pad: torch.Tensor, length: int) -> torch.Tensor:
+    """Rotary positions of a left-padded prompt, as ChatTTS computes them from its attention
+    mask (cumsum - 1; padding at position 1)."""
+    slots = torch.arange(length, device=pad.device)[None]
+    return torch.where(slots >= pad[:, None], slots - pad[:, None], 1)
+
+
+def _rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with rows of zeros added up to ``rows`` (a batch bucket's unused rows)."""
+    extra = rows - t.shape[0]
+    return t if extra == 0 else torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])
+
+
+def _noise(dec: Decoder, shape: tuple[int, ...], real: int) -> torch.Tensor:
+    """Noise for the real rows as ChatTTS's call draws it, ones for a bucket's unused rows."""
+    noise = dec.noise((real, shape[1]))
+    return noise if real == shape[0] else torch.cat([noise, noise.new_ones(shape[0] - real, shape[1])])
+
+
+def _progress(tokens: list, hiddens: list, ends: torch.Tensor, final: bool) -> Progress:
+    return Progress(tokens=torch.stack(tokens, 1), hiddens=torch.stack(hiddens, 1) if hiddens else None,
+                    ends=ends.clone(), final=final)

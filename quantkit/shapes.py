@@ -1,0 +1,92 @@
+"""Timing the calls users make, through ChatTTS's own ``Chat.infer``: a long utterance, batches,
+text refinement, and streaming's time to the first chunk. Fixed lengths (min = max new tokens)
+make every recipe do the same work; each shape is timed warm (after one call of the same shape,
+which compiles what a compiled recipe needs for it)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from quantkit.synth import SAMPLE_RATE, SAMPLES_PER_STEP, fixed_speaker
+
+
+@dataclass
+class ShapeSettings:
+    long_steps: int = 1100  # beyond a 1024-slot cache, as ChatTTS's defaults allow
+    batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
+    batch_steps: int = 64
+    refine_texts: int = 4
+    refine_steps: int = 32
+    stream_steps: int = 96
+    stream_batch: int = 24
+
+
+@dataclass
+class CallShapes:
+    long: dict[str, float] = field(default_factory=dict)
+    batches: list[dict[str, float]] = field(default_factory=list)
+    refine: dict[str, float] = field(default_factory=dict)
+    stream: dict[str, float] = field(default_factory=dict)
+
+
+def audio_seconds(steps: int) -> float:
+    return steps * SAMPLES_PER_STEP / SAMPLE_RATE
+
+
+def _code(chat, seed: int, steps: int, **extra):
+    return chat.InferCodeParams(spk_emb=fixed_speaker(chat, seed), manual_seed=seed, min_new_token=steps,
+                                max_new_token=steps, show_tqdm=False, **extra)
+
+
+def _infer(chat, texts: list[str], code, refine=None, stream: bool = False):
+    kwargs = dict(skip_refine_text=refine is None, params_infer_code=code, stream=stream,
+                  do_text_normalization=False, split_text=False)
+    if refine is not None:
+        kwargs["params_refine_text"] = refine
+    return chat.infer(texts, **kwargs)
+
+
+def _timed(fn) -> float:
+    fn()  # warm: what this shape compiles, it compiles here
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def measure_call_shapes(chat, texts: list[str], s: ShapeSettings, seed: int = 0) -> dict[str, Any]:
+    """The call shapes, each timed once warm -> results.json's ``call_shapes``."""
+    pick = [texts[i % len(texts)] for i in range(max(max(s.batch_sizes), s.refine_texts))]
+    out = CallShapes()
+    seconds = _timed(lambda: _infer(chat, pick[:1], _code(chat, seed, s.long_steps)))
+    out.long = {"steps": s.long_steps, "s": seconds, "rtf": seconds / audio_seconds(s.long_steps)}
+    for b in s.batch_sizes:
+        seconds = _timed(lambda: _infer(chat, pick[:b], _code(chat, seed, s.batch_steps)))
+        out.batches.append({"batch": b, "steps": s.batch_steps, "s": seconds,
+                            "audio_s_per_s": b * audio_seconds(s.batch_steps) / seconds})
+    refine = chat.RefineTextParams(manual_seed=seed, min_new_token=s.refine_steps,
+                                   max_new_token=s.refine_steps, show_tqdm=False)
+    seconds = _timed(lambda: _infer(chat, pick[:s.refine_texts], _code(chat, seed, s.batch_steps), refine))
+    out.refine = {"texts": s.refine_texts, "refine_steps": s.refine_steps, "steps": s.batch_steps, "s": seconds}
+    out.stream = _stream(chat, pick[0], s, seed)
+    return asdict(out)
+
+
+def _stream(chat, text: str, s: ShapeSettings, seed: int) -> dict[str, float]:
+    """Time to the first streamed chunk (no hand-over skipped) against the whole call unstreamed."""
+    code = _code(chat, seed, s.stream_steps, stream_batch=s.stream_batch, pass_first_n_batches=0)
+    whole = _timed(lambda: _infer(chat, [text], code))
+    first = []
+    for _ in range(2):  # the first pass warms up
+        t0 = time.perf_counter()
+        chunks = _infer(chat, [text], code, stream=True)
+        next(iter(chunks))
+        first.append(time.perf_counter() - t0)
+        for _chunk in chunks:  # the rest of the call, so that the next starts clean
+            pass
+    return {"steps": s.stream_steps, "stream_batch": s.stream_batch, "first_chunk_s": first[-1],
+            "whole_s": whole, "ratio": first[-1] / whole}

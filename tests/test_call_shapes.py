@@ -1,0 +1,148 @@
+"""Every call shape users make through ChatTTS's own ``Chat.infer`` runs on the static-cache path
+and picks exactly the tokens of ChatTTS's own loop: batches of mixed prompt lengths whose rows
+stop at different steps, text refinement, streaming, lengths beyond the recipe's cache."""
+
+import logging
+from contextlib import contextmanager
+
+import pytest
+import torch
+from conftest import TEXTS
+
+from quantkit.apply import apply_recipe
+from quantkit.compile import CompiledGenerate
+from quantkit.models import load_chat
+from quantkit.recipes import get_recipe
+from quantkit.synth import fixed_speaker
+
+
+@contextmanager
+def recording(chat):
+    """Every GenerationOutputs the chat's generate yields (tokens, cloned), while in the block."""
+    seen, inner = [], chat.gpt.generate
+
+    def generate(*args, **kwargs):
+        for out in inner(*args, **kwargs):
+            seen.append([ids.clone() for ids in out.ids])
+            yield out
+
+    chat.gpt.generate = generate
+    try:
+        yield seen
+    finally:
+        chat.gpt.generate = inner
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_dir):
+    """ChatTTS as shipped, and the same model on the static-cache path (eager step)."""
+    ref = load_chat("synthetic-tiny")
+    ours = load_chat("synthetic-tiny")
+    apply_recipe(ours, get_recipe("fp32-compiled"), compile_step=False)
+    assert isinstance(ours.gpt.generate, CompiledGenerate)
+    return ref, ours
+
+
+def infer(chat, texts, *, refine=False, stream=False, steps=None, max_new=80, seed=7, pass_first=2):
+    code = chat.InferCodeParams(spk_emb=fixed_speaker(chat, 3), manual_seed=seed, show_tqdm=False,
+                                max_new_token=steps or max_new, min_new_token=steps or 0,
+                                pass_first_n_batches=pass_first)
+    text = chat.RefineTextParams(manual_seed=seed, show_tqdm=False, max_new_token=48)
+    out = chat.infer(texts, skip_refine_text=not refine, params_refine_text=text, params_infer_code=code,
+                     stream=stream, do_text_normalization=False, split_text=False)
+    return list(out) if stream else out
+
+
+def same_tokens(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(len(x) == len(y) and all(torch.equal(i, j) for i, j in zip(x, y))
+                                    for x, y in zip(a, b))
+
+
+def compare(pair, texts, **kw) -> tuple[list, list]:
+    ref, ours = pair
+    with recording(ref) as seen_ref, recording(ours) as seen_ours:
+        infer(ref, texts, **kw)
+        infer(ours, texts, **kw)
+    return seen_ref, seen_ours
+
+
+def test_a_batch_of_mixed_lengths_matches_chattts_loop(pair):
+    ref, ours = compare(pair, TEXTS, seed=3, max_new=100)
+    (rows,) = ref
+    assert same_tokens(ref, ours)
+    lengths = [r.shape[0] for r in rows]
+    assert len(set(lengths)) == 3 and min(lengths) < 100, lengths  # rows stop at their own EOS
+    assert ours[0][0].shape[1] == 4
+
+
+def test_a_batch_with_a_fixed_length_and_another_seed(pair):
+    ref, ours = compare(pair, TEXTS[:2] + TEXTS[:1], steps=30, seed=11)
+    assert same_tokens(ref, ours) and [r.shape[0] for r in ref[0]] == [30, 30, 30]
+
+
+def test_text_refinement_matches_chattts_loop(pair):
+    ref, ours = compare(pair, TEXTS[:2], refine=True)
+    assert len(ref) == 2  # the refined text tokens, then the audio codes
+    assert ref[0][0].dim() == 1 and ref[0][0].numel() > 0
+    assert same_tokens(ref, ours)
+
+
+def test_streaming_hands_over_as_chattts_does(pair):
+    ref, ours = compare(pair, [TEXTS[1]], stream=True, steps=96, pass_first=0)
+    assert len(ref) == 5 and same_tokens(ref, ours)  # every 24 steps, and the end
+    assert [h[0].shape[0] for h in ours] == [24, 48, 72, 96, 96]
+    _, whole = compare(pair, [TEXTS[1]], steps=96)
+    assert torch.equal(ours[-1][0], whole[0][0])  # the chunks add up to the non-streamed tokens
+
+
+def test_a_length_beyond_the_recipe_cache(pair):
+    ref, ours = compare(pair, [TEXTS[0]], steps=1100)
+    assert ref[0][0].shape[0] == 1100 and same_tokens(ref, ours)
+    assert pair[1].gpt.generate.model.capacity == 2048  # grown, not fallen back
+
+
+def test_uncovered_calls_fall_back_with_a_warning_naming_the_reason(pair, caplog):
+    _, ours = pair
+    gen = ours.gpt.generate
+
+    def odd(ids, scores):
+        return scores
+
+    spk = fixed_speaker(ours, 3)
+    params = ours.InferCodeParams(spk_emb=spk, manual_seed=1, max_new_token=8, show_tqdm=False)
+    inputs = ours.tokenizer.encode(ours.speaker.decorate_code_prompts([TEXTS[1]], params.prompt, params.txt_smp,
+                                                                      params.spk_emb), 4)
+    emb = ours.embed(inputs[0], inputs[2])
+    with caplog.at_level(logging.WARNING, logger="quantkit.compile"):
+        for _ in range(2):
+            out = next(gen(emb, inputs[0], torch.tensor([0.3] * 4), 625, logits_processors=(odd,),
+                           max_new_token=8, show_tqdm=False, manual_seed=1))
+            assert out.ids[0].shape[0] <= 8
+    warnings = [r.getMessage() for r in caplog.records if r.name == "quantkit.compile"]
+    assert warnings == ["compiled decoding does not cover a logits processor it does not know: "
+                        "this call runs ChatTTS's own loop"]  # once per reason
+
+
+@pytest.mark.slow
+def test_compiled_batches_and_lengths_compile_a_bounded_number_of_graphs(tiny_dir, tmp_path, monkeypatch):
+    """One graph per (batch bucket, cache capacity) for the step and the prompt pass: after a
+    warm-up over the buckets, no call recompiles; and the compiled path still matches ChatTTS."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ref = load_chat("synthetic-tiny")
+    chat = load_chat("synthetic-tiny")
+    apply_recipe(chat, get_recipe("fp32-compiled"))
+    for texts in (TEXTS[:1], TEXTS[:2], TEXTS + TEXTS[:1]):  # buckets 1, 2 and 4
+        infer(chat, texts, steps=8)
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        for texts, seed in ((TEXTS[1:2], 4), (TEXTS[1:], 5), (TEXTS, 6), (TEXTS[::-1][:1], 7)):
+            with recording(ref) as seen_ref, recording(chat) as seen:
+                infer(ref, texts, seed=seed)
+                infer(chat, texts, seed=seed)
+            assert same_tokens(seen_ref, seen), (texts, seed)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    stats = torch._dynamo.utils.counters["stats"]
+    assert stats["unique_graphs"] <= 2 * 3, dict(stats)  # step and prompt pass per batch bucket
