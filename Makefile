@@ -30,14 +30,15 @@ lock: $(UV)
 lock-check: $(UV)
 	$(UV) lock --check
 
-# flite speaks the English test sentences; chromium renders report.html in the browser test.
+# flite speaks the English test sentences; Chromium and its driver render report.html in a test.
 system-deps:
-	@command -v flite >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q flite; }
+	@command -v flite >/dev/null && command -v chromedriver >/dev/null || { $(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends flite chromium chromium-driver; }
 
 # The main job on the offline default: synthetic ChatTTS, bundled Whisper weights.
 run: install
 	$(BIN)/python -m quantkit eval --model synthetic --recipes $(RECIPES) --texts en --limit 4 \
-		--runs 3 --max-new-tokens 96 --out $(OUT)
+		--runs 3 --max-new-tokens 96 --long-steps 300 --batch-sizes 1,4,8 --out $(OUT)
 
 test: install lock-check system-deps
 	$(BIN)/python -m pytest -q

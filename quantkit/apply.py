@@ -9,6 +9,7 @@ import torch
 import torch.nn.utils.parametrize as P
 from torch import nn
 
+from quantkit import chattts
 from quantkit.errors import QuantkitError
 from quantkit.precision import cast_module, float_dtype
 from quantkit.quantize import module_weight_bytes, quantize_module
@@ -18,47 +19,14 @@ log = logging.getLogger(__name__)
 
 
 def component_module(chat, name: str) -> nn.Module:
-    """The module a recipe's component table acts on.
-
-    heads: the four audio-code heads (the text head only serves refine_text, which the
-    harness skips). vocos: its backbone; the ISTFT head needs fp32 (complex FFT).
-    """
-    return {
-        "gpt": lambda: chat.gpt.gpt,
-        "heads": lambda: chat.embed.head_code,
-        "decoder": lambda: chat.decoder,
-        "vocos": lambda: chat.vocos.backbone,
-    }[name]()
+    """The module a recipe's component table acts on (quantkit.chattts.components)."""
+    return chattts.components(chat)[name]
 
 
 def _fold_weight_norm(heads: nn.ModuleList) -> None:
     for head in heads:
         if P.is_parametrized(head, "weight"):
             P.remove_parametrizations(head, "weight", leave_parametrized=True)
-
-
-def _rebind(chat) -> None:
-    # ChatTTS's GPT keeps bound __call__ methods of the embedding heads from construction
-    # time; quantizers that swap modules would otherwise leave it calling the old ones.
-    chat.gpt.head_code = [hc.__call__ for hc in chat.embed.head_code]
-    chat.gpt.emb_code = [ec.__call__ for ec in chat.embed.emb_code]
-
-
-@torch.inference_mode()
-def _probe(chat, name: str) -> None:
-    """One tiny forward through the component, so that a kernel the device lacks fails here,
-    naming the component, rather than in the middle of synthesis."""
-    hidden = chat.config.gpt.hidden_size
-    dev = chat.device
-    if name == "gpt":
-        dtype = float_dtype(chat.gpt.gpt)
-        chat.gpt.gpt(inputs_embeds=torch.randn(1, 3, hidden, device=dev, dtype=dtype), use_cache=False)
-    elif name == "heads":
-        chat.gpt.head_code[0](torch.randn(1, hidden, device=dev))
-    elif name == "decoder":
-        chat.decoder(torch.randn(1, hidden, 4, device=dev))
-    else:
-        chat.vocos.decode(torch.randn(1, 100, 8, device=dev))
 
 
 @dataclass
@@ -68,13 +36,9 @@ class WeightBytes:
 
 
 def weight_bytes(chat) -> WeightBytes:
-    gpt = module_weight_bytes(chat.gpt.gpt)
-    heads = module_weight_bytes(chat.embed.head_code)
+    groups = {role: sum(module_weight_bytes(m) for m in mods) for role, mods in chattts.weight_groups(chat).items()}
     # A step looks up one row of each code embedding (4 x 3 KB), it does not stream the tables.
-    tables = module_weight_bytes(chat.embed.emb_code)
-    rest = sum(module_weight_bytes(m) for m in (chat.embed.emb_text, chat.embed.head_text,
-                                                 chat.decoder, chat.vocos))
-    return WeightBytes(total=gpt + heads + tables + rest, decode=gpt + heads)
+    return WeightBytes(total=sum(groups.values()), decode=groups["gpt"] + groups["heads"])
 
 
 def apply_recipe(chat, recipe: Recipe, compile_step: bool = True,
@@ -97,9 +61,9 @@ def apply_recipe(chat, recipe: Recipe, compile_step: bool = True,
                 cast_module(target, comp.dtype)
             if name not in preapplied:
                 quantize_module(module, comp.quantize, device)
-            _rebind(chat)
+            chattts.rebind_heads(chat)
             if comp.dtype != "fp32" or comp.quantize != "none":
-                _probe(chat, name)
+                chattts.probe(chat, name, float_dtype(chattts.gpt(chat)))
         except QuantkitError:
             raise
         except Exception as exc:  # noqa: BLE001 - kernels and backends fail in many ways
@@ -111,7 +75,7 @@ def apply_recipe(chat, recipe: Recipe, compile_step: bool = True,
     # Inference only; and a compiled graph's cache key depends on requires_grad, which must be
     # the same whether the weights were quantized here or loaded from an exported variant.
     # (After folding: a folded weight stays a Parameter only if its originals required grad.)
-    for module in (chat.gpt.gpt, chat.embed, chat.decoder, chat.vocos):
+    for module in chattts.all_modules(chat):
         module.requires_grad_(False)
     if recipe.compile.enabled:
         from quantkit.compile import enable_compiled_decoding

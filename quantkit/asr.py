@@ -20,7 +20,7 @@ import torch
 from quantkit.atomic import atomic_path, write_text
 from quantkit.audio import resample
 from quantkit.errors import QuantkitError
-from quantkit.models import cache_dir
+from quantkit.cache import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,17 @@ def os_error(exc: OSError, path: str | Path | None = None) -> QuantkitError:
     return QuantkitError(f"cannot write {where}: {reason}")
 
 
+def write_error(exc: Exception, path: str | Path) -> QuantkitError:
+    """One line for any failed write (safetensors reports an OS error in its own exception)."""
+    if isinstance(exc, OSError):
+        return os_error(exc, path)
+    text = str(exc)
+    full = any(s in text for s in ("StorageFull", "FileTooLarge", "No space left", "File too large",
+                                   "failed writing"))
+    return QuantkitError(f"cannot write {path}: " + ("no space left on device" if full else
+                                                     (text.splitlines()[0][:200] if text else type(exc).__name__)))
+
+
 def check_writable_target(path: str | Path) -> None:
     """Refuse now, before slow work, a target that can never be written: a directory, a path
     under a file, or a folder this user cannot write into."""

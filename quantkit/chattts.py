@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from quantkit.generate import Progress
-from quantkit.sampling import Sampling, sampling_from
+from quantkit.sampling import Sampling
 
 
 def static_model(chat, capacity: int):
@@ -40,6 +40,26 @@ def default_sampling(chat) -> Sampling:
     warpers, processors = gen_logits(num_code=num_code, top_P=p.top_P, top_K=p.top_K,
                                      repetition_penalty=p.repetition_penalty)
     return sampling_from((*processors, *warpers), num_code)
+
+
+def sampling_from(processors, eos: int) -> Sampling | None:
+    """ChatTTS's logits processors and warpers, read into a Sampling; None if one is of a kind
+    the static-cache path does not know."""
+    from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
+
+    from ChatTTS.model.processors import CustomRepetitionPenaltyLogitsProcessorRepeat as Rep
+
+    penalty, window, top_p, keep, top_k = None, 16, None, 1, None
+    for i, p in enumerate(processors):
+        if isinstance(p, Rep) and i == 0:
+            penalty, window = float(p.penalty), int(p.past_window)
+        elif isinstance(p, TopPLogitsWarper) and top_k is None:
+            top_p, keep = float(p.top_p), int(p.min_tokens_to_keep)
+        elif isinstance(p, TopKLogitsWarper):
+            top_k = int(p.top_k)
+        else:
+            return None
+    return Sampling(penalty, window, top_p, keep, top_k, int(eos))
 
 
 def generation_outputs(progress: Progress, dtype: torch.dtype, text: bool):
@@ -79,3 +99,177 @@ def components(chat) -> dict[str, nn.Module]:
     text head only serves text refinement). vocos: its backbone; the ISTFT head needs fp32."""
     return {"gpt": chat.gpt.gpt, "heads": chat.embed.head_code, "decoder": chat.decoder,
             "vocos": chat.vocos.backbone}
+
+
+# ---------------------------------------------------------------- creating and loading
+
+def new_chat(overrides: dict, speaker_stat: str | None = None):
+    """A ChatTTS ``Chat`` whose Config (a copy) has ``overrides`` applied, before loading."""
+    import copy
+    import logging
+
+    import ChatTTS
+
+    chat = ChatTTS.Chat(logging.getLogger("ChatTTS"))
+    # Config's defaults are shared class-level instances: copy before editing.
+    chat.config = copy.deepcopy(chat.config)
+    _apply_overrides(chat.config, overrides)
+    if speaker_stat is not None:
+        chat.config.spk_stat = speaker_stat
+    return chat
+
+
+def _apply_overrides(obj, overrides: dict) -> None:
+    """Shrink ChatTTS's nested Config dataclasses in place (before Chat._load reads them)."""
+    for key, value in overrides.items():
+        if not hasattr(obj, key):
+            raise KeyError(key)
+        if isinstance(value, dict):
+            _apply_overrides(getattr(obj, key), value)
+        else:
+            setattr(obj, key, tuple(value) if isinstance(value, list) else value)
+
+
+def config(chat):
+    """ChatTTS's Config of this chat (sizes of every component)."""
+    return chat.config
+
+
+def load(chat, root, device: torch.device) -> bool:
+    """ChatTTS's own ``Chat._load`` on an asset directory ``root``; False where a component is missing."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    paths = {k: str(Path(root) / v) for k, v in asdict(chat.config.path).items()}
+    return bool(chat._load(device=device, compile=False, **paths))
+
+
+def random_components(chat) -> dict[str, nn.Module]:
+    """Every component but the GPT, built from ChatTTS's own classes for ``chat``'s Config with
+    the current random state: asset file stem -> module."""
+    from dataclasses import asdict
+
+    from vocos import Vocos
+    from vocos.pretrained import instantiate_class
+
+    from ChatTTS.model import DVAE, Embed
+
+    cfg = chat.config
+    return {
+        "Vocos": Vocos(feature_extractor=instantiate_class(args=(), init=asdict(cfg.vocos.feature_extractor)),
+                       backbone=instantiate_class(args=(), init=asdict(cfg.vocos.backbone)),
+                       head=instantiate_class(args=(), init=asdict(cfg.vocos.head))),
+        "DVAE": DVAE(decoder_config=asdict(cfg.dvae.decoder), encoder_config=asdict(cfg.dvae.encoder),
+                     vq_config=asdict(cfg.dvae.vq), dim=cfg.dvae.decoder.idim),
+        "Decoder": DVAE(decoder_config=asdict(cfg.decoder), dim=cfg.decoder.idim),
+        "Embed": Embed(cfg.embed.hidden_size, cfg.embed.num_audio_tokens, cfg.embed.num_text_tokens,
+                       cfg.embed.num_vq),
+    }
+
+
+def llama_config(chat) -> dict:
+    """The Llama configuration ChatTTS builds its GPT from (its own keys left out)."""
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(chat.config.gpt).items()
+            if k not in ("spk_emb_dim", "spk_KL", "num_audio_tokens", "num_text_tokens", "num_vq")}
+
+
+class StoredGPT:
+    """While active, ChatTTS's loader gets its GPT from ``load(gpt_folder)`` instead of reading
+    the fp32 weights (``LlamaModel.from_pretrained`` in ChatTTS.model.gpt)."""
+
+    def __init__(self, load_fn):
+        self.load_fn = load_fn
+
+    def __enter__(self):
+        import ChatTTS.model.gpt as chattts_gpt
+
+        self.original = chattts_gpt.LlamaModel
+        chattts_gpt.LlamaModel = type("StoredLlamaModel", (), {"from_pretrained": staticmethod(self.load_fn)})
+        return self
+
+    def __exit__(self, *exc):
+        import ChatTTS.model.gpt as chattts_gpt
+
+        chattts_gpt.LlamaModel = self.original
+
+
+# ---------------------------------------------------------------- components
+
+def gpt(chat) -> nn.Module:
+    """The GPT's transformer (a transformers LlamaModel)."""
+    return chat.gpt.gpt
+
+
+def gpt_device(chat) -> torch.device:
+    return torch.device(chat.device_gpt)
+
+
+def weight_groups(chat) -> dict[str, list[nn.Module]]:
+    """Modules by role in a decode step: streamed every step (transformer, code heads), looked
+    up (code embeddings), and the rest."""
+    e = chat.embed
+    return {"gpt": [chat.gpt.gpt], "heads": [e.head_code], "tables": [e.emb_code],
+            "rest": [e.emb_text, e.head_text, chat.decoder, chat.vocos]}
+
+
+def all_modules(chat) -> list[nn.Module]:
+    return [chat.gpt.gpt, chat.embed, chat.decoder, chat.vocos]
+
+
+@torch.inference_mode()
+def probe(chat, name: str, dtype: torch.dtype) -> None:
+    """One tiny forward through a component (``dtype``: the GPT's), so that a kernel the device
+    lacks fails at once, naming the component."""
+    hidden, dev = chat.config.gpt.hidden_size, chat.device
+    if name == "gpt":
+        chat.gpt.gpt(inputs_embeds=torch.randn(1, 3, hidden, device=dev, dtype=dtype), use_cache=False)
+    elif name == "heads":
+        chat.gpt.head_code[0](torch.randn(1, hidden, device=dev))
+    elif name == "decoder":
+        chat.decoder(torch.randn(1, hidden, 4, device=dev))
+    else:
+        chat.vocos.decode(torch.randn(1, 100, 8, device=dev))
+
+
+# ---------------------------------------------------------------- synthesis
+
+def normalize(chat, text: str) -> str:
+    """ChatTTS's text normalization, as ``infer`` applies it by default."""
+    return chat.normalizer(text, True, True, None)
+
+
+def infer_code(chat, texts: list[str], params):
+    """ChatTTS's code generation for already normalized texts -> GenerationOutputs (hiddens too)."""
+    return next(chat._infer_code(texts, False, chat.device, True, params))
+
+
+def decode(chat, hiddens: list[torch.Tensor]) -> list:
+    """ChatTTS's decoder and vocoder on GPT hidden states -> one waveform each."""
+    return chat._decode_to_wavs(hiddens, True)
+
+
+def prompt_embeddings(chat, text: str, params) -> torch.Tensor:
+    """The GPT's input embeddings for one normalized text's code prompt (speaker applied)."""
+    prompts = chat.speaker.decorate_code_prompts([text], params.prompt, params.txt_smp, params.spk_emb)
+    input_ids, _mask, text_mask = chat.tokenizer.encode(prompts, chat.config.gpt.num_vq, device=chat.device_gpt)
+    emb = chat.embed(input_ids, text_mask)
+    chat.speaker.apply(emb, params.spk_emb, input_ids, chat.tokenizer.spk_emb_ids, chat.device_gpt)
+    return emb
+
+
+def eager_hidden(chat, emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """ChatTTS's GPT run once over prompt ``emb`` (1, L, H) and ``tokens`` (n, num_vq) -> the n
+    hidden states (n, H), fp32, row i being what predicts token i."""
+    from quantkit.precision import float_dtype
+
+    code = torch.stack([chat.gpt.emb_code[i](tokens[:, i]) for i in range(tokens.shape[1])]).sum(0)
+    inputs = torch.cat([emb[0], code[:-1].to(emb.dtype)])[None]
+    out = chat.gpt.gpt(inputs_embeds=inputs.to(float_dtype(chat.gpt.gpt)), use_cache=False)
+    return out.last_hidden_state[0, emb.shape[1] - 1:].float()
+
+
+def head_logits(chat, hidden: torch.Tensor) -> torch.Tensor:
+    """The code heads' logits for hidden states (n, H) -> (n, num_vq, vocab), fp32."""
+    return torch.stack([head(hidden) for head in chat.gpt.head_code], 1).float()

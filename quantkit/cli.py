@@ -19,24 +19,22 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _positive(value: str) -> int:
+def _integer(value: str, low: int, high: int, bounds: str) -> int:
     try:
         n = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{value}' is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} must be at least 1")
+    if not low <= n <= high:
+        raise argparse.ArgumentTypeError(f"{n} is outside {bounds}")
     return n
+
+
+def _positive(value: str) -> int:
+    return _integer(value, 1, 2**62, "1..2**62")
 
 
 def _seed(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{value}' is not an integer") from None
-    if not 0 <= n < 2**63:  # what torch's generators take
-        raise argparse.ArgumentTypeError(f"{n} is outside 0..2**63-1")
-    return n
+    return _integer(value, 0, 2**63 - 1, "0..2**63-1")  # what torch's generators take
 
 
 def _positive_seconds(value: str) -> float:
@@ -114,6 +112,58 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from quantkit.audio import read_wav
+    from quantkit.texts import read_tsv
+
+    refs = read_tsv(args.references) if args.references else None
+    stems = [Path(w).stem for w in args.wavs]
+    if refs is not None and (missing := [s for s in stems if s not in refs]):
+        raise QuantkitError(f"no reference for {', '.join(missing)} in {args.references}")
+    audio = [read_wav(w) for w in args.wavs]  # everything readable before any model loads
+    speaker = read_wav(args.speaker_reference) if args.speaker_reference else None
+    from quantkit.quality import dnsmos, similarity, speaker_embedding
+
+    ref_emb = speaker_embedding(*speaker) if speaker else None
+    errors = _score_errors(args, stems, refs)
+    rows = []
+    for path, stem, (wav, rate) in zip(args.wavs, stems, audio):
+        sim = similarity(speaker_embedding(wav, rate), ref_emb) if ref_emb is not None else None
+        rows.append({"file": path, "dnsmos": dnsmos(wav, rate).to_dict(), "speaker_similarity": sim,
+                     "error_rate": errors.get(stem) if errors else None})
+        if args.json:
+            print(json.dumps(rows[-1]), flush=True)
+    if not args.json:
+        _print_scores(rows, "cer" if args.language == "zh" else "wer")
+    return 0
+
+
+def _score_errors(args: argparse.Namespace, stems: list[str], refs: dict | None) -> dict[str, float]:
+    """Per file WER or CER (uncapped) against the references; {} without them."""
+    if refs is None:
+        return {}
+    from quantkit.asr import DEFAULT_MODELS, load_asr, transcribe
+    from quantkit.audio import read_wav
+    from quantkit.metrics import error_rates
+
+    model = load_asr(args.asr_model or DEFAULT_MODELS[args.language])
+    hyps = [transcribe(model, *read_wav(w), args.language) for w in args.wavs]
+    rates = error_rates([refs[s] for s in stems], hyps, args.language, ids=stems)
+    return dict(zip(stems, rates.uncapped))
+
+
+def _print_scores(rows: list[dict], metric: str) -> None:
+    print(f"{'file':<40} {'SIG':>5} {'BAK':>5} {'OVRL':>5} {'P808':>5} {'SIM':>6} {metric.upper():>6}")
+    for r in rows:
+        d = r["dnsmos"]
+        sim = "—" if r["speaker_similarity"] is None else f"{r['speaker_similarity']:.3f}"
+        err = "—" if r["error_rate"] is None else f"{r['error_rate']:.3f}"
+        print(f"{r['file'][-40:]:<40} {d['sig']:5.2f} {d['bak']:5.2f} {d['ovrl']:5.2f} {d['p808']:5.2f} "
+              f"{sim:>6} {err:>6}")
+
+
 def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from pathlib import Path
 
@@ -125,6 +175,8 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
                      max_new_tokens=args.max_new_tokens, skip_asr=args.skip_asr, seed=args.seed,
                      timeout_s=args.timeout, max_error_increase=args.max_error_increase,
                      resume=args.resume, call_shapes=not args.skip_call_shapes,
+                     quality=not args.skip_quality, min_similarity=args.min_similarity,
+                     max_mos_drop=args.max_mos_drop,
                      long_steps=args.long_steps, batch_sizes=args.batch_sizes,
                      command=default_command(list(argv)))
     doc = run_eval(cfg, Path(args.out))
@@ -222,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error-increase", type=float, default=0.01,
                    help="error budget over fp32 for the recommendation (default 0.01 = 1 point)")
     p.add_argument("--out", default="out/eval", help="output directory (default: out/eval)")
+    p.add_argument("--skip-quality", action="store_true", help="no DNSMOS, no speaker similarity")
+    p.add_argument("--min-similarity", type=float, default=None,
+                   help="recommendation budget: least speaker similarity to fp32 (e.g. 0.8)")
+    p.add_argument("--max-mos-drop", type=float, default=None,
+                   help="recommendation budget: most DNSMOS OVRL below fp32 (e.g. 0.1)")
     p.add_argument("--skip-call-shapes", action="store_true",
                    help="do not time Chat.infer's call shapes (long utterance, batches, refinement, streaming)")
     p.add_argument("--long-steps", type=_positive, default=1100,
@@ -257,6 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the variant's compiled code even though it was exported elsewhere "
                         "(compiled code runs on load: only for variants you trust)")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("score", help="DNSMOS, speaker similarity and WER/CER of any WAV files")
+    p.add_argument("wavs", nargs="+", metavar="WAV")
+    p.add_argument("--references", default=None,
+                   help="TSV of id<TAB>text (id = the WAV's stem): also WER (en) or CER (zh)")
+    p.add_argument("--language", choices=("en", "zh"), default="en")
+    p.add_argument("--speaker-reference", default=None, metavar="WAV",
+                   help="a WAV of the reference voice: also speaker similarity to it")
+    p.add_argument("--asr-model", default=None, help="Whisper name or checkpoint path (with --references)")
+    p.add_argument("--json", action="store_true", help="one JSON object per file")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("transcribe", help="transcribe WAV files with Whisper; score them against references")
     p.add_argument("wavs", nargs="+", metavar="WAV")

@@ -1,35 +1,24 @@
-"""Compiled decoding for ChatTTS's GPT: a static KV cache and one compiled decode step.
-
-ChatTTS's own loop grows its KV cache and attention mask every step, so every step has new
-shapes and torch.compile recompiles constantly. Here, as in gpt-fast's generate.py, the cache
-has a fixed capacity (quantkit.static_cache) and the decode step (code embeddings ->
-transformer -> code heads -> ChatTTS's sampling, quantkit.sampling -> next tokens) always sees
-the same shapes but for the number of filled cache slots, which it takes as one symbolic size,
-so it compiles once. The prompt pass (prefill) is compiled apart, its length one symbolic size
-too. Saving and loading what was compiled: quantkit.compile_artifacts.
-
-``CompiledGenerate`` stands in for ChatTTS's ``GPT.generate`` (installed through
-quantkit.chattts) and runs quantkit.generate's loop for every call shape it covers.
+"""ChatTTS's ``GPT.generate``, compiled: ``CompiledGenerate`` takes ChatTTS's call, runs
+quantkit.generate's loop over a static KV cache with the decode step and prompt pass compiled
+(one graph per batch bucket and cache size; the filled length is a symbolic size), and hands
+back ChatTTS's outputs. ChatTTS's own loop grows its cache every step, so torch.compile would
+recompile at every step. Saving and loading what was compiled: quantkit.compile_artifacts.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
-import platform
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from quantkit import chattts
-from quantkit.atomic import write_text
 from quantkit.generate import (Decoder, Request, advance, decode_step, decode_text_step, generate, prefill,
                                prefill_positions)
+from quantkit.inductor import compile_kwargs, for_device, skip_vec_isa_probe, uses_cuda_graphs
 from quantkit.recipes import CompileSettings
-from quantkit.sampling import ExpNoise, Sampling, sampling_from
+from quantkit.sampling import ExpNoise, Sampling
 from quantkit.static_cache import MAX_CAPACITY
 
 log = logging.getLogger(__name__)
@@ -54,14 +43,13 @@ class CompiledGenerate:
 
     def __init__(self, chat, settings: CompileSettings, compile_step: bool = True):
         self.chat = chat
-        self.fallback = chat.gpt.generate
-        device = torch.device(chat.device_gpt)
+        self.fallback = chattts.installed_generate(chat)
+        device = chattts.gpt_device(chat)
         self.settings = settings = for_device(settings, device)
         self.model = chattts.static_model(chat, settings.cache_capacity)
-        # CUDA graphs replay a step recorded for one set of shapes: a step attending to the n
-        # filled slots would record a graph for every n. With them, as in gpt-fast, a step
-        # attends to every slot of the cache under a mask (one shape; on a GPU reading the
-        # whole cache costs microseconds). Elsewhere it reads only the filled slots.
+        # CUDA graphs replay a step recorded for one set of shapes: with them a step attends to a
+        # power-of-two bucket of slots under a mask (quantkit.generate.advance); elsewhere it
+        # reads only the filled slots.
         self.graphs = compile_step and uses_cuda_graphs(settings, device)
         self.model.set_full_keys(self.graphs)
         # Just-in-time compiled functions, and the ahead-of-time ones used first where they
@@ -85,7 +73,7 @@ class CompiledGenerate:
         # One Sampling object per value: the compiled step guards on model.sampling.
         self.model.sampling = self._interned.setdefault(s, s)
 
-    def _step_fn(self, s: Sampling, text: bool = False):
+    def step_for(self, s: Sampling, text: bool = False):
         self._use_sampling(s)
         if text:
             return self.text_step
@@ -141,7 +129,7 @@ class CompiledGenerate:
                  return_hidden=False, stream=False, show_tqdm=True, ensure_non_empty=True,
                  stream_batch=24, manual_seed=None, context=None):
         self.last_steps = None
-        s = sampling_from(logits_processors, int(eos_token))
+        s = chattts.sampling_from(logits_processors, int(eos_token))
         pad = left_padding(attention_mask, inputs_ids.shape[:2], inputs_ids.device)
         reason = self._not_covered(s, infer_text, return_attn, pad, inputs_ids, max_new_token, stream_batch)
         if reason is not None:
@@ -190,7 +178,7 @@ class CompiledGenerate:
         return None
 
     def _decoder(self, s: Sampling, text: bool, manual_seed: int | None) -> Decoder:
-        step = self._step_fn(s, text)
+        step = self.step_for(s, text)
         return Decoder(model=self.model, prefill=self._prefill_fn(), step=step,
                        noise=ExpNoise(chattts.generator(self.chat), manual_seed, self.model.slots.device),
                        graphs=self.graphs)
@@ -210,7 +198,7 @@ class CompiledGenerate:
             with torch.inference_mode():
                 emb = emb.clone()
         num_vq, device = tokens.shape[1], emb.device
-        self.model.reserve(1, length + n)
+        self.model.reserve(1, length + 1, fresh=True)
         pad = torch.zeros(1, dtype=torch.long, device=device)
         window = torch.full((num_vq, s.past_window), -1, dtype=torch.long, device=device)
         temp, no_mask = torch.ones(num_vq, 1, device=device), torch.tensor(False, device=device)
@@ -265,33 +253,6 @@ class Precompiled:
         self.fn.save_compiled_function(str(path))
 
 
-def for_device(settings: CompileSettings, device: torch.device) -> CompileSettings:
-    """The settings with mode "auto" made concrete: CUDA graphs on CUDA, Inductor's default
-    elsewhere."""
-    if settings.mode != "auto":
-        return settings
-    return dataclasses.replace(settings, mode="reduce-overhead" if device.type == "cuda" else "default")
-
-
-def uses_cuda_graphs(settings: CompileSettings, device: torch.device) -> bool:
-    from torch._inductor import list_mode_options
-
-    return device.type == "cuda" and bool(list_mode_options(settings.mode).get("triton.cudagraphs"))
-
-
-def compile_kwargs(settings: CompileSettings, cuda_graphs: bool = True) -> dict:
-    """torch.compile's Inductor options: the recipe's mode (less CUDA graphs if not
-    ``cuda_graphs``) and freezing, and no size asserts.
-
-    Inductor's generated code asserts every input's sizes and strides in Python on each call
-    (about 0.8 us each, 336 inputs in the int8 step: 0.3 ms); Dynamo's guards have checked the
-    same before the graph runs."""
-    from torch._inductor import list_mode_options
-
-    mode = {k: v for k, v in list_mode_options(settings.mode).items() if cuda_graphs or k != "triton.cudagraphs"}
-    return {"options": {**mode, "freezing": settings.freezing, "size_asserts": False}}
-
-
 def enable_compiled_decoding(chat, settings: CompileSettings, compile_step: bool = True) -> CompiledGenerate:
     """Route ChatTTS's code generation through the static-cache path (compiled unless told not)."""
     if compile_step:
@@ -307,49 +268,3 @@ def _aot(compile_fn: Callable, settings: CompileSettings, example: tuple):
         return compile_fn(settings).aot_compile((example, {}))
 
 
-def skip_vec_isa_probe() -> None:
-    """Inductor's first CPU compile (or load) in a process probes vector ISAs by building test
-    libraries and importing each in a fresh Python: about 10 s here. The CPU flags answer its
-    base check; the AVX-512 BF16 and VNNI checks it makes besides (can this compiler build with
-    those flags: 5.2 s a process here, warm) are answered once per machine and remembered."""
-    import torch._inductor.config
-
-    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
-        torch._inductor.config.cpp.vec_isa_ok = True
-        _remember_isa_checks()
-
-
-ISA_CHECKS = "vec_isa_checks.json"
-
-
-def _remember_isa_checks() -> None:
-    """Make Inductor's ISA build checks answer from quantkit's cache (keyed by compiler, flags,
-    torch version and test code), running each for real the first time."""
-    from torch._inductor import cpu_vec_isa
-
-    from quantkit.models import cache_dir
-
-    check = cpu_vec_isa.VecISA.check_build
-    if getattr(check, "remembered", False):
-        return
-    fingerprint = getattr(cpu_vec_isa, "_get_isa_dry_compile_fingerprint", None)
-    if fingerprint is None:  # another torch: leave its probe alone
-        return
-    path = cache_dir() / ISA_CHECKS
-
-    def check_build(isa, code: str) -> bool:
-        # torch keys its own build the same way (the bf16 check extends _arch_flags first)
-        key = hashlib.sha256(f"{fingerprint(isa._arch_flags)}\0{code}".encode()).hexdigest()
-        try:
-            answers = json.loads(path.read_text())
-        except (OSError, ValueError):
-            answers = {}
-        if not isinstance(answers, dict):  # not ours: overwritten with real answers
-            answers = {}
-        if not isinstance(answers.get(key), bool):
-            answers[key] = bool(check(isa, code))
-            write_text(path, json.dumps(answers, indent=1))
-        return answers[key]
-
-    check_build.remembered = True
-    cpu_vec_isa.VecISA.check_build = check_build

@@ -51,6 +51,9 @@ class EvalConfig:
     min_token_agreement: float = 0.9
     resume: bool = False
     call_shapes: bool = True  # also time Chat.infer's call shapes (quantkit.shapes)
+    quality: bool = True  # DNSMOS and speaker similarity (quantkit.quality)
+    min_similarity: float | None = None
+    max_mos_drop: float | None = None
     long_steps: int = 1100
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8, 16])
     command: str = ""
@@ -58,7 +61,7 @@ class EvalConfig:
 
 # ---------------------------------------------------------------- the per-recipe process
 
-def _measure(chat, cfg: EvalConfig, bench_text: str) -> dict[str, Any]:
+def measure(chat, cfg: EvalConfig, bench_text: str) -> dict[str, Any]:
     """First call, then ``cfg.runs`` warm calls. Each warm call sits between two sums over a
     256 MiB buffer on the model's device: this CPU's read bandwidth swings between about 30 and
     65 GB/s within seconds as neighbours come and go, so each call's achieved bandwidth is taken
@@ -179,7 +182,7 @@ def worker(spec_path: str) -> int:
     apply_recipe(chat, recipe)
     t2 = time.perf_counter()
     result = {"name": recipe.name, "load_s": t1 - t0, "apply_s": t2 - t1}
-    result.update(_measure(chat, cfg, next(iter(texts.values()))))
+    result.update(measure(chat, cfg, next(iter(texts.values()))))
     if cfg.call_shapes:
         from quantkit.shapes import ShapeSettings, measure_call_shapes
 
@@ -263,8 +266,8 @@ def _score(results: list[dict], rows: list[dict], language: str) -> None:
     for name, rs in by_recipe.items():
         rates[name] = error_rates([r["text"] for r in rs], [r["transcript"] for r in rs], language,
                                   ids=[r["id"] for r in rs])
-        for r, e in zip(rs, rates[name].per_utterance):
-            r["error"] = e
+        for r, e, u in zip(rs, rates[name].per_utterance, rates[name].uncapped):
+            r["error"], r["error_uncapped"] = e, u
     ref = rates.get(REFERENCE)
     for res in results:
         er = rates.get(res["name"])
@@ -273,6 +276,7 @@ def _score(results: list[dict], rows: list[dict], language: str) -> None:
             continue
         delta, ci = bootstrap_delta(er.per_utterance, ref.per_utterance) if ref else (None, None)
         res["error_rate"] = {"metric": er.metric, "mean": er.mean, "corpus": er.corpus,
+                             "uncapped_mean": float(np.mean(er.uncapped)),
                              "delta_vs_fp32": delta, "ci95": list(ci) if ci else None}
 
 
@@ -290,6 +294,11 @@ def recommend(results: list[dict], synthetic: bool, cfg: EvalConfig) -> dict[str
                     and r["error_rate"]["delta_vs_fp32"] <= cfg.max_error_increase]
         rule = (f"fastest warm median whose {ok[0]['error_rate']['metric'].upper()} rises at most "
                 f"{100 * cfg.max_error_increase:.1f} points over fp32")
+    broken = {r["name"]: why for r in eligible if (why := _broken_budgets(r, cfg))}
+    eligible = [r for r in eligible if r["name"] not in broken]
+    rule += "".join(f"; {b}" for b in _budget_rules(cfg))
+    if broken:
+        rule += "; rejected: " + ", ".join(f"{n} ({why})" for n, why in broken.items())
     if not eligible:
         return {"name": None, "reason": f"no recipe met the rule: {rule}"}
     best = min(eligible, key=lambda r: r["warm_s_median"])
@@ -299,14 +308,67 @@ def recommend(results: list[dict], synthetic: bool, cfg: EvalConfig) -> dict[str
     return {"name": best["name"], "reason": rule + speed}
 
 
+def _budget_rules(cfg: EvalConfig) -> list[str]:
+    rules = []
+    if cfg.min_similarity is not None:
+        rules.append(f"speaker similarity to fp32 at least {cfg.min_similarity:g}")
+    if cfg.max_mos_drop is not None:
+        rules.append(f"DNSMOS OVRL at most {cfg.max_mos_drop:g} below fp32")
+    return rules
+
+
+def _broken_budgets(r: dict, cfg: EvalConfig) -> str:
+    """Which of the similarity and naturalness budgets recipe ``r`` broke ('' if none)."""
+    broken = []
+    sim = (r.get("speaker_similarity") or {}).get("mean")
+    if cfg.min_similarity is not None and (sim is None or sim < cfg.min_similarity):
+        broken.append(f"similarity {sim:.3f} < {cfg.min_similarity:g}" if sim is not None else "no similarity")
+    drop = ((r.get("dnsmos") or {}).get("ovrl") or {}).get("delta_vs_fp32")
+    if cfg.max_mos_drop is not None and (drop is None or -drop > cfg.max_mos_drop):
+        broken.append(f"OVRL {drop:+.2f} vs fp32" if drop is not None else "no DNSMOS")
+    return ", ".join(broken)
+
+
+def _assess(results: list[dict], rows: list[dict], out: Path) -> None:
+    """DNSMOS of every utterance, and its speaker similarity to fp32's same utterance; per recipe
+    the means, with paired deltas to fp32 and 95% bootstrap intervals."""
+    from quantkit.audio import read_wav
+    from quantkit.metrics import bootstrap_delta
+    from quantkit.quality import dnsmos, similarity, speaker_embedding
+
+    embeddings = {}
+    for row in _progress(rows, "DNSMOS, speaker"):
+        audio, rate = read_wav(out / row["wav"])
+        row["dnsmos"] = dnsmos(audio, rate).to_dict()
+        embeddings[row["recipe"], row["id"]] = speaker_embedding(audio, rate)
+    for row in rows:
+        ref = embeddings.get((REFERENCE, row["id"]))
+        row["speaker_similarity"] = None if ref is None else similarity(embeddings[row["recipe"], row["id"]], ref)
+    by_id = {(r["recipe"], r["id"]): r for r in rows}
+    for res in results:
+        mine = [r for r in rows if r["recipe"] == res["name"]]
+        if not mine:
+            continue
+        paired = [(r, by_id[REFERENCE, r["id"]]) for r in mine if (REFERENCE, r["id"]) in by_id]
+        res["dnsmos"] = {}
+        for key in ("sig", "bak", "ovrl", "p808"):
+            delta, ci = bootstrap_delta([a["dnsmos"][key] for a, _ in paired], [b["dnsmos"][key] for _, b in paired])
+            res["dnsmos"][key] = {"mean": float(np.mean([r["dnsmos"][key] for r in mine])),
+                                  "delta_vs_fp32": delta if paired else None, "ci95": list(ci) if paired else None}
+        sims = [r["speaker_similarity"] for r in mine if r["speaker_similarity"] is not None]
+        mean, ci = bootstrap_delta(sims, [0.0] * len(sims))
+        res["speaker_similarity"] = {"mean": mean if sims else None, "ci95": list(ci) if sims else None}
+
+
 def write_utterances_csv(path: Path, rows: list[dict]) -> None:
     import io
 
     buf = io.StringIO()
-    fields = ["recipe", "id", "steps", "wav", "text", "transcript", "error"]
+    fields = ["recipe", "id", "steps", "wav", "text", "transcript", "error", "error_uncapped",
+              "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808", "speaker_similarity"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({**r, **{f"dnsmos_{k}": v for k, v in (r.get("dnsmos") or {}).items()}} for r in rows)
     write_text(path, buf.getvalue())
 
 
@@ -367,6 +429,26 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     previous = _previous_run(out)
     kept = _resumable(previous, cfg, texts, out) if cfg.resume else {}
 
+    try:
+        results, rows = _run_recipes(names, cfg, language, texts, out, kept)
+        if asr is not None and rows:
+            _transcribe_all(asr, language, rows, out)
+            _score(results, rows, language)
+        if cfg.quality and rows:
+            _assess(results, rows, out)
+        doc = _document(cfg, language, texts, results, complete=True)
+        _write_results(out, doc, rows)
+        write_report(out)
+        _drop_stale_audio(out, _recipes_of(previous) - {r["name"] for r in results})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return doc
+
+
+def _run_recipes(names: list[str], cfg: EvalConfig, language: str, texts: dict, out: Path,
+                 kept: dict) -> tuple[list[dict], list[dict]]:
+    """Each recipe in its own process (or kept from an earlier run), fp32 first; results.json
+    and the audio in place after each."""
     results, rows, reference = [], [], None  # fp32's reference, once it is measured
     for i, source in enumerate(names, 1):
         key = config_key(source, cfg, texts)
@@ -387,15 +469,7 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
         results.append(res)
         rows += utt
         _write_results(out, _document(cfg, language, texts, results, complete=False), rows)
-    if asr is not None and rows:
-        _transcribe_all(asr, language, rows, out)
-        _score(results, rows, language)
-    doc = _document(cfg, language, texts, results, complete=True)
-    _write_results(out, doc, rows)
-    write_report(out)
-    _drop_stale_audio(out, _recipes_of(previous) - {r["name"] for r in results})
-    shutil.rmtree(work, ignore_errors=True)
-    return doc
+    return results, rows
 
 
 def _default_recipes() -> list[str]:

@@ -35,8 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit import trust
+from quantkit import chattts, trust
+from quantkit.atomic import write_error
 from quantkit.errors import QuantkitError
+from quantkit.quantize import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +82,21 @@ def _is_plain(state: dict) -> bool:
 
 def _write_gpt(chat, folder: Path) -> str:
     """The applied GPT's state: safetensors for plain tensors, torch's format otherwise."""
-    full = chat.gpt.gpt.state_dict()
+    full = chattts.gpt(chat).state_dict()
     state = type(full)((k, v) for k, v in full.items() if not k.startswith("embed_tokens"))
     # quantized modules read their layout version from the metadata on load
     state._metadata = getattr(full, "_metadata", None)
-    if _is_plain(state):
-        from safetensors.torch import save_file
+    name = "gpt.safetensors" if _is_plain(state) else "gpt.pt"
+    try:
+        if name == "gpt.safetensors":
+            from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / "gpt.safetensors"))
-        return "gpt.safetensors"
-    torch.save(state, folder / "gpt.pt")
-    return "gpt.pt"
+            save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / name))
+        else:
+            torch.save(state, folder / name)
+    except Exception as exc:  # noqa: BLE001 - both writers report a full disk in their own way
+        raise write_error(exc, folder / name) from None
+    return name
 
 
 def _copy_assets(src: Path, dst: Path) -> None:
@@ -113,7 +119,8 @@ def _compile_artifacts(chat, folder: Path) -> dict:
     from quantkit.synth import synthesize
 
     synthesize(chat, "Compile.", seed=0, steps=4)
-    return {**save_compiled(chat.gpt.generate, folder), "kernel": _copy_kernel(chat.gpt.generate, folder)}
+    gen = chattts.installed_generate(chat)
+    return {**save_compiled(gen, folder), "kernel": _copy_kernel(gen, folder)}
 
 
 KERNEL = "kernels/int8_gemv.so"
@@ -173,11 +180,9 @@ def export_variant(out: str | Path, recipe: str | None = None, best: str | None 
         # which for a cast is exact and cheap but for quantization would redo it from fp32
         raise QuantkitError(f"recipe '{rec.name}': exporting quantized {', '.join(others)} is not "
                             "supported (only the GPT's quantized weights are stored)")
-    if rec.gpt.quantize == "bnb-int8":
-        # bitsandbytes' Int8Params cannot be loaded back into a module through load_state_dict
-        # on CPU (it refuses to copy int8 into a parameter that may require grad)
-        raise QuantkitError(f"recipe '{rec.name}': bitsandbytes int8 variants cannot be exported yet; "
-                            "export int8-dynamic or int8-dynamic-fbgemm instead")
+    method = METHODS.get(rec.gpt.quantize)
+    if method is not None and method.not_exportable:
+        raise QuantkitError(f"recipe '{rec.name}': {method.not_exportable}")
     src = resolve_source(model)
     chat = load_chat(model, device)
     apply_recipe(chat, rec)
@@ -395,8 +400,6 @@ def _stored_gpt(folder: Path, manifest: dict):
     """Answer ChatTTS's ``LlamaModel.from_pretrained`` with the stored (quantized) GPT."""
     from transformers import LlamaConfig, LlamaModel
 
-    import ChatTTS.model.gpt as chattts_gpt
-
     weights = manifest["gpt_weights"]
 
     def from_pretrained(gpt_folder, *args, **kwargs):
@@ -410,7 +413,10 @@ def _stored_gpt(folder: Path, manifest: dict):
 
             state, materialized = load_file(str(path)), False
         else:
-            materialized = _prepare_skeleton(model, manifest["recipe"]["gpt"]["quantize"])
+            prepare = getattr(METHODS.get(manifest["recipe"]["gpt"]["quantize"]), "prepare_skeleton", None)
+            materialized = prepare is not None
+            if prepare is not None:
+                prepare(model)
             state = torch.load(path, weights_only=True)  # tensors only: nothing is unpickled as code
         # meta skeletons take the stored tensors as they are (torchao subclasses included)
         model.load_state_dict(state, strict=False, assign=not materialized)
@@ -422,25 +428,8 @@ def _stored_gpt(folder: Path, manifest: dict):
             raise QuantkitError(f"variant {folder}: {weights['file']} lacks {missing[0]}")
         return model.eval()
 
-    original = chattts_gpt.LlamaModel
-    shim = type("StoredLlamaModel", (), {"from_pretrained": staticmethod(from_pretrained)})
-    chattts_gpt.LlamaModel = shim
-    try:
+    with chattts.StoredGPT(from_pretrained):
         yield
-    finally:
-        chattts_gpt.LlamaModel = original
-
-
-def _prepare_skeleton(model: nn.Module, method: str) -> bool:
-    """fbgemm's packed int8 Linears have their own state-dict layout: build that module type for
-    real (zeroed placeholders) to be loaded into. True if the model was materialized."""
-    if method != "int8-dynamic-fbgemm":
-        return False
-    model.to_empty(device="cpu")
-    for t in model.parameters():
-        t.data.zero_()  # placeholders only: load_state_dict overwrites them next
-    torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
-    return True
 
 
 def load_variant(folder: str | Path, device: str = "cpu", trust_compiled: bool = False):
@@ -458,10 +447,9 @@ def load_variant(folder: str | Path, device: str = "cpu", trust_compiled: bool =
     recipe_data = dict(manifest["recipe"])
     recipe = parse_recipe(recipe_data.pop("name"), recipe_data, where=f"{folder}/{MANIFEST}")
     chat = new_chat(read_overrides(folder))
-    paths = {k: str(folder / v) for k, v in asdict(chat.config.path).items()}
     try:
         with _stored_gpt(folder, manifest):
-            chat._load(device=dev, compile=False, **paths)
+            chattts.load(chat, folder, dev)
     except QuantkitError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -483,8 +471,8 @@ def load_variant(folder: str | Path, device: str = "cpu", trust_compiled: bool =
     if artifacts:
         from quantkit.compile_artifacts import load_compiled
 
-        load_compiled(chat.gpt.generate, folder, artifacts)
+        load_compiled(chattts.installed_generate(chat), folder, artifacts)
     # ChatTTS's text normalizer JIT-compiles a numba function on its first text (1-1.7 s here,
     # as long as the whole first synthesis of an int8 variant): a loaded variant is ready.
-    chat.normalizer("Ready.", True, True, None)
+    chattts.normalize(chat, "Ready.")
     return chat

@@ -98,7 +98,7 @@ class Decoder:
     prefill: Callable
     step: Callable
     noise: Callable[[tuple[int, ...]], torch.Tensor]
-    graphs: bool = False  # CUDA graphs: outputs are reused buffers, and every slot is attended
+    graphs: bool = False  # CUDA graphs: the step's outputs are buffers it reuses
     step_seconds: float = 0.0  # the decode steps alone (no prompt pass), of the last call
     steps: int = 0
 
@@ -123,7 +123,7 @@ def _generate(dec: Decoder, req: Request, s: Sampling) -> Iterator[Progress]:
     width = 1 if req.text else len(model.emb_code)
     rows, length = bucket(real), req.emb.shape[1]
     device = req.emb.device
-    model.reserve(rows, length + 1)
+    model.reserve(rows, length + 1, fresh=True)
     with torch.inference_mode():  # as ChatTTS's embeddings are: the compiled prompt pass guards on it
         emb = _rows(req.emb, rows)
     pad = _rows(req.pad, rows)
@@ -171,15 +171,18 @@ def advance(dec: Decoder, ids: torch.Tensor, slot: int, pad: torch.Tensor, windo
     model = dec.model
     model.reserve(ids.shape[0], slot + 1)
     positions = (slot - pad).view(-1, 1)
-    if dec.graphs:
-        # every slot attended under a mask (one shape for every length); the slot as its own
+    if model.full_keys:
+        # for CUDA graphs: the slots of a power-of-two bucket attended under a mask (one shape, so
+        # one graph, per bucket; a short call does not read a long cache); the slot as its own
         # tensor, not a view of the keys: the layout run and tested on a GPU
-        out = dec.step(model, ids, model.slots, positions, pad, window, temp, mask_eos, noise,
+        keys = model.slots[:min(model.capacity, max(256, 1 << slot.bit_length()))]  # a graph per bucket
+        out = dec.step(model, ids, keys, positions, pad, window, temp, mask_eos, noise,
                        model.slots[slot:slot + 1].clone())
-        return tuple(t.clone() for t in out)  # CUDA graphs reuse their output buffers
-    keys = model.slots[:slot + 1]
-    torch._dynamo.maybe_mark_dynamic(keys, 0)  # one graph for every length
-    return dec.step(model, ids, keys, positions, pad, window, temp, mask_eos, noise)
+    else:
+        keys = model.slots[:slot + 1]
+        torch._dynamo.maybe_mark_dynamic(keys, 0)  # one graph for every length
+        out = dec.step(model, ids, keys, positions, pad, window, temp, mask_eos, noise)
+    return tuple(t.clone() for t in out) if dec.graphs else out  # CUDA graphs reuse their outputs
 
 
 def prefill_positions(pad: torch.Tensor, length: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ import logging
 import os
 import platform
 import shutil
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -127,16 +128,16 @@ def library() -> str | None:
         return _loaded
     from torch.utils.cpp_extension import load_inline
 
-    from quantkit.models import cache_dir
+    from quantkit.cache import cache_dir
 
-    _ninja_on_path()
     digest = hashlib.sha256((_SOURCE + torch.__version__).encode()).hexdigest()[:12]
     build = cache_dir() / "kernels" / f"int8_gemv-{digest}"
     build.mkdir(parents=True, exist_ok=True)
     try:
-        path = load_inline(f"quantkit_int8_gemv_{digest}", cpp_sources=_SOURCE, build_directory=str(build),
-                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                           is_python_module=False)
+        with _ninja_on_path():
+            path = load_inline(f"quantkit_int8_gemv_{digest}", cpp_sources=_SOURCE, build_directory=str(build),
+                               extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                               is_python_module=False)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja...: fall back, say why
         log.warning("int8 VNNI kernel not built (%s: %s); int8 steps use the portable path",
                     type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
@@ -166,15 +167,22 @@ def _fake_int8_gemv(x: torch.Tensor, w: torch.Tensor, comp: torch.Tensor) -> tor
     return x.new_empty((x.shape[0], comp.shape[0]), dtype=torch.int32)
 
 
-def _ninja_on_path() -> None:
-    # torch's builder runs `ninja` from PATH; the pip package's binary is not on it unless the
-    # virtual environment is activated.
+@contextmanager
+def _ninja_on_path():
+    """PATH with the ninja package's binary, for the build only: torch's builder runs `ninja`
+    from PATH, where the pip package's binary is not unless the environment is activated."""
+    saved = os.environ.get("PATH", "")
     if shutil.which("ninja") is None:
         try:
             import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + saved
         except ImportError:
-            return
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+            pass
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = saved
 
 
 def pack(qdata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,6 +65,7 @@ class ErrorRates:
     per_utterance: list[float] = field(default_factory=list)  # each capped at 1
     mean: float = 0.0
     corpus: float = 0.0  # total edits / total reference length, uncapped
+    uncapped: list[float] = field(default_factory=list)  # per utterance (Seed-TTS-eval averages these)
 
 
 def _edits(ref: str, hyp: str, language: str) -> tuple[int, int]:
@@ -86,15 +87,16 @@ def error_rates(references: list[str], hypotheses: list[str], language: str,
     if len(references) != len(hypotheses):
         raise ValueError("references and hypotheses differ in length")
     ids = ids or [str(i) for i in range(len(references))]
-    per, edits, total = [], 0, 0
+    per, uncapped, edits, total = [], [], 0, 0
     for uid, ref, hyp in zip(ids, references, hypotheses):
         ref_n, hyp_n = normalize(ref, language), normalize(hyp, language)
         if not ref_n.strip():
             raise QuantkitError(f"reference '{uid}' is empty after normalisation: nothing to score against")
         e, n = _edits(ref_n, hyp_n, language)
         per.append(min(1.0, e / n))
+        uncapped.append(e / n)
         edits, total = edits + e, total + n
-    return ErrorRates(metric=METRIC[language], per_utterance=per,
+    return ErrorRates(metric=METRIC[language], per_utterance=per, uncapped=uncapped,
                       mean=float(np.mean(per)) if per else 0.0,
                       corpus=edits / total if total else 0.0)
 

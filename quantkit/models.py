@@ -13,13 +13,14 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from quantkit.atomic import write_error
+from quantkit.cache import cache_dir
 from quantkit.errors import QuantkitError
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,6 @@ CHATTTS_SPECIAL_TOKENS = (
 )
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -82,30 +81,15 @@ def resolve_device(device: str) -> torch.device:
     raise QuantkitError(f"unknown device '{device}' (allowed: cpu, cuda, auto)")
 
 
-def _apply_overrides(obj: Any, overrides: dict[str, Any]) -> None:
-    """Shrink ChatTTS's nested Config dataclasses in place (before Chat._load reads them)."""
-    for key, value in overrides.items():
-        if not hasattr(obj, key):
-            raise QuantkitError(f"{OVERRIDES_FILE}: ChatTTS's configuration has no '{key}'")
-        if isinstance(value, dict):
-            _apply_overrides(getattr(obj, key), value)
-        else:
-            setattr(obj, key, tuple(value) if isinstance(value, list) else value)
-
-
 def new_chat(overrides: dict[str, Any]):
-    import copy
+    """A ChatTTS ``Chat`` with a synthetic source's Config overrides (before loading)."""
+    from quantkit import chattts
 
-    import ChatTTS
-
-    chat = ChatTTS.Chat(logging.getLogger("ChatTTS"))
-    # Config's defaults are shared class-level instances: copy before editing.
-    chat.config = copy.deepcopy(chat.config)
-    _apply_overrides(chat.config, overrides)
-    hidden = chat.config.gpt.hidden_size
-    if overrides.get("gpt", {}).get("hidden_size") is not None:
-        chat.config.spk_stat = _speaker_stat(hidden)
-    return chat
+    hidden = overrides.get("gpt", {}).get("hidden_size")
+    try:
+        return chattts.new_chat(overrides, _speaker_stat(hidden) if hidden is not None else None)
+    except KeyError as exc:
+        raise QuantkitError(f"{OVERRIDES_FILE}: ChatTTS's configuration has no {exc}") from None
 
 
 def _speaker_stat(hidden: int) -> str:
@@ -147,38 +131,19 @@ def _save(module: torch.nn.Module, path: Path) -> None:
 def write_synthetic_assets(root: Path, overrides: dict[str, Any], seed: int = SYNTHETIC_SEED) -> None:
     """Build every ChatTTS component from its real class with seeded random weights."""
     from transformers import LlamaConfig, LlamaModel
-    from vocos import Vocos
-    from vocos.pretrained import instantiate_class
 
-    from ChatTTS.model import DVAE, Embed
+    from quantkit import chattts
 
     chat = new_chat(overrides)
-    cfg = chat.config
     asset = root / "asset"
     (asset / "gpt").mkdir(parents=True)
     torch.manual_seed(seed)
-
-    vocos = Vocos(
-        feature_extractor=instantiate_class(args=(), init=asdict(cfg.vocos.feature_extractor)),
-        backbone=instantiate_class(args=(), init=asdict(cfg.vocos.backbone)),
-        head=instantiate_class(args=(), init=asdict(cfg.vocos.head)),
-    )
-    _save(vocos, asset / "Vocos.safetensors")
-    dvae = DVAE(decoder_config=asdict(cfg.dvae.decoder), encoder_config=asdict(cfg.dvae.encoder),
-                vq_config=asdict(cfg.dvae.vq), dim=cfg.dvae.decoder.idim)
-    _save(dvae, asset / "DVAE.safetensors")
-    decoder = DVAE(decoder_config=asdict(cfg.decoder), dim=cfg.decoder.idim)
-    _save(decoder, asset / "Decoder.safetensors")
-    embed = Embed(cfg.embed.hidden_size, cfg.embed.num_audio_tokens, cfg.embed.num_text_tokens,
-                  cfg.embed.num_vq)
-    _save(embed, asset / "Embed.safetensors")
-
-    gpt_cfg = {k: v for k, v in asdict(cfg.gpt).items()
-               if k not in ("spk_emb_dim", "spk_KL", "num_audio_tokens", "num_text_tokens", "num_vq")}
+    for stem, module in chattts.random_components(chat).items():
+        _save(module, asset / f"{stem}.safetensors")
     # ChatTTS deletes the Llama token embedding after loading (it has its own): keep it tiny.
-    llama = LlamaModel(LlamaConfig(**gpt_cfg, vocab_size=8))
+    llama = LlamaModel(LlamaConfig(**chattts.llama_config(chat), vocab_size=8))
     llama.save_pretrained(str(asset / "gpt"), safe_serialization=True)
-    _write_tokenizer(asset / "tokenizer", cfg.gpt.num_text_tokens)
+    _write_tokenizer(asset / "tokenizer", chattts.config(chat).gpt.num_text_tokens)
     sizes = {f: (root / f).stat().st_size for f in ASSET_FILES}
     (root / OVERRIDES_FILE).write_text(json.dumps({"config": overrides, "seed": seed, "sizes": sizes},
                                                   indent=1))
@@ -208,9 +173,9 @@ def synthetic_dir(name: str) -> Path:
         if target.exists():  # damaged or concurrent: replace
             shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-    except OSError:
+    except Exception as exc:  # noqa: BLE001 - safetensors reports a full disk as its own error
         if not _complete(target):
-            raise
+            raise write_error(exc, target) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -278,13 +243,14 @@ def read_overrides(root: Path) -> dict[str, Any]:
 
 def load_chat(model: str = "synthetic-tiny", device: str = "cpu"):
     """Load ChatTTS through its own ``Chat._load`` from any model source."""
+    from quantkit import chattts
+
     dev = resolve_device(device)
     root = resolve_source(model)
     check_assets(root)
     chat = new_chat(read_overrides(root))
-    paths = {k: str(root / v) for k, v in asdict(chat.config.path).items()}
     try:
-        ok = chat._load(device=dev, compile=False, **paths)
+        ok = chattts.load(chat, root, dev)
     except Exception as exc:  # noqa: BLE001 - safetensors, state-dict and json errors alike
         raise QuantkitError(f"model directory {root} is damaged: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200]}") from None

@@ -1,42 +1,100 @@
-"""int8 quantization of a component's Linear layers, one backend per method.
+"""Quantization methods, as torchao's ``quantize_(model, config)`` registers its handlers: a
+method is one ``Method`` entry in ``METHODS`` (how to quantize a component's Linears, and how an
+exported variant restores them), so adding one touches this module alone; the recipe schema's
+list of methods comes from here.
 
 - ``int8-weight-only``: torchao ``Int8WeightOnlyConfig`` (per-channel int8 weights, fp matmul).
 - ``int8-dynamic``: torchao ``Int8DynamicActivationInt8WeightConfig`` (int8 x int8 matmul).
 - ``int8-dynamic-fbgemm``: torch's ``quantize_dynamic`` (fbgemm/onednn packed weights; CPU only).
 - ``bnb-int8``: bitsandbytes ``Linear8bitLt`` (LLM.int8 with outlier threshold 6).
+
+torch is imported inside the handlers: listing recipes needs none of it.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
 
-def _linear_filter(module: nn.Module, _fqn: str) -> bool:
+@dataclass(frozen=True)
+class Method:
+    name: str
+    quantize: Callable[["nn.Module", "torch.device"], None]
+    # an exported variant's GPT skeleton, rebuilt so the stored state loads into it (None: the
+    # stored tensors are assigned to a meta skeleton as they are)
+    prepare_skeleton: Callable[["nn.Module"], None] | None = None
+    # why variants of this method cannot be exported (None: they can)
+    not_exportable: str | None = None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, **options) -> Callable:
+    """Decorator: the function quantizes every nn.Linear below a module for method ``name``."""
+    def wrap(fn: Callable) -> Callable:
+        METHODS[name] = Method(name, fn, **options)
+        return fn
+    return wrap
+
+
+def _linear_filter(module, _fqn: str) -> bool:
+    from torch import nn
+
     return isinstance(module, nn.Linear)
 
 
-def _torchao(module: nn.Module, method: str) -> None:
-    from torchao.quantization import (Int8DynamicActivationInt8WeightConfig,
-                                      Int8WeightOnlyConfig, quantize_)
+@register("int8-weight-only")
+def _torchao_weight_only(module, device) -> None:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    config = (Int8WeightOnlyConfig() if method == "int8-weight-only"
-              else Int8DynamicActivationInt8WeightConfig())
-    quantize_(module, config, filter_fn=_linear_filter)
+    quantize_(module, Int8WeightOnlyConfig(), filter_fn=_linear_filter)
 
 
-def _fbgemm(module: nn.Module, device: torch.device) -> None:
+@register("int8-dynamic")
+def _torchao_dynamic(module, device) -> None:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    quantize_(module, Int8DynamicActivationInt8WeightConfig(), filter_fn=_linear_filter)
+
+
+def _fbgemm_skeleton(model) -> None:
+    """fbgemm's packed int8 Linears have their own state-dict layout: build that module type for
+    real (zeroed placeholders) to load the stored state into."""
+    import torch
+    from torch import nn
+
+    model.to_empty(device="cpu")
+    for t in model.parameters():
+        t.data.zero_()  # placeholders only: load_state_dict overwrites them next
+    torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+@register("int8-dynamic-fbgemm", prepare_skeleton=_fbgemm_skeleton)
+def _fbgemm(module, device) -> None:
+    import torch
+    from torch import nn
+
     if device.type != "cpu":
         raise RuntimeError("torch quantize_dynamic kernels run on CPU only")
     torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
-def _bnb(module: nn.Module, device: torch.device) -> None:
+# bitsandbytes' Int8Params cannot be loaded back into a module through load_state_dict on CPU
+# (it refuses to copy int8 into a parameter that may require grad)
+@register("bnb-int8", not_exportable="bitsandbytes int8 variants cannot be exported yet; "
+                                     "export int8-dynamic or int8-dynamic-fbgemm instead")
+def _bnb(module, device) -> None:
     import bitsandbytes as bnb
+    from torch import nn
 
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
@@ -51,23 +109,20 @@ def _bnb(module: nn.Module, device: torch.device) -> None:
             _bnb(child, device)
 
 
-def quantize_module(module: nn.Module, method: str, device: torch.device) -> None:
+def quantize_module(module, method: str, device) -> None:
     """Quantize every nn.Linear below ``module`` (its children are replaced or re-weighted)."""
     if method == "none":
         return
-    if method in ("int8-weight-only", "int8-dynamic"):
-        _torchao(module, method)
-    elif method == "int8-dynamic-fbgemm":
-        _fbgemm(module, device)
-    elif method == "bnb-int8":
-        _bnb(module, device)
-    else:
+    if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}")
+    METHODS[method].quantize(module, device)
 
 
-def is_quantized_linear(module: nn.Module) -> bool:
+def is_quantized_linear(module) -> bool:
     """True for a Linear whose weight is stored in int8, by any of the backends above."""
     import bitsandbytes as bnb
+    import torch
+    from torch import nn
 
     if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
         return True
@@ -79,8 +134,10 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return False
 
 
-def _inner_tensors(t) -> list[torch.Tensor]:
+def _inner_tensors(t) -> list:
     """The plain tensors that hold a (possibly subclassed or quantized) tensor's data."""
+    import torch
+    from torch import nn
     if isinstance(t, (tuple, list)):
         return [x for item in t for x in _inner_tensors(item)]
     if not isinstance(t, torch.Tensor):
@@ -97,7 +154,7 @@ def _inner_tensors(t) -> list[torch.Tensor]:
     return [t]
 
 
-def module_weight_bytes(module: nn.Module) -> int:
+def module_weight_bytes(module) -> int:
     """Bytes of parameters and buffers as stored (int8 data and scales for quantized layers)."""
     tensors = [t for v in module.state_dict(keep_vars=True).values() for t in _inner_tensors(v)]
     # ids are unique only while the tensors live: `tensors` keeps temporaries (int_repr) alive

@@ -17,6 +17,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from quantkit.errors import QuantkitError
+from quantkit.quantize import METHODS as QUANTIZE_METHODS
 
 
 def _recipes_dir() -> Path:
@@ -29,7 +30,7 @@ RECIPES_DIR = _recipes_dir()
 
 COMPONENTS = ("gpt", "heads", "decoder", "vocos")
 DTYPES = ("fp32", "fp16", "bf16")
-METHODS = ("none", "int8-weight-only", "int8-dynamic", "int8-dynamic-fbgemm", "bnb-int8")
+METHODS = ("none", *QUANTIZE_METHODS)  # quantkit.quantize's registry
 WEIGHT_NORM = ("fold", "keep")
 # "auto": CUDA graphs ("reduce-overhead") on CUDA, where a decode step is hundreds of kernel
 # launches; Inductor's default on CPU, where CUDA graphs do not apply.

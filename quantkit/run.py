@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quantkit import trust
+from quantkit import chattts, trust
 from quantkit.apply import apply_recipe, weight_bytes
 from quantkit.atomic import check_writable_target, write_text
 from quantkit.audio import write_wav
@@ -35,7 +35,7 @@ def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
     chat = load_chat(model, device)
     t1 = time.perf_counter()
     apply_recipe(chat, recipe)
-    cache_state, key = None, _key(recipe, model)
+    cache_state, key = None, cache_key(recipe, model)
     if compile_cache and recipe.compile.enabled:
         cache_state = "loaded" if _load_compiled(chat, key, Path(compile_cache), trust_compiled) else "saved"
     t2 = time.perf_counter()
@@ -81,7 +81,7 @@ def check_length(recipe, steps: int | None) -> None:
 COMPILED_INFO = "compiled.json"
 
 
-def _key(recipe, model: str) -> dict:
+def cache_key(recipe, model: str) -> dict:
     """What saved compilations are for: the recipe's settings and the model (as JSON reads back)."""
     return json.loads(json.dumps({"recipe": recipe.to_dict(), "model": model}))
 
@@ -110,7 +110,7 @@ def _load_compiled(chat, key: dict, folder: Path, trust_compiled: bool) -> bool:
         raise QuantkitError(f"compile cache {folder} is damaged (a file is missing or changed); "
                             "delete it or give another directory")
     try:
-        load_compiled(chat.gpt.generate, folder, info)
+        load_compiled(chattts.installed_generate(chat), folder, info)
     except Exception as exc:  # noqa: BLE001 - pickles of compiled functions fail in many ways
         raise QuantkitError(f"compile cache {folder} could not be loaded ({type(exc).__name__}); "
                             "delete it or give another directory") from None
@@ -123,7 +123,7 @@ def _save_compiled(chat, key: dict, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / COMPILED_INFO).unlink(missing_ok=True)  # written last: never names half-written files
-    info = save_compiled(chat.gpt.generate, folder)
+    info = save_compiled(chattts.installed_generate(chat), folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPILED_INFO)
     info["files"] = {p.relative_to(folder).as_posix(): sha256(p) for p in files}
     write_text(folder / COMPILED_INFO, json.dumps({**info, "for": key}, indent=1))

@@ -26,25 +26,6 @@ class Sampling:
     eos: int
 
 
-def sampling_from(processors, eos: int) -> Sampling | None:
-    """Read ChatTTS's processor objects; None if one is of a kind this path does not know."""
-    from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
-
-    from ChatTTS.model.processors import CustomRepetitionPenaltyLogitsProcessorRepeat as Rep
-
-    penalty, window, top_p, keep, top_k = None, 16, None, 1, None
-    for i, p in enumerate(processors):
-        if isinstance(p, Rep) and i == 0:
-            penalty, window = float(p.penalty), int(p.past_window)
-        elif isinstance(p, TopPLogitsWarper) and top_k is None:
-            top_p, keep = float(p.top_p), int(p.min_tokens_to_keep)
-        elif isinstance(p, TopKLogitsWarper):
-            top_k = int(p.top_k)
-        else:
-            return None
-    return Sampling(penalty, window, top_p, keep, top_k, int(eos))
-
-
 def process_logits(logits: torch.Tensor, window: torch.Tensor, temperature: torch.Tensor,
                    mask_eos: torch.Tensor, s: Sampling) -> torch.Tensor:
     """Probabilities exactly as ChatTTS computes them: /T, repetition penalty over the last

@@ -34,7 +34,7 @@ class StaticCacheGPT(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.dtype = float_dtype(llama)
         self.device = torch.device(device)
-        self.rows, self.capacity = 0, 0
+        self.rows, self.capacity, self.base = 0, 0, capacity
         self.emb_code, self.emb_text = emb_code, emb_text
         self.heads_code = SharedInput(list(head_code), self.device)
         self.head_text = FoldedHead(head_text)
@@ -45,11 +45,13 @@ class StaticCacheGPT(nn.Module):
         if self.device.type == "cpu":
             self._rehouse_weights()
 
-    def reserve(self, rows: int, length: int) -> None:
+    def reserve(self, rows: int, length: int, fresh: bool = False) -> None:
         """A cache of ``rows`` rows and at least ``length`` slots: the same one if it fits (its
         contents kept), else a new one of twice the capacity until it fits (the filled slots
-        copied where the rows stay the same)."""
-        capacity = max(self.capacity, 1)
+        copied where the rows stay the same). ``fresh`` (a call's start): the recipe's capacity
+        again where that fits, so a call's prompt pass always runs on the cache it was
+        compiled for, and a long call's growth on the caches compiled for it."""
+        capacity = self.base if fresh else max(self.capacity, 1)
         while capacity < length:
             capacity *= 2
         if rows == self.rows and capacity == self.capacity:
@@ -62,7 +64,7 @@ class StaticCacheGPT(nn.Module):
             caches = [c.zero_() for c in hugepages.empty_each([(shape, self.dtype)] * count)]
         else:
             caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(count)]
-        keep = self.capacity if rows == self.rows else 0
+        keep = self.capacity if rows == self.rows and not fresh else 0
         for i, layer in enumerate(self.layers):
             layer.set_cache(caches[2 * i], caches[2 * i + 1], keep)
         self.register_buffer("slots", torch.arange(capacity, device=self.device), persistent=False)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from quantkit.precision import float_dtype
+from quantkit import chattts
 
 SAMPLE_RATE = 24000
 SAMPLES_PER_STEP = 512  # each GPT step becomes 2 mel frames of 256 samples
@@ -69,17 +69,17 @@ def synthesize(chat, text: str, seed: int = 0, steps: int | None = None,
                max_new_tokens: int = 2048, speaker: str | None = None) -> Synthesis:
     """Same chat, text, seed and steps -> the same audio, bit for bit."""
     params = infer_params(chat, seed, steps, max_new_tokens, speaker)
-    normed = chat.normalizer(text, True, True, None)
+    normed = chattts.normalize(chat, text)
     _sync(chat)
     t0 = time.perf_counter()
-    result = next(chat._infer_code([normed], False, chat.device, True, params))
+    result = chattts.infer_code(chat, [normed], params)
     tokens = result.ids[0].detach().cpu().clone()
     _sync(chat)
     t1 = time.perf_counter()
-    wav = chat._decode_to_wavs(result.hiddens, True)[0]
+    wav = chattts.decode(chat, result.hiddens)[0]
     _sync(chat)
     t2 = time.perf_counter()
-    timed = getattr(chat.gpt.generate, "last_steps", None)  # compiled decoding times its steps
+    timed = getattr(chattts.installed_generate(chat), "last_steps", None)  # compiled decoding times its steps
     return Synthesis(wav=np.asarray(wav, dtype=np.float32), tokens=tokens, steps=int(tokens.shape[0]),
                      gpt_s=t1 - t0, decode_s=t2 - t1, step_s=timed[1] / timed[0] if timed else None)
 
@@ -96,24 +96,15 @@ def teacher_forced(chat, text: str, tokens: torch.Tensor, seed: int = 0,
     """Run the GPT once over prompt + reference tokens (no sampling) and decode the hidden
     states: what this variant predicts and sounds like on someone else's token sequence."""
     params = infer_params(chat, seed, None, 1, speaker)
-    normed = chat.normalizer(text, True, True, None)
-    prompts = chat.speaker.decorate_code_prompts([normed], params.prompt, params.txt_smp, params.spk_emb)
-    input_ids, _mask, text_mask = chat.tokenizer.encode(prompts, chat.config.gpt.num_vq,
-                                                        device=chat.device_gpt)
-    emb = chat.embed(input_ids, text_mask)
-    chat.speaker.apply(emb, params.spk_emb, input_ids, chat.tokenizer.spk_emb_ids, chat.device_gpt)
-    tokens = tokens.to(chat.device_gpt)
+    emb = chattts.prompt_embeddings(chat, chattts.normalize(chat, text), params)
+    tokens = tokens.to(emb.device)
     # A compiled recipe is judged on what its compiled step computes, not on its eager modules.
-    forced = getattr(chat.gpt.generate, "forced_hidden", None)
+    forced = getattr(chattts.installed_generate(chat), "forced_hidden", None)
     hidden = forced(emb, tokens) if forced is not None else None
-    if hidden is None:
-        code = torch.stack([chat.gpt.emb_code[i](tokens[:, i]) for i in range(tokens.shape[1])]).sum(0)
-        # position L-1+i predicts token i, as in ChatTTS's loop (its hidden feeds the decoder too)
-        inputs = torch.cat([emb[0], code[:-1].to(emb.dtype)])[None]
-        out = chat.gpt.gpt(inputs_embeds=inputs.to(float_dtype(chat.gpt.gpt)), use_cache=False)
-        hidden = out.last_hidden_state[0, emb.shape[1] - 1:].float()
-    logits = torch.stack([head(hidden) for head in chat.gpt.head_code], 1).float()
-    wav = chat._decode_to_wavs([hidden], True)[0]
+    if hidden is None:  # position L-1+i predicts token i, as in ChatTTS's loop
+        hidden = chattts.eager_hidden(chat, emb, tokens)
+    logits = chattts.head_logits(chat, hidden)
+    wav = chattts.decode(chat, [hidden])[0]
     return TeacherForced(logprobs=torch.log_softmax(logits, -1).cpu(), logmel=log_mel(wav))
 
 

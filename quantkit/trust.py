@@ -22,7 +22,7 @@ def digest(path: Path) -> str:
 
 
 def _store() -> Path:
-    from quantkit.models import cache_dir
+    from quantkit.cache import cache_dir
 
     return cache_dir() / TRUSTED
 

@@ -1,8 +1,11 @@
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,8 +19,10 @@ TEXTS = ["Hi.", "The birch canoe slid on the smooth planks.",
 @pytest.fixture(scope="session", autouse=True)
 def _quantkit_cache(tmp_path_factory):
     """Synthetic weights and converted Whisper checkpoints go to a per-run cache, so every run
-    exercises the writing and conversion code, not only a warm cache."""
+    exercises the writing and conversion code, not only a warm cache; Inductor's cache too, so
+    that no test finds kernels an earlier run built."""
     os.environ.setdefault("QUANTKIT_CACHE", str(tmp_path_factory.mktemp("quantkit-cache")))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor-cache")))
     yield
 
 
@@ -36,6 +41,24 @@ def _inductor_config():
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "quantkit", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def run_cli_here(*args: str) -> subprocess.CompletedProcess:
+    """The command line in this process (for inputs refused before any slow work: no import
+    cost); the same exit code and output as ``run_cli``, and an uncaught exception fails the test
+    as a traceback would."""
+    import contextlib
+    import io
+
+    from quantkit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -60,3 +83,36 @@ def tiny_chat(tiny_dir):
     from quantkit.models import load_chat
 
     return load_chat("synthetic-tiny", "cpu")
+
+
+def add_white_noise(audio: np.ndarray, snr_db: float, seed: int = 0) -> np.ndarray:
+    """``audio`` plus white noise at ``snr_db`` dB signal-to-noise."""
+    power = np.mean(audio ** 2)
+    noise = np.random.default_rng(seed).normal(0.0, np.sqrt(power / 10 ** (snr_db / 10)), audio.shape)
+    return (audio + noise).astype(np.float32)
+
+
+def speak(texts: dict[str, str], folder: Path, voice: str | None = None, prefix: str = "") -> None:
+    """flite (installed by `make test`) speaks each text into folder/PREFIXID.wav."""
+    if shutil.which("flite") is None:
+        pytest.fail("flite is not installed: run `make system-deps` (Debian package flite)")
+    for uid, text in texts.items():
+        subprocess.run(["flite", *(["-voice", voice] if voice else []), "-t", text,
+                        "-o", str(folder / f"{prefix}{uid}.wav")], check=True)
+
+
+def write_compile_cache(cache: Path, step: bytes, prefill: bytes) -> dict:
+    """A --compile-cache folder for fp32-compiled on synthetic-tiny holding these two 'compiled
+    functions', listed with their hashes -> its compiled.json."""
+    from quantkit.export import sha256
+    from quantkit.recipes import get_recipe
+    from quantkit.run import COMPILED_INFO, cache_key
+
+    cache.mkdir()
+    (cache / "decode_step.aot").write_bytes(step)
+    (cache / "prefill.aot").write_bytes(prefill)
+    info = {"kind": "aot", "file": "decode_step.aot", "prefill": "prefill.aot", "sampling": {},
+            "files": {f: sha256(cache / f) for f in ("decode_step.aot", "prefill.aot")},
+            "for": cache_key(get_recipe("fp32-compiled"), "synthetic-tiny")}
+    (cache / COMPILED_INFO).write_text(json.dumps(info))
+    return info

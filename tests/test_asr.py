@@ -1,14 +1,13 @@
 """Real Whisper weights (the offline bundles), real speech (flite, recorded Mandarin)."""
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
+from conftest import add_white_noise, assert_one_line_error, run_cli, speak
 from quantkit.asr import BUNDLES, load_asr, transcribe
 from quantkit.audio import read_wav, resample, write_wav
 from quantkit.errors import QuantkitError
@@ -18,22 +17,13 @@ from quantkit.texts import load_texts, read_tsv
 ZH = Path(__file__).parent / "data" / "zh_speech"
 
 
-def add_white_noise(audio: np.ndarray, snr_db: float, seed: int = 0) -> np.ndarray:
-    power = np.mean(audio ** 2)
-    noise = np.random.default_rng(seed).normal(0.0, np.sqrt(power / 10 ** (snr_db / 10)), audio.shape)
-    return (audio + noise).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def flite_speech(tmp_path_factory):
     """The first Harvard sentences spoken by flite (installed by `make test`)."""
-    if shutil.which("flite") is None:
-        pytest.fail("flite is not installed: run `make system-deps` (Debian package flite)")
     out = tmp_path_factory.mktemp("flite")
     _, texts = load_texts("en")
     chosen = dict(list(texts.items())[:8])
-    for uid, text in chosen.items():
-        subprocess.run(["flite", "-t", text, "-o", str(out / f"{uid}.wav")], check=True)
+    speak(chosen, out)
     return out, chosen
 
 

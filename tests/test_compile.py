@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEXTS, assert_one_line_error, run_cli
+from conftest import TEXTS, assert_one_line_error, run_cli, write_compile_cache
 
 from quantkit.apply import apply_recipe
 from quantkit.compile import CompiledGenerate
@@ -28,7 +28,12 @@ def reference(tiny_dir):
 
 @pytest.fixture(scope="module")
 def compiled(tiny_dir, tmp_path_factory):
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+        yield _compiled_chat()
+
+
+def _compiled_chat():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # count this fixture's graphs, not earlier tests'
     chat = load_chat("synthetic-tiny")
@@ -66,7 +71,7 @@ def test_compiled_step_matches_and_never_recompiles(compiled, reference):
 
 
 def test_decode_steps_are_timed_apart_from_the_prompt_pass(compiled, reference):
-    from quantkit.evaluate import EvalConfig, _measure
+    from quantkit.evaluate import EvalConfig, measure
 
     for steps in (40, None):  # a fixed count, and a natural length ended by EOS
         out = synthesize(compiled, TEXTS[1], seed=1, steps=steps, max_new_tokens=80)
@@ -76,7 +81,7 @@ def test_decode_steps_are_timed_apart_from_the_prompt_pass(compiled, reference):
         assert out.step_s == pytest.approx(seconds / advanced) and 0 < seconds < out.gpt_s
     assert reference[(TEXTS[1], 1, 40)].step_s is None  # ChatTTS's own loop: not timed
 
-    result = _measure(compiled, EvalConfig(model="synthetic-tiny", runs=2, max_new_tokens=24), TEXTS[1])
+    result = measure(compiled, EvalConfig(model="synthetic-tiny", runs=2, max_new_tokens=24), TEXTS[1])
     runs = result["bandwidth_runs"]
     assert result["step_ms_median"] > 0 and all(run["step_gbs"] > 0 for run in runs)
     assert result["step_bandwidth_fraction"] == pytest.approx(
@@ -164,17 +169,10 @@ def test_saved_compilation_round_trip_in_a_fresh_process(recipe, tiny_dir, tmp_p
 
 
 def test_damaged_compile_cache_is_one_clear_error(tiny_dir, tmp_path):
-    from quantkit.export import sha256
-    from quantkit.run import COMPILED_INFO, _key
+    from quantkit.run import COMPILED_INFO
 
     cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "decode_step.aot").write_bytes(b"not a compiled function")
-    (cache / "prefill.aot").write_bytes(b"not one either")
-    info = {"kind": "aot", "file": "decode_step.aot", "prefill": "prefill.aot", "sampling": {},
-            "files": {f: sha256(cache / f) for f in ("decode_step.aot", "prefill.aot")},
-            "for": _key(get_recipe("fp32-compiled"), "synthetic-tiny")}
-    (cache / COMPILED_INFO).write_text(json.dumps(info))
+    info = write_compile_cache(cache, b"not a compiled function", b"not one either")
     proc = run_cli("apply", "fp32-compiled", "--model", "synthetic-tiny", "--steps", "4",
                    "--compile-cache", str(cache), "--trust-compiled")
     assert_one_line_error(proc, "could not be loaded", str(cache))
@@ -255,7 +253,7 @@ def test_teacher_forcing_goes_through_the_compiled_step(eager_recipe, compiled_r
     calls = []
     gen = compiled.gpt.generate
     s = gen.default_sampling()
-    step = gen._step_fn(s)
+    step = gen.step_for(s)
     gen.precompiled[s] = lambda *a: calls.append(1) or step(*a)
     ref, out = teacher_forced(eager, text, tokens, seed=4), teacher_forced(compiled, text, tokens, seed=4)
     assert len(calls) == tokens.shape[0] - 1  # one compiled step per forced token after the prompt
@@ -342,7 +340,7 @@ from torch._inductor import cpu_vec_isa
 real, runs = cpu_vec_isa.VecISA.check_build, []
 cpu_vec_isa.VecISA.check_build = lambda isa, code: runs.append(str(isa)) or real(isa, code)
 if sys.argv[1] == "quantkit":
-    from quantkit.compile import skip_vec_isa_probe
+    from quantkit.inductor import skip_vec_isa_probe
 
     skip_vec_isa_probe()
 isa = cpu_vec_isa.pick_vec_isa()
@@ -400,7 +398,7 @@ def test_decoder_layers_are_traced_once_and_reused(recipe, tiny_dir):
 def test_compile_mode_auto_is_cuda_graphs_on_cuda_only():
     import dataclasses
 
-    from quantkit.compile import for_device, uses_cuda_graphs
+    from quantkit.inductor import for_device, uses_cuda_graphs
     from quantkit.recipes import parse_recipe
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, run_cli
+from conftest import ROOT, assert_one_line_error, run_cli, run_cli_here
 from quantkit.metrics import bootstrap_delta, fidelity
 from quantkit.models import load_chat
 from quantkit.report import pareto_front
@@ -123,7 +123,7 @@ def test_report_on_a_missing_or_broken_results_file(tmp_path):
 ])
 def test_eval_rejects_bad_input_before_running(tmp_path, args, fragment):
     # --timeout 1: had any recipe started, its process would be killed and the run exit 1, not 2
-    proc = run_cli("eval", "--model", "synthetic-tiny", "--recipes", "stock", "--timeout", "1",
+    proc = run_cli_here("eval", "--model", "synthetic-tiny", "--recipes", "stock", "--timeout", "1",
                    *args, "--out", str(tmp_path / "out"))
     assert_one_line_error(proc, fragment)
     assert not (tmp_path / "out").exists()
@@ -132,7 +132,7 @@ def test_eval_rejects_bad_input_before_running(tmp_path, args, fragment):
 def test_eval_rejects_unreadable_text_set(tmp_path):
     tsv = tmp_path / "texts.tsv"
     tsv.write_bytes(b"\xff\xfe\x00garbage")
-    assert_one_line_error(run_cli("eval", "--model", "synthetic-tiny", "--texts", str(tsv),
+    assert_one_line_error(run_cli_here("eval", "--model", "synthetic-tiny", "--texts", str(tsv),
                                   "--out", str(tmp_path / "out")), "cannot read text file")
 
 

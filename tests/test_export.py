@@ -139,7 +139,7 @@ def test_existing_directory_needs_force(variants, tmp_path):
 def test_export_best_from_an_eval_directory(tiny_dir, tmp_path):
     ev = tmp_path / "eval"
     proc = run_cli("eval", "--model", "synthetic-tiny", "--recipes", "int8-dynamic", "--limit", "1",
-                   "--max-new-tokens", "8", "--runs", "1", "--skip-asr", "--skip-call-shapes", "--out", str(ev))
+                   "--max-new-tokens", "8", "--runs", "1", "--skip-asr", "--skip-call-shapes", "--skip-quality", "--out", str(ev))
     assert proc.returncode == 0, proc.stderr
     chosen = json.loads((ev / "results.json").read_text())["recommendation"]["name"]
     proc = run_cli("export", "--best", str(ev), "--model", "synthetic-tiny", "--out", str(tmp_path / "v"))

@@ -195,3 +195,19 @@ def test_atomic_writes_keep_the_old_file_when_a_write_fails(tmp_path):
     assert target.read_text() == "new"
     assert [p.name for p in target.parent.iterdir()] == ["report.md"]  # no temporaries left
     assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_public_api_takes_a_name_a_path_or_a_recipe(tiny_dir):
+    """quantkit.load_chat / apply_recipe, then ChatTTS's own infer, as a user writes it."""
+    import quantkit
+    from quantkit.recipes import RECIPES_DIR
+
+    for recipe in ("bf16", RECIPES_DIR / "bf16.toml", get_recipe("bf16")):
+        chat = quantkit.load_chat("synthetic-tiny")
+        quantkit.apply_recipe(chat, recipe)
+        assert chat.gpt.gpt.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+        params = chat.InferCodeParams(manual_seed=1, max_new_token=8, min_new_token=8, show_tqdm=False)
+        (wav,) = chat.infer(["Hello."], skip_refine_text=True, params_infer_code=params)
+        assert wav.ndim == 1 and wav.shape[0] > 0
+    with pytest.raises(QuantkitError, match="unknown recipe"):
+        quantkit.apply_recipe(quantkit.load_chat("synthetic-tiny"), "no-such-recipe")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, run_cli
+from conftest import ROOT, assert_one_line_error, run_cli, run_cli_here, write_compile_cache
 from quantkit.export import sha256
 
 ROOT_USER = os.geteuid() == 0
@@ -45,23 +45,25 @@ def test_a_full_disk_is_one_line(tiny_dir, tmp_path):
     assert stat.S_ISCHR(full.stat().st_mode)
 
 
-def test_a_file_size_limit_is_one_line_for_export_and_eval(tiny_dir, tmp_path):
-    # RLIMIT_FSIZE makes writes past 1 MiB fail (EFBIG), as a full disk would, for this process only
-    def limit():
+@pytest.mark.parametrize("args, limit", [
+    (["export", "fp32", "--model", "synthetic-tiny", "--out", "{tmp}/v"], 1 << 20),  # the variant
+    (["apply", "fp32", "--model", "synthetic-tiny", "--steps", "4"], 1 << 20),  # a fresh cache's assets
+    (["eval", "--model", "synthetic-tiny", "--recipes", "bf16", "--skip-asr", "--out", "{tmp}/e"], 0),
+])
+def test_a_full_disk_is_one_line_for_export_eval_and_the_cache(tiny_dir, tmp_path, args, limit):
+    # RLIMIT_FSIZE makes writes past the limit fail (EFBIG), as a full disk would, for this process
+    def cap():
         import resource
 
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    for args in (["export", "fp32", "--model", "synthetic-tiny", "--out", str(tmp_path / "v")],
-                 ["apply", "fp32", "--model", "synthetic-tiny", "--steps", "4", "--out-wav",
-                  str(tmp_path / "big.wav"), "--text", "x " * 40]):
-        proc = subprocess.run([sys.executable, "-m", "quantkit", *args], capture_output=True, text=True,
-                              cwd=ROOT, preexec_fn=limit, timeout=600)
-        if proc.returncode == 0:  # the output fitted under the limit: nothing to check
-            continue
-        assert_one_line_error(proc, "no space left on device")
+    env = {**os.environ, "QUANTKIT_CACHE": str(tmp_path / "cache")} if args[0] == "apply" else None
+    proc = subprocess.run([sys.executable, "-m", "quantkit", *(a.format(tmp=tmp_path) for a in args)],
+                          capture_output=True, text=True, cwd=ROOT, preexec_fn=cap, timeout=600, env=env)
+    assert_one_line_error(proc, "no space left on device")
     assert not (tmp_path / "v").exists()
-    assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporaries left
+    leftovers = list(tmp_path.rglob(".*"))
+    assert leftovers == [], leftovers  # no temporaries left
 
 
 @pytest.mark.parametrize("target, fragment", [
@@ -71,7 +73,7 @@ def test_a_file_size_limit_is_one_line_for_export_and_eval(tiny_dir, tmp_path):
 def test_out_wav_that_cannot_be_written_is_refused_before_loading(tmp_path, target, fragment):
     (tmp_path / "dir").mkdir()
     (tmp_path / "file").write_text("mine")
-    proc = run_cli("apply", "fp32", "--model", "no-such-model-so-loading-would-fail",
+    proc = run_cli_here("apply", "fp32", "--model", "no-such-model-so-loading-would-fail",
                    "--out-wav", str(tmp_path / target))
     assert_one_line_error(proc, fragment)
     assert (tmp_path / "file").read_text() == "mine"
@@ -81,7 +83,7 @@ def test_out_wav_that_cannot_be_written_is_refused_before_loading(tmp_path, targ
 def test_out_wav_into_a_read_only_folder(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
-    assert_one_line_error(run_cli("apply", "fp32", "--out-wav", str(ro / "x.wav")), "not writable")
+    assert_one_line_error(run_cli_here("apply", "fp32", "--out-wav", str(ro / "x.wav")), "not writable")
 
 
 # ---------------------------------------------------------------- export
@@ -94,7 +96,7 @@ def test_force_never_deletes_a_folder_that_is_not_a_variant(tiny_dir, tmp_path):
                            "--out", ".", "--force"], cwd=d, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert_one_line_error(proc, "is not a quantkit variant")
-    assert_one_line_error(run_cli("export", "fp32", "--model", "synthetic-tiny", "--out", str(d), "--force"),
+    assert_one_line_error(run_cli_here("export", "fp32", "--model", "synthetic-tiny", "--out", str(d), "--force"),
                           "is not a quantkit variant")
     assert (d / "thesis.tex").read_text() == "mine"
 
@@ -102,7 +104,7 @@ def test_force_never_deletes_a_folder_that_is_not_a_variant(tiny_dir, tmp_path):
 def test_force_onto_a_file_is_refused(tmp_path):
     f = tmp_path / "notes.txt"
     f.write_text("mine")
-    assert_one_line_error(run_cli("export", "fp32", "--model", "synthetic-tiny", "--out", str(f), "--force"),
+    assert_one_line_error(run_cli_here("export", "fp32", "--model", "synthetic-tiny", "--out", str(f), "--force"),
                           "is not a directory")
     assert f.read_text() == "mine"
 
@@ -116,7 +118,7 @@ def test_force_replaces_a_variant_but_not_one_holding_other_files(tiny_dir, tmp_
     assert (before, json.loads((v / "manifest.json").read_text())["recipe"]["name"]) == ("fp32", "bf16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]  # the old one gone, no temporaries
     (v / "my-notes.txt").write_text("mine")
-    assert_one_line_error(run_cli("export", "fp32", "--model", "synthetic-tiny", "--out", str(v), "--force"),
+    assert_one_line_error(run_cli_here("export", "fp32", "--model", "synthetic-tiny", "--out", str(v), "--force"),
                           "is not a quantkit variant")
     assert (v / "my-notes.txt").read_text() == "mine"
 
@@ -173,7 +175,7 @@ def test_export_best_exports_a_recipe_given_as_a_path(tiny_dir, tmp_path):
     recipe.write_text('description = "mine"\n[gpt]\ndtype = "bf16"\n')
     ev = tmp_path / "eval"
     proc = run_cli("eval", "--model", "synthetic-tiny", "--recipes", str(recipe), "--limit", "1",
-                   "--max-new-tokens", "8", "--runs", "1", "--skip-asr", "--skip-call-shapes", "--out", str(ev))
+                   "--max-new-tokens", "8", "--runs", "1", "--skip-asr", "--skip-call-shapes", "--skip-quality", "--out", str(ev))
     assert proc.returncode == 0, proc.stderr
     doc = json.loads((ev / "results.json").read_text())
     doc["recommendation"] = {"name": "mine", "reason": "chosen by the test"}
@@ -212,7 +214,7 @@ def _rehash(v: Path, edit=None) -> None:
 
 
 def _synth(v: Path, tmp_path, *extra) -> subprocess.CompletedProcess:
-    return run_cli("synth", "--variant", str(v), "--text", "x", "--steps", "4",
+    return run_cli_here("synth", "--variant", str(v), "--text", "x", "--steps", "4",
                    "--out-wav", str(tmp_path / "x.wav"), *extra)
 
 
@@ -282,19 +284,8 @@ def test_compiled_code_from_elsewhere_is_not_loaded_unless_trusted(tiny_dir, tmp
 
 
 def test_a_compile_cache_from_elsewhere_is_not_loaded(tiny_dir, tmp_path):
-    from quantkit.recipes import get_recipe
-    from quantkit.run import COMPILED_INFO, _key
-
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    marker = tmp_path / "marker"
-    with open(cache / "decode_step.aot", "wb") as fh:
-        pickle.dump(_Marker(marker), fh)
-    (cache / "prefill.aot").write_bytes(b"x")
-    info = {"kind": "aot", "file": "decode_step.aot", "prefill": "prefill.aot", "sampling": {},
-            "files": {f: sha256(cache / f) for f in ("decode_step.aot", "prefill.aot")},
-            "for": _key(get_recipe("fp32-compiled"), "synthetic-tiny")}
-    (cache / COMPILED_INFO).write_text(json.dumps(info))
+    cache, marker = tmp_path / "cache", tmp_path / "marker"
+    write_compile_cache(cache, pickle.dumps(_Marker(marker)), b"x")
     proc = run_cli("apply", "fp32-compiled", "--model", "synthetic-tiny", "--steps", "4",
                    "--compile-cache", str(cache), "--json")
     assert proc.returncode == 0, proc.stderr
@@ -312,10 +303,10 @@ def test_eval_keeps_what_it_did_not_write_and_refuses_path_ids(tiny_dir, tmp_pat
     texts = tmp_path / "t.tsv"
     for bad in ("../../../../x", "/tmp/x", ".hidden"):
         texts.write_text(f"{bad}\tHello there.\n")
-        assert_one_line_error(run_cli("eval", "--model", "synthetic-tiny", "--texts", str(texts),
-                                      "--skip-asr", "--skip-call-shapes", "--out", str(out)), "must be a plain file name")
+        assert_one_line_error(run_cli_here("eval", "--model", "synthetic-tiny", "--texts", str(texts),
+                                      "--skip-asr", "--skip-call-shapes", "--skip-quality", "--out", str(out)), "must be a plain file name")
     texts.write_text("a\tHello there.\n")
-    args = ["eval", "--model", "synthetic-tiny", "--texts", str(texts), "--skip-asr", "--skip-call-shapes", "--runs", "1",
+    args = ["eval", "--model", "synthetic-tiny", "--texts", str(texts), "--skip-asr", "--skip-call-shapes", "--skip-quality", "--runs", "1",
             "--max-new-tokens", "8", "--out", str(out)]
     assert run_cli(*args, "--recipes", "bf16").returncode == 0
     assert (out / "audio" / "bf16" / "a.wav").is_file()
@@ -326,7 +317,7 @@ def test_eval_keeps_what_it_did_not_write_and_refuses_path_ids(tiny_dir, tmp_pat
 
 def test_eval_resume_skips_recipes_already_measured(tiny_dir, tmp_path):
     out = tmp_path / "o"
-    args = ["eval", "--model", "synthetic-tiny", "--limit", "1", "--skip-asr", "--skip-call-shapes", "--runs", "1",
+    args = ["eval", "--model", "synthetic-tiny", "--limit", "1", "--skip-asr", "--skip-call-shapes", "--skip-quality", "--runs", "1",
             "--max-new-tokens", "8", "--out", str(out)]
     assert run_cli(*args, "--recipes", "bf16").returncode == 0
     first = json.loads((out / "results.json").read_text())
@@ -344,7 +335,7 @@ def test_eval_resume_skips_recipes_already_measured(tiny_dir, tmp_path):
 def test_killed_eval_leaves_a_consistent_run_and_no_orphans(tiny_dir, tmp_path):
     out = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, "-m", "quantkit", "eval", "--model", "synthetic-tiny",
-                             "--recipes", "bf16,fp16", "--limit", "1", "--skip-asr", "--skip-call-shapes", "--runs", "1",
+                             "--recipes", "bf16,fp16", "--limit", "1", "--skip-asr", "--skip-call-shapes", "--skip-quality", "--runs", "1",
                              "--max-new-tokens", "8", "--out", str(out)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -402,10 +393,10 @@ def _wav(path: Path, frames: bytes, channels: int = 1) -> Path:
 
 def test_bad_audio_for_transcribe(tmp_path):
     empty = _wav(tmp_path / "empty.wav", b"")
-    assert_one_line_error(run_cli("transcribe", str(empty)), "holds no samples")
+    assert_one_line_error(run_cli_here("transcribe", str(empty)), "holds no samples")
     stereo = _wav(tmp_path / "stereo.wav", b"\x01\x00\x02\x00" * 800, channels=2)
     stereo.write_bytes(stereo.read_bytes()[:-3])  # cut mid-frame
-    proc = run_cli("transcribe", str(stereo))
+    proc = run_cli_here("transcribe", str(stereo))
     assert proc.returncode == 0, proc.stderr  # the whole frames are read
 
 
@@ -413,13 +404,13 @@ def test_bad_asr_checkpoints(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(os.urandom(2000))
     speech = ROOT / "tests" / "data" / "zh_speech" / "z01.wav"
-    assert_one_line_error(run_cli("transcribe", str(speech), "--asr-model", str(garbage)),
+    assert_one_line_error(run_cli_here("transcribe", str(speech), "--asr-model", str(garbage)),
                           "not a loadable openai-whisper checkpoint")
     marker = tmp_path / "marker"
     evil = tmp_path / "evil.pt"
     with open(evil, "wb") as fh:
         pickle.dump(_Marker(marker), fh)
-    assert_one_line_error(run_cli("transcribe", str(speech), "--asr-model", str(evil)),
+    assert_one_line_error(run_cli_here("transcribe", str(speech), "--asr-model", str(evil)),
                           "not a loadable openai-whisper checkpoint")
     assert not marker.exists()
 
@@ -430,7 +421,7 @@ def test_bad_model_configuration(tiny_dir, tmp_path, content):
     model = tmp_path / "m"
     shutil.copytree(tiny_dir, model)
     (model / "quantkit_config.json").write_text(content)
-    proc = run_cli("apply", "fp32", "--model", str(model), "--steps", "4")
+    proc = run_cli_here("apply", "fp32", "--model", str(model), "--steps", "4")
     assert_one_line_error(proc, "quantkit_config.json")
 
 
@@ -438,8 +429,8 @@ def test_bad_model_configuration(tiny_dir, tmp_path, content):
                                      '{"schema": 1, "recipes": [{"name": "x", "status": "ok"}]}'])
 def test_malformed_results_for_report_and_export_best(tmp_path, content):
     (tmp_path / "results.json").write_text(content)
-    assert_one_line_error(run_cli("report", str(tmp_path)))
-    assert_one_line_error(run_cli("export", "--best", str(tmp_path), "--out", str(tmp_path / "v")))
+    assert_one_line_error(run_cli_here("report", str(tmp_path)))
+    assert_one_line_error(run_cli_here("export", "--best", str(tmp_path), "--out", str(tmp_path / "v")))
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -450,13 +441,13 @@ def test_malformed_results_for_report_and_export_best(tmp_path, content):
     (["apply", "fp32", "--steps", "5000"], "4096 positions"),
 ])
 def test_out_of_range_options(args, fragment):
-    assert_one_line_error(run_cli(*args, "--model", "no-such-model"), fragment)
+    assert_one_line_error(run_cli_here(*args, "--model", "no-such-model"), fragment)
 
 
 def test_binary_recipe_file(tmp_path):
     recipe = tmp_path / "bin.toml"
     recipe.write_bytes(os.urandom(64) + b"\xff\xfe")
-    assert_one_line_error(run_cli("apply", str(recipe)), "is not UTF-8 text")
+    assert_one_line_error(run_cli_here("apply", str(recipe)), "is not UTF-8 text")
 
 
 def test_truncated_cached_synthetic_asset_is_rebuilt(tmp_path):

@@ -1,0 +1,89 @@
+"""Torch-wide compiler settings, in one place and applied explicitly where quantkit compiles:
+Inductor's options for a recipe, CUDA graphs or not, and its vector-ISA probe remembered per
+machine."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+
+import torch
+
+from quantkit.atomic import write_text
+from quantkit.cache import cache_dir
+from quantkit.recipes import CompileSettings
+
+
+def for_device(settings: CompileSettings, device: torch.device) -> CompileSettings:
+    """The settings with mode "auto" made concrete: CUDA graphs on CUDA, Inductor's default
+    elsewhere."""
+    if settings.mode != "auto":
+        return settings
+    return dataclasses.replace(settings, mode="reduce-overhead" if device.type == "cuda" else "default")
+
+
+def uses_cuda_graphs(settings: CompileSettings, device: torch.device) -> bool:
+    from torch._inductor import list_mode_options
+
+    return device.type == "cuda" and bool(list_mode_options(settings.mode).get("triton.cudagraphs"))
+
+
+def compile_kwargs(settings: CompileSettings, cuda_graphs: bool = True) -> dict:
+    """torch.compile's Inductor options: the recipe's mode (less CUDA graphs if not
+    ``cuda_graphs``) and freezing, and no size asserts.
+
+    Inductor's generated code asserts every input's sizes and strides in Python on each call
+    (about 0.8 us each, 336 inputs in the int8 step: 0.3 ms); Dynamo's guards have checked the
+    same before the graph runs."""
+    from torch._inductor import list_mode_options
+
+    mode = {k: v for k, v in list_mode_options(settings.mode).items() if cuda_graphs or k != "triton.cudagraphs"}
+    return {"options": {**mode, "freezing": settings.freezing, "size_asserts": False}}
+
+
+def skip_vec_isa_probe() -> None:
+    """Inductor's first CPU compile (or load) in a process probes vector ISAs by building test
+    libraries and importing each in a fresh Python: about 10 s here. The CPU flags answer its
+    base check; the AVX-512 BF16 and VNNI checks it makes besides (can this compiler build with
+    those flags: 5.2 s a process here, warm) are answered once per machine and remembered."""
+    import torch._inductor.config
+
+    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
+        torch._inductor.config.cpp.vec_isa_ok = True
+        _remember_isa_checks()
+
+
+ISA_CHECKS = "vec_isa_checks.json"
+
+
+def _remember_isa_checks() -> None:
+    """Make Inductor's ISA build checks answer from quantkit's cache (keyed by compiler, flags,
+    torch version and test code), running each for real the first time."""
+    from torch._inductor import cpu_vec_isa
+
+    check = cpu_vec_isa.VecISA.check_build
+    if getattr(check, "remembered", False):
+        return
+    fingerprint = getattr(cpu_vec_isa, "_get_isa_dry_compile_fingerprint", None)
+    if fingerprint is None:  # another torch: leave its probe alone
+        return
+    path = cache_dir() / ISA_CHECKS
+
+    def check_build(isa, code: str) -> bool:
+        # torch keys its own build the same way (the bf16 check extends _arch_flags first)
+        key = hashlib.sha256(f"{fingerprint(isa._arch_flags)}\0{code}".encode()).hexdigest()
+        try:
+            answers = json.loads(path.read_text())
+        except (OSError, ValueError):
+            answers = {}
+        if not isinstance(answers, dict):  # not ours: overwritten with real answers
+            answers = {}
+        if not isinstance(answers.get(key), bool):
+            answers[key] = bool(check(isa, code))
+            write_text(path, json.dumps(answers, indent=1))
+        return answers[key]
+
+    check_build.remembered = True
+    cpu_vec_isa.VecISA.check_build = check_build
