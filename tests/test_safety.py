@@ -19,6 +19,7 @@ from conftest import ROOT, assert_one_line_error, run_cli, run_cli_here, write_c
 from quantkit.export import sha256
 
 ROOT_USER = os.geteuid() == 0
+QUICK = ("--skip-asr", "--skip-call-shapes", "--skip-quality")  # an eval of the parts a test is about
 needs_root = pytest.mark.skipif(not ROOT_USER, reason="making a device node needs root")
 
 
@@ -175,7 +176,7 @@ def test_export_best_exports_a_recipe_given_as_a_path(tiny_dir, tmp_path):
     recipe.write_text('description = "mine"\n[gpt]\ndtype = "bf16"\n')
     ev = tmp_path / "eval"
     proc = run_cli("eval", "--model", "synthetic-tiny", "--recipes", str(recipe), "--limit", "1",
-                   "--max-new-tokens", "8", "--runs", "1", "--skip-asr", "--skip-call-shapes", "--skip-quality", "--out", str(ev))
+                   "--max-new-tokens", "8", "--runs", "1", *QUICK, "--out", str(ev))
     assert proc.returncode == 0, proc.stderr
     doc = json.loads((ev / "results.json").read_text())
     doc["recommendation"] = {"name": "mine", "reason": "chosen by the test"}
@@ -304,9 +305,9 @@ def test_eval_keeps_what_it_did_not_write_and_refuses_path_ids(tiny_dir, tmp_pat
     for bad in ("../../../../x", "/tmp/x", ".hidden"):
         texts.write_text(f"{bad}\tHello there.\n")
         assert_one_line_error(run_cli_here("eval", "--model", "synthetic-tiny", "--texts", str(texts),
-                                      "--skip-asr", "--skip-call-shapes", "--skip-quality", "--out", str(out)), "must be a plain file name")
+                                           *QUICK, "--out", str(out)), "must be a plain file name")
     texts.write_text("a\tHello there.\n")
-    args = ["eval", "--model", "synthetic-tiny", "--texts", str(texts), "--skip-asr", "--skip-call-shapes", "--skip-quality", "--runs", "1",
+    args = ["eval", "--model", "synthetic-tiny", "--texts", str(texts), *QUICK, "--runs", "1",
             "--max-new-tokens", "8", "--out", str(out)]
     assert run_cli(*args, "--recipes", "bf16").returncode == 0
     assert (out / "audio" / "bf16" / "a.wav").is_file()
@@ -317,7 +318,7 @@ def test_eval_keeps_what_it_did_not_write_and_refuses_path_ids(tiny_dir, tmp_pat
 
 def test_eval_resume_skips_recipes_already_measured(tiny_dir, tmp_path):
     out = tmp_path / "o"
-    args = ["eval", "--model", "synthetic-tiny", "--limit", "1", "--skip-asr", "--skip-call-shapes", "--skip-quality", "--runs", "1",
+    args = ["eval", "--model", "synthetic-tiny", "--limit", "1", *QUICK, "--runs", "1",
             "--max-new-tokens", "8", "--out", str(out)]
     assert run_cli(*args, "--recipes", "bf16").returncode == 0
     first = json.loads((out / "results.json").read_text())
@@ -335,7 +336,7 @@ def test_eval_resume_skips_recipes_already_measured(tiny_dir, tmp_path):
 def test_killed_eval_leaves_a_consistent_run_and_no_orphans(tiny_dir, tmp_path):
     out = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, "-m", "quantkit", "eval", "--model", "synthetic-tiny",
-                             "--recipes", "bf16,fp16", "--limit", "1", "--skip-asr", "--skip-call-shapes", "--skip-quality", "--runs", "1",
+                             "--recipes", "bf16,fp16", "--limit", "1", *QUICK, "--runs", "1",
                              "--max-new-tokens", "8", "--out", str(out)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
