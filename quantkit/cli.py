@@ -181,7 +181,7 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
                      command=default_command(list(argv)))
     doc = run_eval(cfg, Path(args.out))
     rec = doc["recommendation"]
-    print(f"wrote {args.out}/results.json, report.md, pareto.png, utterances.csv")
+    print(f"wrote {args.out}/results.json, report.md, report.html, pareto.png, throughput.png, utterances.csv")
     print(f"recommendation: {rec['name']} ({rec['reason']})")
     failed = failures(doc)
     if failed:
