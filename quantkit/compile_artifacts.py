@@ -53,10 +53,10 @@ def _build_kernels(folder: Path) -> None:
     with the libraries it has loaded, and the load builds only what is missing. The load writes
     the source of every kernel it needs beside its library; seeds left without one are other
     functions' kernels, and go."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir, temporary_cache_dir
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
     kernels = folder / KERNELS
-    seeded = _copy_libraries(Path(cache_dir()), kernels)
+    seeded = _copy_libraries(kernels)
     with temporary_cache_dir(str(kernels)):
         for name in (PRECOMPILED_STEP, PRECOMPILED_PREFILL):
             _load_aot(folder / name)
@@ -70,19 +70,21 @@ def _build_kernels(folder: Path) -> None:
             sub.rmdir()
 
 
-def _copy_libraries(src: Path, dst: Path) -> list[Path]:
-    """Copy the C++ kernel libraries (``x.so`` with its source ``x.cpp`` beside it) under ``src``
-    that this process has loaded (Linux: its memory map; elsewhere none) to the same places
-    under ``dst`` -> the copies."""
+def _copy_libraries(dst: Path) -> list[Path]:
+    """Copy the Inductor C++ kernel libraries (``xx/x.so`` with its source ``x.cpp`` beside it)
+    that this process has loaded (Linux: its memory map; elsewhere none), from the current or an
+    earlier cache folder, to the same places under ``dst`` -> the copies."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return []
-    src, copies = src.resolve(), []
+    copies = []
     loaded = {Path(fields[5]) for fields in (line.split(None, 5) for line in maps.splitlines())
               if len(fields) == 6 and fields[5].endswith(".so")}
-    for lib in sorted(p for p in loaded if p.is_relative_to(src) and p.with_suffix(".cpp").is_file()):
-        target = dst / lib.relative_to(src)
+    # Inductor keeps each kernel at CACHE/xx/NAME.so; a process may have loaded it from an earlier
+    # cache folder than the current one (the same source: the same name)
+    for lib in sorted(p for p in loaded if p.with_suffix(".cpp").is_file() and len(p.parent.name) == 2):
+        target = dst / lib.parent.name / lib.name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(lib, target)
         copies.append(target)
