@@ -1,6 +1,8 @@
-"""Saving what compiled decoding compiled, and loading it in a fresh process: the decode step
-and prompt pass compiled ahead of time, with their built C++ kernels, or Inductor's cache
-artifacts where ahead-of-time compilation fails."""
+"""The compiled functions of compiled decoding, and where they come from: the decode step,
+text step and prompt pass of one static-cache model, compiled just in time, or ahead of time
+where that works (CPU), and saved to a folder (with their built C++ kernels, or Inductor's cache
+artifacts where ahead-of-time compilation fails) so that a fresh process skips tracing and code
+generation."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from typing import Callable
 import torch
 
 from quantkit.atomic import write_bytes
-from quantkit.compile import CompiledGenerate, Precompiled
+from quantkit.generate import decode_step, decode_text_step, prefill, prompt_inputs
+from quantkit.inductor import compile_kwargs
+from quantkit.recipes import CompileSettings
 from quantkit.sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -22,16 +26,121 @@ PRECOMPILED_STEP, PRECOMPILED_PREFILL, INDUCTOR_CACHE = "decode_step.aot", "pref
 KERNELS = "inductor"  # the saved functions' C++ kernels, built
 
 
-def save_compiled(gen: CompiledGenerate, folder: str | Path) -> dict:
-    """What this process compiled for ``gen``, into ``folder``: the decode step (ChatTTS's default
+def compile_decode_step(settings: CompileSettings, step: Callable = decode_step) -> Callable:
+    return torch.compile(step, fullgraph=True, dynamic=False, **compile_kwargs(settings))
+
+
+def compile_prefill(settings: CompileSettings) -> Callable:
+    """The prompt pass, compiled: eagerly, its ~30 small operations per layer around the int8
+    products cost more than the products. Never as CUDA graphs: one graph would be recorded per
+    prompt length."""
+    return torch.compile(prefill, fullgraph=True, dynamic=False, **compile_kwargs(settings, cuda_graphs=False))
+
+
+class CompiledFunctions:
+    """The functions ``quantkit.generate`` runs for one StaticCacheGPT: just-in-time compiled (or
+    eager, with ``compile_step`` off), and on CPU the decode step (per Sampling) and prompt pass
+    compiled ahead of time at first use, so that what export and ``apply --compile-cache`` save
+    is what ran. CUDA keeps just-in-time compilation: CUDA graphs are untested ahead of time."""
+
+    def __init__(self, model, settings: CompileSettings, default: Sampling, compile_step: bool = True):
+        self.model, self.settings, self.default = model, settings, default
+        self.step = compile_decode_step(settings) if compile_step else decode_step
+        self.text_step = compile_decode_step(settings, decode_text_step) if compile_step else decode_text_step
+        self.prefill = compile_prefill(settings) if compile_step else prefill
+        self.ahead = compile_step and model.slots.device.type == "cpu"
+        self.precompiled: dict[Sampling, Callable] = {}  # ahead-of-time decode steps
+        self.precompiled_prefill: Callable | None = None
+
+    def step_for(self, s: Sampling, text: bool = False) -> Callable:
+        """The decode step to run with sampling ``s`` (text refinement's with ``text``)."""
+        if text:
+            return self.text_step
+        if s not in self.precompiled and self.ahead:
+            self.precompiled[s] = _or_just_in_time(lambda: self.precompile_step(s), self.step)
+        return self.precompiled.get(s, self.step)
+
+    def prefill_fn(self) -> Callable:
+        if self.precompiled_prefill is None and self.ahead:
+            self.precompiled_prefill = _or_just_in_time(self.precompile_prefill, self.prefill)
+        return self.precompiled_prefill or self.prefill
+
+    def precompile_step(self, s: Sampling) -> "Precompiled":
+        """The decode step for sampling ``s`` compiled ahead of time (raises where that fails)."""
+        return Precompiled(_aot(compile_decode_step, self.settings, self.example_inputs(s)), self.step)
+
+    def precompile_prefill(self) -> "Precompiled":
+        """The prompt pass compiled ahead of time (raises where that fails)."""
+        return Precompiled(_aot(compile_prefill, self.settings, self.example_prompt()), self.prefill)
+
+    def example_inputs(self, s: Sampling) -> tuple:
+        """decode_step's arguments for compiling it ahead of time: the cache's current rows."""
+        model, rows = self.model, self.model.rows
+        num_vq, device = len(model.emb_code), model.slots.device
+        keys = model.slots[:2]
+        torch._dynamo.mark_dynamic(keys, 0)
+        return (model, torch.zeros(rows, num_vq, dtype=torch.long, device=device), keys,
+                torch.ones(rows, 1, dtype=torch.long, device=device),
+                torch.zeros(rows, dtype=torch.long, device=device),
+                torch.full((rows * num_vq, s.past_window), -1, dtype=torch.long, device=device),
+                torch.ones(rows * num_vq, 1, device=device), torch.tensor(False, device=device),
+                torch.ones(rows * num_vq, model.code_vocab, device=device), s)
+
+    def example_prompt(self) -> tuple:
+        """prefill's arguments for compiling it ahead of time (any prompt length from 2)."""
+        model, rows = self.model, self.model.rows
+        with torch.inference_mode():
+            emb = torch.zeros(rows, 2, model.llama.config.hidden_size, device=model.slots.device)
+        pad = torch.zeros(rows, dtype=torch.long, device=model.slots.device)
+        return prompt_inputs(model, emb, pad, mark=torch._dynamo.mark_dynamic)
+
+
+class Precompiled:
+    """An ahead-of-time compiled function, and what runs instead where a call fails its guards
+    (where a just-in-time one would recompile): a one-token prompt, for one, against the saved
+    prompt pass traced for two or more. The guards are checked here, as the function would check
+    them itself, but a failure costs no exception and no explanation of which guard failed."""
+
+    def __init__(self, fn: Callable, fallback: Callable):
+        self.fn, self.fallback = fn, fallback
+        fn.disable_guard_check()
+
+    def __call__(self, *args):
+        if self.fn.guard_check(*args):
+            return self.fn(*args)
+        log.debug("these inputs fail the precompiled function's guards; running it just in time")
+        return self.fallback(*args)
+
+    def save(self, path: str | Path) -> None:
+        self.fn.save_compiled_function(str(path))
+
+
+def _or_just_in_time(precompile: Callable[[], Precompiled], fallback: Callable) -> Callable:
+    """``precompile()``, or ``fallback`` where ahead-of-time compilation fails."""
+    try:
+        return precompile()
+    except Exception as exc:  # noqa: BLE001 - an experimental API (Inductor freezing is refused)
+        log.warning("ahead-of-time compilation failed (%s: %s); compiling just in time",
+                    type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
+        return fallback
+
+
+def _aot(compile_fn: Callable, settings: CompileSettings, example: tuple):
+    # Scoped: left on, the setting changes what later just-in-time compilations cache.
+    with torch._dynamo.config.patch(enable_aot_compile=True), torch.no_grad():
+        return compile_fn(settings).aot_compile((example, {}))
+
+
+def save_compiled(fns: CompiledFunctions, folder: str | Path) -> dict:
+    """What this process compiled for ``fns``, into ``folder``: the decode step (ChatTTS's default
     sampling) and the prompt pass compiled ahead of time, or, where that fails (Inductor freezing
     in torch 2.11), Inductor's cache artifacts, which spare code generation but not tracing
     -> a description for load_compiled (file names relative to ``folder``). On CUDA, which
-    compiles just in time (CompiledGenerate.ahead), always Inductor's cache artifacts."""
+    compiles just in time (CompiledFunctions.ahead), always Inductor's cache artifacts."""
     folder = Path(folder)
-    if gen.ahead:
+    if fns.ahead:
         try:
-            sampling = save_precompiled(gen, folder / PRECOMPILED_STEP, folder / PRECOMPILED_PREFILL)
+            sampling = save_precompiled(fns, folder / PRECOMPILED_STEP, folder / PRECOMPILED_PREFILL)
             _build_kernels(folder)
             return {"kind": "aot", "file": PRECOMPILED_STEP, "prefill": PRECOMPILED_PREFILL, "sampling": sampling,
                     "kernels": KERNELS}
@@ -47,7 +156,7 @@ def save_compiled(gen: CompiledGenerate, folder: str | Path) -> dict:
 def _build_kernels(folder: Path) -> None:
     """Build the saved functions' C++ kernels into ``folder/KERNELS`` by loading them once with
     that as Inductor's cache: a saved function carries its kernels' sources, which a fresh
-    process would otherwise compile on load (19 for int8-dynamic, about 9 s to build on 2 cores).
+    process would otherwise compile on load (seconds of a cold start).
 
     This process compiled the same sources (so the same library names): the folder is seeded
     with the libraries it has loaded, and the load builds only what is missing. The load writes
@@ -91,7 +200,7 @@ def _copy_libraries(dst: Path) -> list[Path]:
     return copies
 
 
-def load_compiled(gen: CompiledGenerate, folder: str | Path, info: dict) -> None:
+def load_compiled(fns: CompiledFunctions, folder: str | Path, info: dict) -> None:
     """Use what save_compiled wrote (``info``, its description) for the next calls."""
     folder = Path(folder)
     if info["kind"] == "aot":
@@ -102,7 +211,7 @@ def load_compiled(gen: CompiledGenerate, folder: str | Path, info: dict) -> None
             from torch._inductor.runtime.cache_dir_utils import cache_dir
 
             shutil.copytree(folder / info["kernels"], cache_dir(), dirs_exist_ok=True)
-        load_precompiled(gen, folder / info["file"], folder / info["prefill"], info["sampling"])
+        load_precompiled(fns, folder / info["file"], folder / info["prefill"], info["sampling"])
     else:
         load_compile_cache(folder)
 
@@ -118,30 +227,30 @@ def save_compile_cache(directory: str | Path) -> Path | None:
     return path
 
 
-def save_precompiled(gen: CompiledGenerate, step_path: str | Path, prefill_path: str | Path) -> dict:
+def save_precompiled(fns: CompiledFunctions, step_path: str | Path, prefill_path: str | Path) -> dict:
     """Save the decode step (for ChatTTS's default sampling) and the prompt pass compiled ahead
     of time (compiling them if this process has not): a fresh process then skips tracing and code
     generation entirely. -> the sampling constants the step bakes in. Raises where ahead-of-time
     compilation fails."""
-    s = gen.default_sampling()
-    step = gen.precompiled.get(s)
+    s = fns.default
+    step = fns.precompiled.get(s)
     if not isinstance(step, Precompiled):
-        step = gen.precompiled[s] = gen.precompile_step(s)
-    first = gen.precompiled_prefill
+        step = fns.precompiled[s] = fns.precompile_step(s)
+    first = fns.precompiled_prefill
     if not isinstance(first, Precompiled):
-        first = gen.precompiled_prefill = gen.precompile_prefill()
+        first = fns.precompiled_prefill = fns.precompile_prefill()
     step.save(step_path)
     first.save(prefill_path)
     return asdict(s)
 
 
-def load_precompiled(gen: CompiledGenerate, step_path: str | Path, prefill_path: str | Path,
+def load_precompiled(fns: CompiledFunctions, step_path: str | Path, prefill_path: str | Path,
                      sampling: dict) -> None:
     """Use a saved ahead-of-time step for calls whose sampling constants are the saved ones
     (others compile as usual: the loaded function does not check them itself), and the saved
     prompt pass."""
-    gen.precompiled[Sampling(**sampling)] = Precompiled(_load_aot(step_path), gen.step)
-    gen.precompiled_prefill = Precompiled(_load_aot(prefill_path), gen.prefill)
+    fns.precompiled[Sampling(**sampling)] = Precompiled(_load_aot(step_path), fns.step)
+    fns.precompiled_prefill = Precompiled(_load_aot(prefill_path), fns.prefill)
 
 
 def _load_aot(path: str | Path) -> Callable:

@@ -27,6 +27,7 @@ import numpy as np
 from quantkit.atomic import write_text
 from quantkit.errors import QuantkitError
 from quantkit.machine import environment, peak_memory, probe_buffer, read_bandwidth_gbs, reset_peak
+from quantkit.records import FAILED, Measurement, RecipeResult, Timing, Utterance, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,12 @@ class EvalConfig:
 
 # ---------------------------------------------------------------- the per-recipe process
 
-def measure(chat, cfg: EvalConfig, bench_text: str) -> dict[str, Any]:
+def measure(chat, cfg: EvalConfig, bench_text: str) -> tuple[Timing, int]:
     """First call, then ``cfg.runs`` warm calls. Each warm call sits between two sums over a
-    256 MiB buffer on the model's device: this CPU's read bandwidth swings between about 30 and
-    65 GB/s within seconds as neighbours come and go, so each call's achieved bandwidth is taken
-    against the read bandwidth at that moment (the mean of the two sums around it)."""
+    256 MiB buffer on the model's device: a shared machine's read bandwidth swings within
+    seconds as neighbours come and go, so each call's achieved bandwidth is taken
+    against the read bandwidth at that moment (the mean of the two sums around it).
+    -> the timing, and the peak memory before the bandwidth probe's buffer."""
     from quantkit.apply import weight_bytes
     from quantkit.synth import synthesize
 
@@ -83,37 +85,26 @@ def measure(chat, cfg: EvalConfig, bench_text: str) -> dict[str, Any]:
     reset_peak(chat.device)
     totals = np.array([w.total_s for w in warm])
     gpt_s = float(np.median([w.gpt_s for w in warm]))
-    result = {
-        "first_call_s": first.total_s,
-        "warm_s_median": float(np.median(totals)),
-        "warm_s_p90": float(np.percentile(totals, 90)),
-        "gpt_s_median": gpt_s,
-        "decode_s_median": float(np.median([w.decode_s for w in warm])),
-        "steps": steps,
-        "ms_per_step": 1000.0 * gpt_s / steps,
-        "rtf": float(np.median(totals)) / first.audio_s,
-        "weight_bytes": sizes.total,
-        "decode_weight_bytes": sizes.decode,
-        "bandwidth_gbs": sizes.decode * steps / gpt_s / 1e9,
-        "peak_before_probe_bytes": peak,
-    }
-    # Compiled decoding also times its decode steps alone: the GPT time above includes the
-    # prompt pass (compute-bound) and ChatTTS's work around the loop.
-    timed = all(w.step_s for w in warm)
-    if timed:
-        step_s = float(np.median([w.step_s for w in warm]))
-        result["step_ms_median"] = 1000.0 * step_s
-        result["step_bandwidth_gbs"] = sizes.decode / step_s / 1e9
     runs = [{"achieved_gbs": sizes.decode * steps / w.gpt_s / 1e9, "read_gbs": (a + b) / 2}
             for w, a, b in zip(warm, reads, reads[1:])]
-    if timed:
+    timing = Timing(
+        first_call_s=first.total_s, warm_s_median=float(np.median(totals)),
+        warm_s_p90=float(np.percentile(totals, 90)), gpt_s_median=gpt_s,
+        decode_s_median=float(np.median([w.decode_s for w in warm])), steps=steps,
+        ms_per_step=1000.0 * gpt_s / steps, rtf=float(np.median(totals)) / first.audio_s,
+        weight_bytes=sizes.total, decode_weight_bytes=sizes.decode,
+        bandwidth_gbs=sizes.decode * steps / gpt_s / 1e9,
+        read_bandwidth_gbs=float(np.median([r["read_gbs"] for r in runs])),
+        bandwidth_fraction=_median_fraction(runs, "achieved_gbs"), bandwidth_runs=runs)
+    # The GPT time above includes the prompt pass (compute-bound) and ChatTTS's work around the loop.
+    if all(w.step_s for w in warm):
+        step_s = float(np.median([w.step_s for w in warm]))
         for run, w in zip(runs, warm):
             run["step_gbs"] = sizes.decode / w.step_s / 1e9
-        result["step_bandwidth_fraction"] = _median_fraction(runs, "step_gbs")
-    result["bandwidth_runs"] = runs
-    result["read_bandwidth_gbs"] = float(np.median([r["read_gbs"] for r in runs]))
-    result["bandwidth_fraction"] = _median_fraction(runs, "achieved_gbs")
-    return result
+        timing.step_ms_median = 1000.0 * step_s
+        timing.step_bandwidth_gbs = sizes.decode / step_s / 1e9
+        timing.step_bandwidth_fraction = _median_fraction(runs, "step_gbs")
+    return timing, peak
 
 
 def _median_fraction(runs: list[dict], key: str) -> float:
@@ -122,7 +113,7 @@ def _median_fraction(runs: list[dict], key: str) -> float:
 
 
 def _utterances(chat, cfg: EvalConfig, texts: dict[str, str], audio_dir: Path, name: str,
-                reference: dict | None) -> tuple[list[dict], dict | None, dict | None]:
+                reference: dict | None) -> tuple[list[Utterance], dict | None, dict | None]:
     """Synthesize every text into ``audio_dir``; teacher-force on the fp32 tokens (or record
     them, for fp32)."""
     from quantkit.audio import write_wav
@@ -134,8 +125,7 @@ def _utterances(chat, cfg: EvalConfig, texts: dict[str, str], audio_dir: Path, n
     for uid, text in _progress(texts.items(), f"{name}: utterances"):
         syn = synthesize(chat, text, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
         write_wav(audio_dir / f"{uid}.wav", syn.wav, SAMPLE_RATE)
-        rows.append({"recipe": name, "id": uid, "text": text, "steps": syn.steps,
-                     "wav": f"audio/{name}/{uid}.wav"})
+        rows.append(Utterance(recipe=name, id=uid, text=text, steps=syn.steps, wav=f"audio/{name}/{uid}.wav"))
         if not is_reference and (reference is None or uid not in reference):
             continue  # no fp32 reference, or fp32 stopped at once on this text: nothing to compare
         ref_tokens = syn.tokens if is_reference else reference[uid]["tokens"]
@@ -160,7 +150,7 @@ def _progress(items, desc: str):
 
 
 def worker(spec_path: str) -> int:
-    """Entry point of one recipe's process: writes its partial result as JSON."""
+    """Entry point of one recipe's process: writes its Measurement and utterances as JSON."""
     import torch
 
     from quantkit.apply import apply_recipe
@@ -168,12 +158,11 @@ def worker(spec_path: str) -> int:
     from quantkit.recipes import get_recipe
     from quantkit.texts import load_texts
 
-    spec = json.loads(Path(spec_path).read_text())
-    cfg = EvalConfig(**spec["config"])
+    spec = WorkerSpec(**json.loads(Path(spec_path).read_text()))
+    cfg = EvalConfig(**spec.config)
     _lang, texts = load_texts(cfg.texts)
     texts = dict(list(texts.items())[: cfg.limit])
-    recipe = get_recipe(spec["recipe"])
-    name = recipe.name
+    recipe = get_recipe(spec.recipe)
     import ChatTTS  # noqa: F401 - import time is not load time
 
     t0 = time.perf_counter()
@@ -181,22 +170,22 @@ def worker(spec_path: str) -> int:
     t1 = time.perf_counter()
     apply_recipe(chat, recipe)
     t2 = time.perf_counter()
-    result = {"name": recipe.name, "load_s": t1 - t0, "apply_s": t2 - t1}
-    result.update(measure(chat, cfg, next(iter(texts.values()))))
+    timing, peak = measure(chat, cfg, next(iter(texts.values())))
+    shapes = None
     if cfg.call_shapes:
         from quantkit.shapes import ShapeSettings, measure_call_shapes
 
         settings = ShapeSettings(long_steps=cfg.long_steps, batch_sizes=tuple(cfg.batch_sizes))
-        result["call_shapes"] = measure_call_shapes(chat, list(texts.values()), settings, cfg.seed)
+        shapes = measure_call_shapes(chat, list(texts.values()), settings, cfg.seed)
     # fp32's token sequences, log-probabilities and log-mels: tensors only
-    reference = torch.load(spec["reference"], weights_only=True) if spec["reference"] else None
-    rows, ref_out, fid = _utterances(chat, cfg, texts, Path(spec["audio"]), name, reference)
+    reference = torch.load(spec.reference, weights_only=True) if spec.reference else None
+    rows, ref_out, fid = _utterances(chat, cfg, texts, Path(spec.audio), recipe.name, reference)
     if ref_out is not None:
-        torch.save(ref_out, spec["save_reference"])
-    result["fidelity"] = fid
-    result["peak_mem_bytes"] = max(result.pop("peak_before_probe_bytes"), peak_memory(chat.device))
-    result["device"] = str(chat.device)
-    Path(spec["result"]).write_text(json.dumps({"result": result, "utterances": rows}))
+        torch.save(ref_out, spec.save_reference)
+    measured = Measurement(load_s=t1 - t0, apply_s=t2 - t1, timing=timing, call_shapes=shapes, fidelity=fid,
+                           peak_mem_bytes=max(peak, peak_memory(chat.device)), device=str(chat.device))
+    Path(spec.result).write_text(json.dumps({"result": measured.to_dict(),
+                                             "utterances": [asdict(r) for r in rows]}))
     return 0
 
 
@@ -206,7 +195,7 @@ WORK = ".quantkit-work"  # the run's scratch folder inside --out: quantkit's own
 REFERENCE_FILE = "fp32_reference.pt"  # fp32's tokens for teacher forcing (kept for --resume)
 
 
-def _run_worker(source: str, cfg: EvalConfig, out: Path, reference: Path | None) -> tuple[dict, list[dict]]:
+def _run_worker(source: str, cfg: EvalConfig, out: Path, reference: Path | None) -> tuple[RecipeResult, list[Utterance]]:
     """Run one recipe (a name or .toml path) in its own process; its audio lands in
     WORK/audio/NAME, fp32's reference in WORK/REFERENCE_FILE."""
     from quantkit.recipes import get_recipe
@@ -215,11 +204,11 @@ def _run_worker(source: str, cfg: EvalConfig, out: Path, reference: Path | None)
     work = out / WORK
     (work / "audio" / name).mkdir(parents=True, exist_ok=True)
     result_path = work / f"{name}.json"
-    spec = {"config": asdict(cfg), "recipe": source, "result": str(result_path),
-            "audio": str(work / "audio" / name), "reference": str(reference) if reference else None,
-            "save_reference": str(work / REFERENCE_FILE) if name == REFERENCE else None}
+    spec = WorkerSpec(config=asdict(cfg), recipe=source, result=str(result_path), audio=str(work / "audio" / name),
+                      reference=str(reference) if reference else None,
+                      save_reference=str(work / REFERENCE_FILE) if name == REFERENCE else None)
     spec_path = work / f"{name}.spec.json"
-    spec_path.write_text(json.dumps(spec))
+    spec_path.write_text(json.dumps(asdict(spec)))
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "quantkit.evaluate", str(spec_path)]
     try:
@@ -234,8 +223,9 @@ def _run_worker(source: str, cfg: EvalConfig, out: Path, reference: Path | None)
     except subprocess.TimeoutExpired:
         data, error = {}, f"timed out after {cfg.timeout_s:.0f} s"
     if error is None and "result" in data:
-        return {"status": "ok", "error": None, "source": source, **data["result"]}, data["utterances"]
-    return {"name": name, "status": "failed", "error": error or "no result written", "source": source}, []
+        return (RecipeResult(name=name, source=source, measured=Measurement.from_dict(data["result"])),
+                [Utterance(**u) for u in data["utterances"]])
+    return RecipeResult(name=name, source=source, status=FAILED, error=error or "no result written"), []
 
 
 def _die_with_parent() -> None:
@@ -247,65 +237,65 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def _transcribe_all(model, language: str, rows: list[dict], out: Path) -> None:
+def _transcribe_all(model, language: str, rows: list[Utterance], out: Path) -> None:
     from quantkit.asr import transcribe
     from quantkit.audio import read_wav
 
     for row in _progress(rows, "ASR"):
-        audio, rate = read_wav(out / row["wav"])
-        row["transcript"] = transcribe(model, audio, rate, language)
+        audio, rate = read_wav(out / row.wav)
+        row.transcript = transcribe(model, audio, rate, language)
 
 
-def _score(results: list[dict], rows: list[dict], language: str) -> None:
+def _score(results: list[RecipeResult], rows: list[Utterance], language: str) -> None:
     from quantkit.metrics import bootstrap_delta, error_rates
 
-    by_recipe: dict[str, list[dict]] = {}
+    by_recipe: dict[str, list[Utterance]] = {}
     for row in rows:
-        by_recipe.setdefault(row["recipe"], []).append(row)
+        by_recipe.setdefault(row.recipe, []).append(row)
     rates = {}
     for name, rs in by_recipe.items():
-        rates[name] = error_rates([r["text"] for r in rs], [r["transcript"] for r in rs], language,
-                                  ids=[r["id"] for r in rs])
+        rates[name] = error_rates([r.text for r in rs], [r.transcript for r in rs], language, ids=[r.id for r in rs])
         for r, e, u in zip(rs, rates[name].per_utterance, rates[name].uncapped):
-            r["error"], r["error_uncapped"] = e, u
+            r.error, r.error_uncapped = e, u
     ref = rates.get(REFERENCE)
     for res in results:
-        er = rates.get(res["name"])
+        er = rates.get(res.name)
         if er is None:
-            res["error_rate"] = None
+            res.error_rate = None
             continue
         delta, ci = bootstrap_delta(er.per_utterance, ref.per_utterance) if ref else (None, None)
-        res["error_rate"] = {"metric": er.metric, "mean": er.mean, "corpus": er.corpus,
-                             "uncapped_mean": float(np.mean(er.uncapped)),
-                             "delta_vs_fp32": delta, "ci95": list(ci) if ci else None}
+        res.error_rate = {"metric": er.metric, "mean": er.mean, "corpus": er.corpus,
+                          "uncapped_mean": float(np.mean(er.uncapped)),
+                          "delta_vs_fp32": delta, "ci95": list(ci) if ci else None}
 
 
-def recommend(results: list[dict], synthetic: bool, cfg: EvalConfig) -> dict[str, Any]:
+def recommend(results: list[RecipeResult], synthetic: bool, cfg: EvalConfig) -> dict[str, Any]:
     """Fastest recipe within the error budget (real weights) or the fidelity floor (synthetic)."""
-    ok = [r for r in results if r["status"] == "ok"]
-    if synthetic or not any(r.get("error_rate") for r in ok):
-        eligible = [r for r in ok if r.get("fidelity") and
-                    r["fidelity"]["token_agreement"] >= cfg.min_token_agreement]
+    ok = [r for r in results if r.ok]
+    if synthetic or not any(r.error_rate for r in ok):
+        eligible = [r for r in ok if r.measured.fidelity and
+                    r.measured.fidelity["token_agreement"] >= cfg.min_token_agreement]
         rule = (f"fastest warm median with teacher-forced token agreement >= "
                 f"{cfg.min_token_agreement:.2f} against fp32 "
                 f"({'synthetic weights: WER is meaningless, so fidelity decides' if synthetic else 'no ASR run'})")
     else:
-        eligible = [r for r in ok if r.get("error_rate") and r["error_rate"]["delta_vs_fp32"] is not None
-                    and r["error_rate"]["delta_vs_fp32"] <= cfg.max_error_increase]
-        rule = (f"fastest warm median whose {ok[0]['error_rate']['metric'].upper()} rises at most "
+        eligible = [r for r in ok if r.error_rate and r.error_rate["delta_vs_fp32"] is not None
+                    and r.error_rate["delta_vs_fp32"] <= cfg.max_error_increase]
+        metric = next(r.error_rate["metric"] for r in ok if r.error_rate)
+        rule = (f"fastest warm median whose {metric.upper()} rises at most "
                 f"{100 * cfg.max_error_increase:.1f} points over fp32")
-    broken = {r["name"]: why for r in eligible if (why := _broken_budgets(r, cfg))}
-    eligible = [r for r in eligible if r["name"] not in broken]
+    broken = {r.name: why for r in eligible if (why := _broken_budgets(r, cfg))}
+    eligible = [r for r in eligible if r.name not in broken]
     rule += "".join(f"; {b}" for b in _budget_rules(cfg))
     if broken:
         rule += "; rejected: " + ", ".join(f"{n} ({why})" for n, why in broken.items())
     if not eligible:
         return {"name": None, "reason": f"no recipe met the rule: {rule}"}
-    best = min(eligible, key=lambda r: r["warm_s_median"])
-    base = next((r for r in ok if r["name"] == "stock"), None)
-    speed = (f"; {base['warm_s_median'] / best['warm_s_median']:.2f}x stock's warm latency"
-             if base else "")
-    return {"name": best["name"], "reason": rule + speed}
+    best = min(eligible, key=lambda r: r.measured.timing.warm_s_median)
+    base = next((r for r in ok if r.name == "stock"), None)
+    speed = (f"; {base.measured.timing.warm_s_median / best.measured.timing.warm_s_median:.2f}x stock's "
+             "warm latency" if base else "")
+    return {"name": best.name, "reason": rule + speed}
 
 
 def _budget_rules(cfg: EvalConfig) -> list[str]:
@@ -317,19 +307,19 @@ def _budget_rules(cfg: EvalConfig) -> list[str]:
     return rules
 
 
-def _broken_budgets(r: dict, cfg: EvalConfig) -> str:
+def _broken_budgets(r: RecipeResult, cfg: EvalConfig) -> str:
     """Which of the similarity and naturalness budgets recipe ``r`` broke ('' if none)."""
     broken = []
-    sim = (r.get("speaker_similarity") or {}).get("mean")
+    sim = (r.speaker_similarity or {}).get("mean")
     if cfg.min_similarity is not None and (sim is None or sim < cfg.min_similarity):
         broken.append(f"similarity {sim:.3f} < {cfg.min_similarity:g}" if sim is not None else "no similarity")
-    drop = ((r.get("dnsmos") or {}).get("ovrl") or {}).get("delta_vs_fp32")
+    drop = ((r.dnsmos or {}).get("ovrl") or {}).get("delta_vs_fp32")
     if cfg.max_mos_drop is not None and (drop is None or -drop > cfg.max_mos_drop):
         broken.append(f"OVRL {drop:+.2f} vs fp32" if drop is not None else "no DNSMOS")
     return ", ".join(broken)
 
 
-def _assess(results: list[dict], rows: list[dict], out: Path) -> None:
+def _assess(results: list[RecipeResult], rows: list[Utterance], out: Path) -> None:
     """DNSMOS of every utterance, and its speaker similarity to fp32's same utterance; per recipe
     the means, with paired deltas to fp32 and 95% bootstrap intervals."""
     from quantkit.audio import read_wav
@@ -338,37 +328,35 @@ def _assess(results: list[dict], rows: list[dict], out: Path) -> None:
 
     embeddings = {}
     for row in _progress(rows, "DNSMOS, speaker"):
-        audio, rate = read_wav(out / row["wav"])
-        row["dnsmos"] = dnsmos(audio, rate).to_dict()
-        embeddings[row["recipe"], row["id"]] = speaker_embedding(audio, rate)
+        audio, rate = read_wav(out / row.wav)
+        row.dnsmos = dnsmos(audio, rate).to_dict()
+        embeddings[row.recipe, row.id] = speaker_embedding(audio, rate)
     for row in rows:
-        ref = embeddings.get((REFERENCE, row["id"]))
-        row["speaker_similarity"] = None if ref is None else similarity(embeddings[row["recipe"], row["id"]], ref)
-    by_id = {(r["recipe"], r["id"]): r for r in rows}
+        ref = embeddings.get((REFERENCE, row.id))
+        row.speaker_similarity = None if ref is None else similarity(embeddings[row.recipe, row.id], ref)
+    by_id = {(r.recipe, r.id): r for r in rows}
     for res in results:
-        mine = [r for r in rows if r["recipe"] == res["name"]]
+        mine = [r for r in rows if r.recipe == res.name]
         if not mine:
             continue
-        paired = [(r, by_id[REFERENCE, r["id"]]) for r in mine if (REFERENCE, r["id"]) in by_id]
-        res["dnsmos"] = {}
+        paired = [(r, by_id[REFERENCE, r.id]) for r in mine if (REFERENCE, r.id) in by_id]
+        res.dnsmos = {}
         for key in ("sig", "bak", "ovrl", "p808"):
-            delta, ci = bootstrap_delta([a["dnsmos"][key] for a, _ in paired], [b["dnsmos"][key] for _, b in paired])
-            res["dnsmos"][key] = {"mean": float(np.mean([r["dnsmos"][key] for r in mine])),
-                                  "delta_vs_fp32": delta if paired else None, "ci95": list(ci) if paired else None}
-        sims = [r["speaker_similarity"] for r in mine if r["speaker_similarity"] is not None]
+            delta, ci = bootstrap_delta([a.dnsmos[key] for a, _ in paired], [b.dnsmos[key] for _, b in paired])
+            res.dnsmos[key] = {"mean": float(np.mean([r.dnsmos[key] for r in mine])),
+                               "delta_vs_fp32": delta if paired else None, "ci95": list(ci) if paired else None}
+        sims = [r.speaker_similarity for r in mine if r.speaker_similarity is not None]
         mean, ci = bootstrap_delta(sims, [0.0] * len(sims))
-        res["speaker_similarity"] = {"mean": mean if sims else None, "ci95": list(ci) if sims else None}
+        res.speaker_similarity = {"mean": mean if sims else None, "ci95": list(ci) if sims else None}
 
 
-def write_utterances_csv(path: Path, rows: list[dict]) -> None:
+def write_utterances_csv(path: Path, rows: list[Utterance]) -> None:
     import io
 
     buf = io.StringIO()
-    fields = ["recipe", "id", "steps", "wav", "text", "transcript", "error", "error_uncapped",
-              "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808", "speaker_similarity"]
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=Utterance.COLUMNS, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows({**r, **{f"dnsmos_{k}": v for k, v in (r.get("dnsmos") or {}).items()}} for r in rows)
+    writer.writerows(r.row() for r in rows)
     write_text(path, buf.getvalue())
 
 
@@ -439,14 +427,14 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
         doc = _document(cfg, language, texts, results, complete=True)
         _write_results(out, doc, rows)
         write_report(out)
-        _drop_stale_audio(out, _recipes_of(previous) - {r["name"] for r in results})
+        _drop_stale_audio(out, _recipes_of(previous) - {r.name for r in results})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return doc
 
 
 def _run_recipes(names: list[str], cfg: EvalConfig, language: str, texts: dict, out: Path,
-                 kept: dict) -> tuple[list[dict], list[dict]]:
+                 kept: dict) -> tuple[list[RecipeResult], list[Utterance]]:
     """Each recipe in its own process (or kept from an earlier run), fp32 first; results.json
     and the audio in place after each."""
     results, rows, reference = [], [], None  # fp32's reference, once it is measured
@@ -454,17 +442,17 @@ def _run_recipes(names: list[str], cfg: EvalConfig, language: str, texts: dict, 
         key = config_key(source, cfg, texts)
         if key in kept:
             res, utt = kept[key]
-            reference = out / REFERENCE_FILE if res["name"] == REFERENCE else reference
-            log.warning("[%d/%d] %s: already measured with this configuration (--resume)", i, len(names), res["name"])
+            reference = out / REFERENCE_FILE if res.name == REFERENCE else reference
+            log.warning("[%d/%d] %s: already measured with this configuration (--resume)", i, len(names), res.name)
         else:
             log.warning("[%d/%d] %s", i, len(names), source)
             t = time.perf_counter()
             res, utt = _run_worker(source, cfg, out, reference)
-            log.warning("[%d/%d] %s: %s in %.0f s%s", i, len(names), res["name"], res["status"],
-                        time.perf_counter() - t, f" ({res['error']})" if res["error"] else "")
-            res["config_key"] = key
+            log.warning("[%d/%d] %s: %s in %.0f s%s", i, len(names), res.name, res.status,
+                        time.perf_counter() - t, f" ({res.error})" if res.error else "")
+            res.config_key = key
             _install(out, res, utt)
-            if res["name"] == REFERENCE and res["status"] == "ok":
+            if res.name == REFERENCE and res.ok:
                 reference = out / REFERENCE_FILE
         results.append(res)
         rows += utt
@@ -491,7 +479,7 @@ def config_key(source: str, cfg: EvalConfig, texts: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-def _document(cfg: EvalConfig, language: str, texts: dict, results: list[dict], complete: bool) -> dict:
+def _document(cfg: EvalConfig, language: str, texts: dict, results: list[RecipeResult], complete: bool) -> dict:
     from quantkit.models import OVERRIDES_FILE, SYNTHETIC_CONFIGS, resolve_device
 
     synthetic = cfg.model in SYNTHETIC_CONFIGS or (Path(cfg.model) / OVERRIDES_FILE).exists()
@@ -500,33 +488,33 @@ def _document(cfg: EvalConfig, language: str, texts: dict, results: list[dict], 
         "language": language, "texts": cfg.texts, "utterances": len(texts), "runs": cfg.runs,
         "max_new_tokens": cfg.max_new_tokens,
         "environment": environment(str(resolve_device(cfg.device))),
-        "command": cfg.command, "complete": complete, "recipes": results,
+        "command": cfg.command, "complete": complete, "recipes": [r.to_dict() for r in results],
         "recommendation": recommend(results, synthetic, cfg) if complete else
         {"name": None, "reason": "the run is not complete"},
     }
 
 
-def _write_results(out: Path, doc: dict, rows: list[dict]) -> None:
+def _write_results(out: Path, doc: dict, rows: list[Utterance]) -> None:
     write_text(out / "results.json", json.dumps(doc, indent=1, ensure_ascii=False))
     write_utterances_csv(out / "utterances.csv", rows)
 
 
-def _install(out: Path, res: dict, rows: list[dict]) -> None:
+def _install(out: Path, res: RecipeResult, rows: list[Utterance]) -> None:
     """Move a finished recipe's audio (and fp32's reference) from the scratch folder into place."""
     work = out / WORK
-    if res["status"] != "ok":
+    if not res.ok:
         return
-    target = out / "audio" / res["name"]
+    target = out / "audio" / res.name
     if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise QuantkitError(f"{target} is not a folder: cannot put {res['name']}'s audio there")
+        raise QuantkitError(f"{target} is not a folder: cannot put {res.name}'s audio there")
     target.mkdir(parents=True, exist_ok=True)
-    new = {Path(r["wav"]).name for r in rows}
+    new = {Path(r.wav).name for r in rows}
     for wav in target.glob("*.wav"):  # the same recipe's audio from an earlier run here
         if wav.name not in new and wav.is_file() and not wav.is_symlink():
             wav.unlink()
     for name in new:
-        os.replace(work / "audio" / res["name"] / name, target / name)
-    if res["name"] == REFERENCE and (work / REFERENCE_FILE).is_file():
+        os.replace(work / "audio" / res.name / name, target / name)
+    if res.name == REFERENCE and (work / REFERENCE_FILE).is_file():
         os.replace(work / REFERENCE_FILE, out / REFERENCE_FILE)
 
 
@@ -538,37 +526,41 @@ def _previous_run(out: Path) -> dict | None:
     return doc if isinstance(doc, dict) and isinstance(doc.get("recipes"), list) else None
 
 
-def _resumable(previous: dict | None, cfg: EvalConfig, texts: dict, out: Path) -> dict[str, tuple[dict, list]]:
+def _resumable(previous: dict | None, cfg: EvalConfig, texts: dict,
+               out: Path) -> dict[str, tuple[RecipeResult, list[Utterance]]]:
     """config key -> (result, utterance rows) of recipes an earlier run here measured with the
     same configuration, whose audio is all in place (fp32 also needs its reference file)."""
     if previous is None:
         return {}
     rows = _read_utterances(out / "utterances.csv")
     kept = {}
-    for res in previous["recipes"]:
-        if not isinstance(res, dict) or res.get("status") != "ok" or not res.get("config_key"):
+    for d in previous["recipes"]:
+        try:
+            res = RecipeResult.from_dict(d)
+        except (TypeError, KeyError, AttributeError):
+            continue  # not a result this version wrote
+        if not res.ok or not res.config_key:
             continue
-        utt = [r for r in rows if r["recipe"] == res["name"]]
-        if len(utt) != len(texts) or not all((out / r["wav"]).is_file() for r in utt):
+        utt = [r for r in rows if r.recipe == res.name]
+        if len(utt) != len(texts) or not all((out / r.wav).is_file() for r in utt):
             continue
-        if res["name"] == REFERENCE and not (out / REFERENCE_FILE).is_file():
+        if res.name == REFERENCE and not (out / REFERENCE_FILE).is_file():
             continue
-        res = {k: v for k, v in res.items() if k != "error_rate"}
-        kept[res["config_key"]] = (res, [{k: r[k] for k in ("recipe", "id", "text", "steps", "wav")} for r in utt])
+        res.error_rate = res.dnsmos = res.speaker_similarity = None  # measured again over every recipe's audio
+        kept[res.config_key] = (res, utt)
     return kept
 
 
-def _read_utterances(path: Path) -> list[dict]:
+def _read_utterances(path: Path) -> list[Utterance]:
+    """utterances.csv's rows, as the recipe's process wrote them (what the parent adds is redone)."""
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
     except (OSError, csv.Error, UnicodeDecodeError):
         return []
-    good = []
-    for r in rows:
-        if all(isinstance(r.get(k), str) for k in ("recipe", "id", "text", "steps", "wav")) and r["steps"].isdigit():
-            good.append({**r, "steps": int(r["steps"])})
-    return good
+    keys = ("recipe", "id", "text", "wav")
+    return [Utterance(**{k: r[k] for k in keys}, steps=int(r["steps"])) for r in rows
+            if all(isinstance(r.get(k), str) for k in (*keys, "steps")) and r["steps"].isdigit()]
 
 
 def failures(doc: dict[str, Any]) -> list[str]:

@@ -115,23 +115,24 @@ def _copy_assets(src: Path, dst: Path) -> None:
 def _compile_artifacts(chat, folder: Path) -> dict:
     """The compiled step and prompt pass (quantkit.compile_artifacts.save_compiled), compiled here by a
     first call, and the int8 kernel they call."""
+    from quantkit.compile import compiled_decoding
     from quantkit.compile_artifacts import save_compiled
     from quantkit.synth import synthesize
 
     synthesize(chat, "Compile.", seed=0, steps=4)
-    gen = chattts.installed_generate(chat)
-    return {**save_compiled(gen, folder), "kernel": _copy_kernel(gen, folder)}
+    gen = compiled_decoding(chat)
+    return {**save_compiled(gen.functions, folder), "kernel": _copy_kernel(gen.model, folder)}
 
 
 KERNEL = "kernels/int8_gemv.so"
 
 
-def _copy_kernel(gen, folder: Path) -> str | None:
+def _copy_kernel(model, folder: Path) -> str | None:
     """The built int8 kernel library, where the compiled step calls it: a fresh process loads
-    it instead of compiling it (about 25 s)."""
+    it instead of compiling it."""
     from quantkit import int8_gemv
 
-    if not any(getattr(m, "packed", False) for m in gen.model.modules()):
+    if not any(getattr(m, "packed", False) for m in model.modules()):
         return None
     (folder / KERNEL).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(int8_gemv.library(), folder / KERNEL)
@@ -469,10 +470,11 @@ def load_variant(folder: str | Path, device: str = "cpu", trust_compiled: bool =
                                 "one lacks: export it again here")
     apply_recipe(chat, recipe, preapplied=("gpt",))
     if artifacts:
+        from quantkit.compile import compiled_decoding
         from quantkit.compile_artifacts import load_compiled
 
-        load_compiled(chattts.installed_generate(chat), folder, artifacts)
-    # ChatTTS's text normalizer JIT-compiles a numba function on its first text (1-1.7 s here,
-    # as long as the whole first synthesis of an int8 variant): a loaded variant is ready.
+        load_compiled(compiled_decoding(chat).functions, folder, artifacts)
+    # ChatTTS's text normalizer JIT-compiles a numba function on its first text (as long as an
+    # int8 variant's whole first synthesis): a loaded variant is ready.
     chattts.normalize(chat, "Ready.")
     return chat

@@ -2,10 +2,10 @@
 ``decode_step`` (and ``decode_text_step``, text refinement's), and the ``generate`` loop.
 
 Plain tensors and modules only: the model is a quantkit.static_cache.StaticCacheGPT, the request
-a ``Request``; quantkit.compile adapts ChatTTS's ``GPT.generate`` call to it. A batch decodes
-its rows together (left-padded prompts, as ChatTTS pads them; each row stops at its own EOS).
-The step functions are free functions of the model, so that they can be compiled, also ahead
-of time; the sampling constants they bake in come from ``model.sampling``.
+a ``Request``, the sampling constants a ``Sampling`` passed to each step; quantkit.compile adapts
+ChatTTS's ``GPT.generate`` call to it. A batch decodes its rows together (left-padded prompts, as
+ChatTTS pads them; each row stops at its own EOS). The step functions are free functions of the
+model so that they can be compiled, also ahead of time (quantkit.compile_artifacts).
 """
 
 from __future__ import annotations
@@ -28,32 +28,33 @@ def prefill(model, emb: torch.Tensor, slots: torch.Tensor, positions: torch.Tens
 
 def decode_step(model, ids: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                 pad: torch.Tensor, window: torch.Tensor, temperature: torch.Tensor,
-                mask_eos: torch.Tensor, noise: torch.Tensor, slot: torch.Tensor | None = None):
+                mask_eos: torch.Tensor, noise: torch.Tensor, s: Sampling, slot: torch.Tensor | None = None):
     """One audio-code step for every row: the last tokens ``ids`` (B, num_vq), fed into cache
     slot ``slot`` (default ``keys[-1:]``) at rotary ``positions`` (B, 1), attending to the slots
-    ``keys`` -> (hidden (B, H), next tokens (B, num_vq), the penalty window with ``ids``
-    appended, whether each row's next tokens hold EOS (B,))."""
+    ``keys``, sampled with the constants ``s`` -> (hidden (B, H), next tokens (B, num_vq), the
+    penalty window with ``ids`` appended, whether each row's next tokens hold EOS (B,))."""
     rows = ids.shape[0]
     window = torch.cat([window[:, 1:], ids.reshape(-1, 1)], 1)
     emb = torch.stack([emb(ids[:, i]) for i, emb in enumerate(model.emb_code)], 2).sum(2)
     hidden = model(emb[:, None].float(), keys[-1:] if slot is None else slot, positions, keys, pad)[:, -1]
-    probs = process_logits(code_logits(model, hidden), window, temperature, mask_eos, model.sampling)
+    probs = process_logits(code_logits(model, hidden), window, temperature, mask_eos, s)
     nxt = draw(probs, noise).view(rows, -1)
-    return hidden, nxt, window, nxt.eq(model.sampling.eos).any(1)
+    return hidden, nxt, window, nxt.eq(s.eos).any(1)
 
 
 def decode_text_step(model, ids: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                      pad: torch.Tensor, window: torch.Tensor, temperature: torch.Tensor,
-                     mask_eos: torch.Tensor, noise: torch.Tensor, slot: torch.Tensor | None = None):
+                     mask_eos: torch.Tensor, noise: torch.Tensor, s: Sampling,
+                     slot: torch.Tensor | None = None):
     """decode_step for text refinement: text tokens ``ids`` (B, 1) through the text embedding and
     the text head."""
     rows = ids.shape[0]
     window = torch.cat([window[:, 1:], ids.reshape(-1, 1)], 1)
     emb = model.emb_text(ids[:, 0])
     hidden = model(emb[:, None].float(), keys[-1:] if slot is None else slot, positions, keys, pad)[:, -1]
-    probs = process_logits(text_logits(model, hidden), window, temperature, mask_eos, model.sampling)
+    probs = process_logits(text_logits(model, hidden), window, temperature, mask_eos, s)
     nxt = draw(probs, noise).view(rows, 1)
-    return hidden, nxt, window, nxt.eq(model.sampling.eos).any(1)
+    return hidden, nxt, window, nxt.eq(s.eos).any(1)
 
 
 def code_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -118,46 +119,46 @@ def generate(dec: Decoder, req: Request, s: Sampling) -> Iterator[Progress]:
             return
 
 
+@dataclass
+class _Rows:
+    """A call's per-row tensors, padded to its batch bucket."""
+    pad: torch.Tensor  # (rows,)
+    temp: torch.Tensor  # (rows * width, 1)
+    window: torch.Tensor  # (rows * width, past_window): the repetition penalty's last tokens
+    real: int  # rows that are the caller's
+    width: int  # tokens a row per step: num_vq, or 1 for text
+
+
 def _generate(dec: Decoder, req: Request, s: Sampling) -> Iterator[Progress]:
-    model, real = dec.model, req.emb.shape[0]
-    width = 1 if req.text else len(model.emb_code)
-    rows, length = bucket(real), req.emb.shape[1]
-    device = req.emb.device
-    model.reserve(rows, length + 1, fresh=True)
-    with torch.inference_mode():  # as ChatTTS's embeddings are: the compiled prompt pass guards on it
-        emb = _rows(req.emb, rows)
-    pad = _rows(req.pad, rows)
-    temp = _rows(req.temperature.view(real, width), rows).view(-1, 1)
-    window = torch.full((rows * width, s.past_window), -1, dtype=torch.long, device=device)
+    """One attempt at ``req`` -> True where ChatTTS's ensure_non_empty asks for another."""
+    model, device, length = dec.model, req.emb.device, req.emb.shape[1]
+    r = _rows_of(req, len(model.emb_code), s)
+    model.reserve(r.pad.shape[0], length + 1, fresh=True)
     mask_eos = (torch.tensor(False, device=device), torch.tensor(True, device=device))
-    prompt, positions = model.slots[:length], prefill_positions(pad, length)
-    for t, dim in ((prompt, 0), (emb, 1), (positions, 1)):  # one graph for every prompt length
-        torch._dynamo.maybe_mark_dynamic(t, dim)
-    hidden = dec.prefill(model, emb, prompt, positions, pad)
+    hidden = dec.prefill(*prompt_inputs(model, as_inference(_rows(req.emb, r.pad.shape[0])), r.pad))
     logits = text_logits(model, hidden) if req.text else code_logits(model, hidden)
-    probs = process_logits(logits, window, temp, mask_eos[req.min_new > 0], s)
-    nxt = draw(probs, _noise(dec, probs.shape, real * width)).view(rows, width)
+    probs = process_logits(logits, r.window, r.temp, mask_eos[req.min_new > 0], s)
+    nxt = draw(probs, _noise(dec, probs.shape, r.real * r.width)).view(-1, r.width)
     eos = nxt.eq(s.eos).any(1)
-    finish = torch.zeros(real, dtype=torch.bool, device=device)
-    ends = torch.zeros(real, dtype=torch.long, device=device)
-    tokens, hiddens, stream_iter = [], [], 0
+    finish = torch.zeros(r.real, dtype=torch.bool, device=device)
+    ends = torch.zeros(r.real, dtype=torch.long, device=device)
+    tokens, hiddens, handed = [], [], 0
     dec.steps, start = 0, time.perf_counter()
     for i in range(req.max_new):
-        tokens.append(nxt[:real])
+        tokens.append(nxt[:r.real])
         if req.return_hidden:
-            hiddens.append(hidden[:real])
-        finish |= eos[:real]
+            hiddens.append(hidden[:r.real])
+        finish |= eos[:r.real]
         if i == 0 and req.redo_empty and bool(finish.any()):
             return True
-        going = ~finish
-        ends += going
-        stream_iter += int(going.any())
-        if req.stream_every and stream_iter > 0 and stream_iter % req.stream_every == 0:
+        ends += ~finish
+        handed += int((~finish).any())  # ChatTTS hands over only steps in which a row went on
+        if req.stream_every and handed > 0 and handed % req.stream_every == 0:
             yield _progress(tokens, hiddens, ends, final=False)
         if bool(finish.all()) or req.stop() or i + 1 == req.max_new:
             break
-        hidden, nxt, window, eos = advance(dec, nxt, length + i, pad, window, temp,
-                                            mask_eos[i + 1 < req.min_new], _noise(dec, probs.shape, real * width))
+        hidden, nxt, r.window, eos = advance(dec, s, nxt, length + i, r.pad, r.window, r.temp,
+                                              mask_eos[i + 1 < req.min_new], _noise(dec, probs.shape, r.real * r.width))
         dec.steps += 1
     if dec.steps and device.type == "cuda":  # the last step's EOS flags may be unread
         torch.cuda.synchronize(device)
@@ -166,7 +167,8 @@ def _generate(dec: Decoder, req: Request, s: Sampling) -> Iterator[Progress]:
     return False
 
 
-def advance(dec: Decoder, ids: torch.Tensor, slot: int, pad: torch.Tensor, window, temp, mask_eos, noise):
+def advance(dec: Decoder, s: Sampling, ids: torch.Tensor, slot: int, pad: torch.Tensor, window, temp,
+            mask_eos, noise):
     """Run the decode step for tokens ``ids`` (rows, width) fed into cache slot ``slot``."""
     model = dec.model
     model.reserve(ids.shape[0], slot + 1)
@@ -175,14 +177,40 @@ def advance(dec: Decoder, ids: torch.Tensor, slot: int, pad: torch.Tensor, windo
         # for CUDA graphs: the slots of a power-of-two bucket attended under a mask (one shape, so
         # one graph, per bucket; a short call does not read a long cache); the slot as its own
         # tensor, not a view of the keys: the layout run and tested on a GPU
-        keys = model.slots[:min(model.capacity, max(256, 1 << slot.bit_length()))]  # a graph per bucket
-        out = dec.step(model, ids, keys, positions, pad, window, temp, mask_eos, noise,
+        keys = model.slots[:min(model.capacity, max(256, 1 << slot.bit_length()))]
+        out = dec.step(model, ids, keys, positions, pad, window, temp, mask_eos, noise, s,
                        model.slots[slot:slot + 1].clone())
     else:
         keys = model.slots[:slot + 1]
         torch._dynamo.maybe_mark_dynamic(keys, 0)  # one graph for every length
-        out = dec.step(model, ids, keys, positions, pad, window, temp, mask_eos, noise)
+        out = dec.step(model, ids, keys, positions, pad, window, temp, mask_eos, noise, s)
     return tuple(t.clone() for t in out) if dec.graphs else out  # CUDA graphs reuse their outputs
+
+
+def teacher_force(dec: Decoder, s: Sampling, emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Hidden states over a given code sequence: the prompt embeddings ``emb`` (1, L, H), then
+    ``tokens`` (n, num_vq) fed one step at a time through ``dec.step`` -> (n, H) fp32, row i being
+    what predicts token i."""
+    model, device, length = dec.model, emb.device, emb.shape[1]
+    model.reserve(1, length + 1, fresh=True)
+    pad = torch.zeros(1, dtype=torch.long, device=device)
+    window = torch.full((tokens.shape[1], s.past_window), -1, dtype=torch.long, device=device)
+    temp, no_mask = torch.ones(tokens.shape[1], 1, device=device), torch.tensor(False, device=device)
+    noise = torch.ones(tokens.shape[1], model.code_vocab, device=device)
+    hiddens = [dec.prefill(*prompt_inputs(model, as_inference(emb), pad))]
+    for i in range(tokens.shape[0] - 1):
+        hiddens.append(advance(dec, s, tokens[i:i + 1], length + i, pad, window, temp, no_mask, noise)[0])
+    return torch.cat(hiddens).float()
+
+
+def prompt_inputs(model, emb: torch.Tensor, pad: torch.Tensor, mark: Callable = torch._dynamo.maybe_mark_dynamic):
+    """``prefill``'s arguments for prompt embeddings ``emb`` (B, L, H) left-padded by ``pad`` (B,),
+    the prompt length marked dynamic (one graph for every length)."""
+    length = emb.shape[1]
+    prompt, positions = model.slots[:length], prefill_positions(pad, length)
+    for t, dim in ((prompt, 0), (emb, 1), (positions, 1)):
+        mark(t, dim)
+    return model, emb, prompt, positions, pad
 
 
 def prefill_positions(pad: torch.Tensor, length: int) -> torch.Tensor:
@@ -190,6 +218,22 @@ def prefill_positions(pad: torch.Tensor, length: int) -> torch.Tensor:
     mask (cumsum - 1; padding at position 1)."""
     slots = torch.arange(length, device=pad.device)[None]
     return torch.where(slots >= pad[:, None], slots - pad[:, None], 1)
+
+
+def as_inference(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as an inference tensor, as ChatTTS's embeddings are: the saved prompt pass guards on it."""
+    if t.is_inference():
+        return t
+    with torch.inference_mode():
+        return t.clone()
+
+
+def _rows_of(req: Request, num_vq: int, s: Sampling) -> _Rows:
+    real = req.emb.shape[0]
+    width, rows = 1 if req.text else num_vq, bucket(real)
+    window = torch.full((rows * width, s.past_window), -1, dtype=torch.long, device=req.emb.device)
+    return _Rows(pad=_rows(req.pad, rows), temp=_rows(req.temperature.view(real, width), rows).view(-1, 1),
+                 window=window, real=real, width=width)
 
 
 def _rows(t: torch.Tensor, rows: int) -> torch.Tensor:

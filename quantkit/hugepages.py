@@ -63,8 +63,7 @@ def rehouse(tensors: list[torch.Tensor]) -> Iterator[torch.Tensor]:
     """Copies of CPU tensors laid end to end, in the given order (the order a step reads them),
     in one huge-page mapping (``empty_each``): yields each copy (same dtype, shape and values)
     as soon as it is made, and drops the list's reference to the original, so that a caller who
-    swaps each copy in at once never holds two copies of everything (364 MB more peak memory for
-    bf16)."""
+    swaps each copy in at once never holds two copies of everything."""
     assert all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
     copies = empty_each([(tuple(t.shape), t.dtype) for t in tensors])
     for i, copy in enumerate(copies):

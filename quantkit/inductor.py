@@ -35,8 +35,8 @@ def compile_kwargs(settings: CompileSettings, cuda_graphs: bool = True) -> dict:
     ``cuda_graphs``) and freezing, and no size asserts.
 
     Inductor's generated code asserts every input's sizes and strides in Python on each call
-    (about 0.8 us each, 336 inputs in the int8 step: 0.3 ms); Dynamo's guards have checked the
-    same before the graph runs."""
+    (hundreds of inputs in the int8 step); Dynamo's guards have checked the same before the
+    graph runs."""
     from torch._inductor import list_mode_options
 
     mode = {k: v for k, v in list_mode_options(settings.mode).items() if cuda_graphs or k != "triton.cudagraphs"}
@@ -45,9 +45,9 @@ def compile_kwargs(settings: CompileSettings, cuda_graphs: bool = True) -> dict:
 
 def skip_vec_isa_probe() -> None:
     """Inductor's first CPU compile (or load) in a process probes vector ISAs by building test
-    libraries and importing each in a fresh Python: about 10 s here. The CPU flags answer its
-    base check; the AVX-512 BF16 and VNNI checks it makes besides (can this compiler build with
-    those flags: 5.2 s a process here, warm) are answered once per machine and remembered."""
+    libraries and importing each in a fresh Python: seconds of every cold start. The CPU flags
+    answer its base check; the AVX-512 BF16 and VNNI checks it makes besides (can this compiler
+    build with those flags) are answered once per machine and remembered."""
     import torch._inductor.config
 
     if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):

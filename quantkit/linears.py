@@ -17,12 +17,12 @@ class PlainInt8Linear(nn.Module):
     whose CPU path is s8s8 ``_int_mm``): per-row symmetric int8 activations, int8 x int8 -> int32,
     times the activation scale, times the weight scale; weight-only: matmul on the int8 weight
     cast to the activation dtype, times the scale. Inside a compiled step a tensor subclass per
-    weight costs guard checks and unwrapping on every call (about 4 ms of an 18 ms step for the
-    140 GPT Linears); plain buffers cost nothing. The buffers are views of torchao's tensors.
+    weight costs guard checks and unwrapping on every call (a fifth of the step for the 140 GPT
+    Linears); plain buffers cost nothing. The buffers are views of torchao's tensors.
 
     It also sidesteps a wrong result: compiling torchao's own linear, Inductor hands ``_int_mm``
     the (1, K) activation with strides (0, 1), and torch 2.11's CPU ``_int_mm`` then returns
-    zeros (tokens agreed with eager int8 5% of the time). The tests compare the two paths.
+    zeros. The tests compare the two paths.
     (Weight-only at one token sums in another order than torchao's mm: equal to rounding.)
 
     Dynamic int8 on a CPU with AVX512-VNNI runs on quantkit's kernel (``int8_gemv``) over a
@@ -60,7 +60,7 @@ class PlainInt8Linear(nn.Module):
         elif x2.shape[0] == 1:
             # A decode step's GEMV written as a multiply-and-sum that Inductor fuses with the
             # int8 -> float conversion (gpt-fast's int8 weight-only recipe): compiled, mm on
-            # `qdata.to(float)` writes the whole float weight out first (about 1 GB/s here).
+            # `qdata.to(float)` writes the whole float weight out first.
             y = (self.qdata_t.t() * x2).sum(-1, keepdim=True).t() * self.scale.to(x.dtype)
         else:
             y = torch.mm(x2, self.qdata_t.to(x.dtype))
@@ -120,8 +120,8 @@ def _vnni_usable(qdata: torch.Tensor) -> bool:
 class GemvLinear(nn.Module):
     """A float Linear (sharing the weight) whose one-token product, a decode step's GEMV, is
     written as a multiply-and-sum over the row-major weight: Inductor makes it one fused pass
-    that streams the weight at 27 GB/s here, against 17 for MKL's fp32 GEMV (bf16: 24 against
-    13). Several tokens (prefill) still go through F.linear."""
+    that streams the weight faster than MKL's GEMV (docs/performance.md). Several tokens
+    (prefill) still go through F.linear."""
 
     def __init__(self, lin: nn.Linear):
         super().__init__()

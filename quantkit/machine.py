@@ -78,8 +78,8 @@ def probe_buffer(nbytes: int = PROBE_BYTES, device="cpu"):
 def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, buffer=None, device="cpu") -> float:
     """The device's memory read bandwidth (best of a few sums over a buffer far beyond cache,
     ``buffer`` or a new one of ``gib`` on ``device``): the ceiling for a memory-bound decode
-    step. On CPU the buffer is on huge pages, as the compiled steps' weights are (8% faster here
-    than 4 KiB pages): the higher, fair ceiling."""
+    step. On CPU the buffer is on huge pages, as the compiled steps' weights are (faster than
+    4 KiB pages): the higher, fair ceiling."""
     import torch
 
     x = probe_buffer(int(gib * 2**30), device) if buffer is None else buffer

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quantkit import chattts, trust
+from quantkit import trust
 from quantkit.apply import apply_recipe, weight_bytes
 from quantkit.atomic import check_writable_target, write_text
 from quantkit.audio import write_wav
@@ -89,6 +89,7 @@ def cache_key(recipe, model: str) -> dict:
 def _load_compiled(chat, key: dict, folder: Path, trust_compiled: bool) -> bool:
     """Load what an earlier run saved in ``folder`` for the same recipe and model; False if
     there is none, or it is not trusted (then the recipe compiles just in time)."""
+    from quantkit.compile import compiled_decoding
     from quantkit.compile_artifacts import load_compiled
     from quantkit.export import sha256
 
@@ -110,7 +111,7 @@ def _load_compiled(chat, key: dict, folder: Path, trust_compiled: bool) -> bool:
         raise QuantkitError(f"compile cache {folder} is damaged (a file is missing or changed); "
                             "delete it or give another directory")
     try:
-        load_compiled(chattts.installed_generate(chat), folder, info)
+        load_compiled(compiled_decoding(chat).functions, folder, info)
     except Exception as exc:  # noqa: BLE001 - pickles of compiled functions fail in many ways
         raise QuantkitError(f"compile cache {folder} could not be loaded ({type(exc).__name__}); "
                             "delete it or give another directory") from None
@@ -118,12 +119,13 @@ def _load_compiled(chat, key: dict, folder: Path, trust_compiled: bool) -> bool:
 
 
 def _save_compiled(chat, key: dict, folder: Path) -> None:
+    from quantkit.compile import compiled_decoding
     from quantkit.compile_artifacts import save_compiled
     from quantkit.export import sha256
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / COMPILED_INFO).unlink(missing_ok=True)  # written last: never names half-written files
-    info = save_compiled(chattts.installed_generate(chat), folder)
+    info = save_compiled(compiled_decoding(chat).functions, folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPILED_INFO)
     info["files"] = {p.relative_to(folder).as_posix(): sha256(p) for p in files}
     write_text(folder / COMPILED_INFO, json.dumps({**info, "for": key}, indent=1))

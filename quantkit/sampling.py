@@ -54,8 +54,8 @@ def draw(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """``torch.multinomial(probs, 1)`` (num_vq, vocab) given the Exp(1) ``noise`` it would draw
     -> (1, num_vq). Its one-sample path is exactly ``argmax(probs / noise)`` (the exponential form
     of the Gumbel-max trick); what is left out are its checks that probs are finite, non-negative
-    and not all zero, which softmax guarantees: a dozen small host operations, 0.2 ms a step on
-    2 cores (code and data evicted by the step's weight stream)."""
+    and not all zero, which softmax guarantees: a dozen small host operations a step, slow with
+    code and data evicted by the step's weight stream."""
     return (probs / noise).argmax(-1).view(1, -1)
 
 

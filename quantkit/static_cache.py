@@ -36,6 +36,7 @@ class StaticCacheGPT(nn.Module):
         self.device = torch.device(device)
         self.rows, self.capacity, self.base = 0, 0, capacity
         self.emb_code, self.emb_text = emb_code, emb_text
+        self.code_vocab = emb_code[0].num_embeddings  # audio tokens, EOS included
         self.heads_code = SharedInput(list(head_code), self.device)
         self.head_text = FoldedHead(head_text)
         self.layers = nn.ModuleList(DecoderLayer(layer, self.heads, self.kv_heads, self.head_dim, self.device)
@@ -82,7 +83,7 @@ class StaticCacheGPT(nn.Module):
         quantkit.hugepages): the int8 kernel's packed copies, and the reduced-precision float
         weights of GemvLinears (the model's own parameters, moved: eager calls read the same
         memory). fp32 weights stay where ChatTTS's loader mapped them from the weights file: a
-        copy would keep both resident, 727 MB more peak memory for 2% speed."""
+        copy would keep both resident, for little speed (docs/performance.md)."""
         modules = [m for m in (*self.layers.modules(), *self.heads_code.modules())
                    if (isinstance(m, GemvLinear) and m.weight.dtype != torch.float32)
                    or (isinstance(m, PlainInt8Linear) and m.packed)]
@@ -102,9 +103,9 @@ class StaticCacheGPT(nn.Module):
         slot, masked), of which each row's first ``pad`` (B,) are its left padding -> final hidden
         states (B, T, H), fp32.
 
-        Attention reads only those n slots, not the whole capacity: at capacity 1024 the full
-        cache is 126 MB of fp32 per step, as much as the int8 weights. The compiled step takes n
-        as a symbolic size (one graph for every length), the rest of its shapes are static."""
+        Attention reads only those n slots, not the whole capacity: a full fp32 cache weighs as
+        much as the int8 weights. The compiled step takes n as a symbolic size (one graph for every
+        length), the rest of its shapes are static."""
         x = x.to(self.dtype)
         cos, sin = self.llama.rotary_emb(x, positions)
         slots = slots.clone()  # the decode step's slot is a view of keys: a layer's inputs may not alias
@@ -193,11 +194,10 @@ class DecoderLayer(nn.Module):
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Attention of one query per head (1, H, 1, D) over n cached keys and values (1, H, n, D),
     in fp32, as multiply-and-sums. Why not SDPA: on CPU its flash kernel runs two MKL GEMVs and
-    allocates its buffers per head, about 60 us a layer at 50 keys, more than reading the keys;
-    written out, Inductor fuses it into the step's own kernels (0.8 ms less of an 11.5 ms
-    int8-dynamic-compiled step, in one process against SDPA). The softmax's division comes
-    after the sum over values: written as ``softmax(s) @ v``, Inductor divides inside that sum,
-    once per key and value element (5% of a 9 ms int8 step, measured in one process)."""
+    allocates its buffers per head, which costs more than reading the keys; written out, Inductor
+    fuses it into the step's own kernels. The softmax's division comes after the sum over
+    values: written as ``softmax(s) @ v``, Inductor divides inside that sum, once per key and
+    value element. Figures: docs/performance.md."""
     scores = (q.float() * k.float()).sum(-1, keepdim=True) * q.shape[-1] ** -0.5  # (B, H, n, 1)
     scores = scores.masked_fill(~valid[:, None, :, None], -float("inf"))  # valid: (B, n)
     e = torch.exp(scores - scores.amax(2, keepdim=True))

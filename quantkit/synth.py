@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from quantkit import chattts
+from quantkit.compile import compiled_decoding
 
 SAMPLE_RATE = 24000
 SAMPLES_PER_STEP = 512  # each GPT step becomes 2 mel frames of 256 samples
@@ -79,7 +80,8 @@ def synthesize(chat, text: str, seed: int = 0, steps: int | None = None,
     wav = chattts.decode(chat, result.hiddens)[0]
     _sync(chat)
     t2 = time.perf_counter()
-    timed = getattr(chattts.installed_generate(chat), "last_steps", None)  # compiled decoding times its steps
+    gen = compiled_decoding(chat)
+    timed = gen.last_steps if gen is not None else None  # compiled decoding times its steps alone
     return Synthesis(wav=np.asarray(wav, dtype=np.float32), tokens=tokens, steps=int(tokens.shape[0]),
                      gpt_s=t1 - t0, decode_s=t2 - t1, step_s=timed[1] / timed[0] if timed else None)
 
@@ -99,8 +101,8 @@ def teacher_forced(chat, text: str, tokens: torch.Tensor, seed: int = 0,
     emb = chattts.prompt_embeddings(chat, chattts.normalize(chat, text), params)
     tokens = tokens.to(emb.device)
     # A compiled recipe is judged on what its compiled step computes, not on its eager modules.
-    forced = getattr(chattts.installed_generate(chat), "forced_hidden", None)
-    hidden = forced(emb, tokens) if forced is not None else None
+    gen = compiled_decoding(chat)
+    hidden = gen.forced_hidden(emb, tokens) if gen is not None else None
     if hidden is None:  # position L-1+i predicts token i, as in ChatTTS's loop
         hidden = chattts.eager_hidden(chat, emb, tokens)
     logits = chattts.head_logits(chat, hidden)

@@ -12,7 +12,7 @@ import torch
 from conftest import TEXTS, assert_one_line_error, run_cli, write_compile_cache
 
 from quantkit.apply import apply_recipe
-from quantkit.compile import CompiledGenerate
+from quantkit.compile import CompiledGenerate, compiled_decoding
 from quantkit.models import load_chat
 from quantkit.recipes import get_recipe
 from quantkit.synth import synthesize
@@ -75,16 +75,16 @@ def test_decode_steps_are_timed_apart_from_the_prompt_pass(compiled, reference):
 
     for steps in (40, None):  # a fixed count, and a natural length ended by EOS
         out = synthesize(compiled, TEXTS[1], seed=1, steps=steps, max_new_tokens=80)
-        advanced, seconds = compiled.gpt.generate.last_steps
+        advanced, seconds = compiled_decoding(compiled).last_steps
         # the prompt pass gives the first token; a call ended by EOS also stepped to find it
         assert advanced == out.steps - 1 if steps else advanced in (out.steps - 1, out.steps)
         assert out.step_s == pytest.approx(seconds / advanced) and 0 < seconds < out.gpt_s
     assert reference[(TEXTS[1], 1, 40)].step_s is None  # ChatTTS's own loop: not timed
 
-    result = measure(compiled, EvalConfig(model="synthetic-tiny", runs=2, max_new_tokens=24), TEXTS[1])
-    runs = result["bandwidth_runs"]
-    assert result["step_ms_median"] > 0 and all(run["step_gbs"] > 0 for run in runs)
-    assert result["step_bandwidth_fraction"] == pytest.approx(
+    timing, _peak = measure(compiled, EvalConfig(model="synthetic-tiny", runs=2, max_new_tokens=24), TEXTS[1])
+    runs = timing.bandwidth_runs
+    assert timing.step_ms_median > 0 and all(run["step_gbs"] > 0 for run in runs)
+    assert timing.step_bandwidth_fraction == pytest.approx(
         statistics.median(run["step_gbs"] / run["read_gbs"] for run in runs))
 
 
@@ -251,10 +251,10 @@ def test_teacher_forcing_goes_through_the_compiled_step(eager_recipe, compiled_r
     text = TEXTS[1]
     tokens = synthesize(eager, text, seed=4, steps=24).tokens
     calls = []
-    gen = compiled.gpt.generate
-    s = gen.default_sampling()
-    step = gen.step_for(s)
-    gen.precompiled[s] = lambda *a: calls.append(1) or step(*a)
+    fns = compiled_decoding(compiled).functions
+    s = fns.default
+    step = fns.step_for(s)
+    fns.precompiled[s] = lambda *a: calls.append(1) or step(*a)
     ref, out = teacher_forced(eager, text, tokens, seed=4), teacher_forced(compiled, text, tokens, seed=4)
     assert len(calls) == tokens.shape[0] - 1  # one compiled step per forced token after the prompt
     assert out.logprobs.shape == ref.logprobs.shape
@@ -314,10 +314,10 @@ def test_streamed_bf16_weights_move_to_one_huge_page_mapping(tiny_dir, compiled)
 
 
 def test_inputs_failing_the_saved_guards_run_just_in_time(compiled):
-    from quantkit.compile import Precompiled
+    from quantkit.compile_artifacts import Precompiled
     from quantkit.generate import prefill, prefill_positions
 
-    gen = compiled.gpt.generate
+    gen = compiled_decoding(compiled).functions
     assert isinstance(gen.precompiled_prefill, Precompiled)
     with torch.inference_mode():
         emb = torch.randn(1, 1, gen.model.llama.config.hidden_size)  # the prompt pass was traced for >= 2
@@ -379,7 +379,7 @@ def test_decoder_layers_are_traced_once_and_reused(recipe, tiny_dir):
 
     chat = load_chat("synthetic-tiny")
     apply_recipe(chat, get_recipe(recipe))
-    gen = chat.gpt.generate
+    fns = compiled_decoding(chat).functions
     graphs = []
 
     def backend(gm, example_inputs):
@@ -388,7 +388,7 @@ def test_decoder_layers_are_traced_once_and_reused(recipe, tiny_dir):
 
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.compile(decode_step, fullgraph=True, backend=backend)(*gen.example_inputs(gen.default_sampling()))
+        torch.compile(decode_step, fullgraph=True, backend=backend)(*fns.example_inputs(fns.default))
     (gm,) = graphs
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and "invoke_subgraph" in str(n.target)]
     regions = {n.args[0].target for n in calls}

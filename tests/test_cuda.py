@@ -41,7 +41,7 @@ def test_cuda_graphs_step_matches_and_never_recompiles(reference):
     chat = load_chat("synthetic-tiny", "cuda")
     apply_recipe(chat, get_recipe("fp32-compiled"))  # mode "auto": CUDA graphs on CUDA
     gen = chat.gpt.generate
-    assert gen.settings.mode == "reduce-overhead" and gen.graphs and gen.model.full_keys
+    assert gen.functions.settings.mode == "reduce-overhead" and gen.graphs and gen.model.full_keys
     synthesize(chat, TEXTS[0], seed=1, steps=8)  # compiles, records
     torch._dynamo.config.error_on_recompile = True
     try:
