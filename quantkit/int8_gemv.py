@@ -1,5 +1,4 @@
-"""Two kernels for CPU decode steps on x86 with AVX512-VNNI: an int8 x int8 -> int32 product,
-and attention of one new token over a long fp32 KV cache.
+"""An int8 x int8 -> int32 product for decode steps on x86 CPUs with AVX512-VNNI.
 
 A decode step multiplies one activation row by every weight: it is bound by how fast the
 weights stream from memory. torch 2.11 has no CPU kernel that streams int8 weights at memory
@@ -15,10 +14,9 @@ as a sum does (``tests/test_int8_gemv.py``; figures in the README). torchao move
 The activation is int8 made unsigned by adding 128; ``comp`` (128 x each weight row's sum)
 takes that back, so the result equals the s8s8 product exactly.
 
-The kernels are compiled on first use with torch's C++ extension builder (the compiler Inductor
-already needs) and registered as the operators ``quantkit::int8_gemv`` and
-``quantkit::attend_one`` that compiled steps, and ahead-of-time compiled ones, call by name; an
-exported variant carries the built library.
+The kernel is compiled on first use with torch's C++ extension builder (the compiler Inductor
+already needs) and registered as the operator ``quantkit::int8_gemv`` that compiled steps, and
+ahead-of-time compiled ones, call by name; an exported variant carries the built library.
 """
 
 from __future__ import annotations
@@ -44,9 +42,6 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
-
-#include <cmath>
-#include <vector>
 
 constexpr int64_t kRows = 4, kLanes = 64;
 
@@ -104,104 +99,8 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return y;
 }
 
-// exp of 16 floats <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial; about 1 ulp)
-__attribute__((target("avx512f")))
-static inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-// One head: q (D,) against keys k[from..n) (rows `stride` floats apart) -> o (D,); s: n floats of scratch.
-// Two passes, each streaming its cache once: scores and their max, then exp and the weighted sum.
-template <int C>  // C = D / 16 vectors a row
-__attribute__((target("avx512f")))
-static void attend_head(const float* q, const float* k, const float* v, int64_t stride, int64_t from,
-                        int64_t n, float scale, float* s, float* o) {
-  __m512 qv[C], acc[C];
-  for (int c = 0; c < C; c++) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
-  float top = -INFINITY;
-  for (int64_t j = from; j < n; j++) {
-    const float* kj = k + j * stride;
-    __m512 d = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
-    for (int c = 1; c < C; c++) d = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kj + 16 * c), d);
-    s[j] = _mm512_reduce_add_ps(d);
-    top = s[j] > top ? s[j] : top;
-  }
-  int64_t j = from;
-  __m512 total = _mm512_setzero_ps();
-  for (; j + 16 <= n; j += 16) {
-    __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(top)));
-    _mm512_storeu_ps(s + j, e);
-    total = _mm512_add_ps(total, e);
-  }
-  float sum = _mm512_reduce_add_ps(total);
-  if (j < n) {
-    const __mmask16 m = (__mmask16)((1u << (n - j)) - 1);
-    __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_set1_ps(top)));
-    _mm512_mask_storeu_ps(s + j, m, e);
-    sum += _mm512_mask_reduce_add_ps(m, e);
-  }
-  for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
-  for (int64_t i = from; i < n; i++) {
-    const float* vi = v + i * stride;
-    const __m512 e = _mm512_set1_ps(s[i]);
-    for (int c = 0; c < C; c++) acc[c] = _mm512_fmadd_ps(e, _mm512_loadu_ps(vi + 16 * c), acc[c]);
-  }
-  const __m512 inv = _mm512_set1_ps(from < n ? 1.0f / sum : 0.0f);  // a row of padding alone: zeros
-  for (int c = 0; c < C; c++) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc[c], inv));
-}
-
-// q (B, H, 1, D) fp32 against the first n slots of k, v (B, H, >= n, D) fp32, row b's first pad[b]
-// slots left out -> (B, H, 1, D): attention of one new token, softmax in fp32.
-at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pad) {
-  TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && v.dtype() == at::kFloat, "fp32 only");
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && k.sizes() == v.sizes() && k.strides() == v.strides()
-              && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) && k.stride(3) == 1,
-              "q (B, H, 1, D), k and v (B, H, n, D) alike, unit stride in D");
-  const int64_t b_rows = q.size(0), heads = q.size(1), d = q.size(3), n = k.size(2);
-  TORCH_CHECK(d == 16 || d == 32 || d == 64 || d == 128, "head size 16, 32, 64 or 128");
-  TORCH_CHECK(pad.dtype() == at::kLong && pad.numel() == b_rows, "pad: (B,) int64");
-  auto qc = q.contiguous();
-  auto o = at::empty({b_rows, heads, 1, d}, q.options());
-  const float scale = 1.0f / std::sqrt((float)d);
-  const int64_t* pp = pad.data_ptr<int64_t>();
-  at::parallel_for(0, b_rows * heads, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<float> s(n > 0 ? n : 1);
-    for (int64_t h = h0; h < h1; h++) {
-      const int64_t b = h / heads, i = h % heads;
-      const float* kp = k.data_ptr<float>() + b * k.stride(0) + i * k.stride(1);
-      const float* vp = v.data_ptr<float>() + b * v.stride(0) + i * v.stride(1);
-      const float* qp = qc.data_ptr<float>() + h * d;
-      float* op = o.data_ptr<float>() + h * d;
-      const int64_t from = pp[b] < n ? (pp[b] > 0 ? pp[b] : 0) : n;
-      if (d == 64) attend_head<4>(qp, kp, vp, k.stride(2), from, n, scale, s.data(), op);
-      else if (d == 32) attend_head<2>(qp, kp, vp, k.stride(2), from, n, scale, s.data(), op);
-      else if (d == 128) attend_head<8>(qp, kp, vp, k.stride(2), from, n, scale, s.data(), op);
-      else attend_head<1>(qp, kp, vp, k.stride(2), from, n, scale, s.data(), op);
-    }
-  });
-  return o;
-}
-
-TORCH_LIBRARY(quantkit, m) {
-  m.def("int8_gemv(Tensor x, Tensor w, Tensor comp) -> Tensor");
-  m.def("attend_one(Tensor q, Tensor k, Tensor v, Tensor pad) -> Tensor");
-}
-TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
-  m.impl("int8_gemv", &int8_gemv);
-  m.impl("attend_one", &attend_one);
-}
+TORCH_LIBRARY(quantkit, m) { m.def("int8_gemv(Tensor x, Tensor w, Tensor comp) -> Tensor"); }
+TORCH_LIBRARY_IMPL(quantkit, CPU, m) { m.impl("int8_gemv", &int8_gemv); }
 """
 
 
@@ -260,29 +159,12 @@ def _registered(path: str) -> str:
     """Note the loaded library and give the operator its shape function, for tracing."""
     global _loaded
     torch.library.register_fake("quantkit::int8_gemv")(_fake_int8_gemv)
-    torch.library.register_fake("quantkit::attend_one")(_fake_attend_one)
     _loaded = path
     return path
 
 
 def _fake_int8_gemv(x: torch.Tensor, w: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0], comp.shape[0]), dtype=torch.int32)
-
-
-def _fake_attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    return q.new_empty(q.shape)
-
-
-def loaded() -> bool:
-    """Whether this process has the kernel library (its operators callable)."""
-    return _loaded is not None
-
-
-def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """quantkit.static_cache.attend_one as one kernel (fp32, head size 16, 32, 64 or 128): it reads
-    each head's keys and values once, at memory speed, where the fused Inductor code reads a
-    long cache slowly (docs/performance.md)."""
-    return torch.ops.quantkit.attend_one(q, k, v, pad)
 
 
 @contextmanager

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from quantkit import hugepages, int8_gemv
+from quantkit import hugepages
 from quantkit.linears import GemvLinear, PlainInt8Linear, SharedInput, decode_twin
 from quantkit.precision import float_dtype
 
@@ -45,12 +45,6 @@ class StaticCacheGPT(nn.Module):
         self.reserve(1, capacity)
         if self.device.type == "cpu":
             self._rehouse_weights()
-        # The attention kernel ships in the int8 kernel's library: with int8 weights on it, a
-        # long cache is read at memory speed (float recipes keep Inductor's attend_one, no build).
-        kernel = (self.dtype == torch.float32 and self.kv_heads == self.heads and self.head_dim in (16, 32, 64, 128)
-                  and any(isinstance(m, PlainInt8Linear) and m.packed for m in self.layers.modules()))
-        for layer in self.layers:
-            layer.attend = int8_gemv.attend_one if kernel else attend_one
 
     def reserve(self, rows: int, length: int, fresh: bool = False) -> None:
         """A cache of ``rows`` rows and at least ``length`` slots: the same one if it fits (its
@@ -151,7 +145,6 @@ class DecoderLayer(nn.Module):
         self.act_fn = layer.mlp.act_fn
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.full_keys = False  # StaticCacheGPT.set_full_keys
-        self.attend = attend_one  # or the kernel (StaticCacheGPT)
         self.register_buffer("k_cache", None, persistent=False)  # set_cache
         self.register_buffer("v_cache", None, persistent=False)
         attn, mlp = layer.self_attn, layer.mlp
@@ -185,7 +178,7 @@ class DecoderLayer(nn.Module):
         valid = keys[None, :] >= pad[:, None]  # (B, n): a row's padding is never attended
         masked = t > 1 or self.full_keys  # one new token attends to every filled slot
         if not masked and self.kv_heads == self.heads and x.device.type == "cpu":
-            o = self.attend(q, k, v, pad) if self.attend is not attend_one else attend_one(q, k, v, valid)
+            o = attend_one(q, k, v, valid)
         else:
             seen = keys[None, :] <= slots[:, None]  # (T, n) causal
             # a padding query sees itself at least (it has no other key; its output is unused)

@@ -86,37 +86,3 @@ def test_static_cache_path_keeps_packed_weights_in_one_huge_page_mapping(tiny_di
     assert ptrs == sorted(ptrs)  # laid out in the order a step reads them, end to end
     assert ptrs[-1] - ptrs[0] < sum(m.blocks.nbytes + 64 for m in packed)
     assert all(m.blocks.storage_offset() == 0 for m in packed)  # each its own storage: see DecoderLayer
-    layers = chat.gpt.generate.model.layers
-    assert all(layer.attend is int8_gemv.attend_one for layer in layers)  # the library's attention kernel
-
-
-@pytest.mark.parametrize("rows,n,d,capacity", [(1, 37, 64, 64), (3, 300, 64, 1024), (2, 17, 32, 32), (2, 40, 16, 64),
-                                               (1, 1100, 64, 2048), (4, 5, 128, 8)])
-def test_attention_kernel_is_attend_one(rows, n, d, capacity):
-    """The kernel over a cache prefix (a view, as the step passes it), each row's left padding
-    left out: the same as quantkit's attend_one to fp32 rounding."""
-    from quantkit.static_cache import attend_one
-
-    torch.manual_seed(n)
-    q = torch.randn(rows, 12, 1, d) * 3  # large scores: the softmax's max must be taken out
-    k, v = (torch.randn(rows, 12, capacity, d)[:, :, :n] for _ in range(2))
-    pad = torch.randint(0, min(n, 20), (rows,))
-    valid = torch.arange(n)[None] >= pad[:, None]
-    torch.testing.assert_close(int8_gemv.attend_one(q, k, v, pad), attend_one(q, k, v, valid), rtol=1e-5, atol=1e-5)
-
-
-def test_attention_kernel_inside_a_compiled_graph_of_any_length():
-    torch.manual_seed(0)
-    cache = torch.randn(2, 12, 512, 64)
-
-    def f(q, keys, pad):
-        n = keys.shape[0]
-        return int8_gemv.attend_one(q * 2, cache[:, :, :n], cache[:, :, :n], pad) + 1
-
-    step = torch.compile(f, fullgraph=True, dynamic=False)
-    q, pad = torch.randn(2, 12, 1, 64), torch.tensor([0, 3])
-    torch._dynamo.config.error_on_recompile = False
-    for n in (7, 100, 511):
-        keys = torch.arange(n)
-        torch._dynamo.maybe_mark_dynamic(keys, 0)
-        torch.testing.assert_close(step(q, keys, pad), f(q, keys, pad), rtol=1e-6, atol=1e-6)
