@@ -102,9 +102,9 @@ def test_report_rebuild_is_identical(eval_dir):
 
 
 def test_report_on_a_missing_or_broken_results_file(tmp_path):
-    assert_one_line_error(run_cli("report", str(tmp_path)), "does not exist")
+    assert_one_line_error(run_cli_here("report", str(tmp_path)), "does not exist")
     (tmp_path / "results.json").write_text("{not json")
-    assert_one_line_error(run_cli("report", str(tmp_path)), "not valid JSON")
+    assert_one_line_error(run_cli_here("report", str(tmp_path)), "not valid JSON")
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -10,7 +10,7 @@ import torch
 from pathlib import Path
 
 import quantkit
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_cli_here
 from quantkit import export as export_mod, int8_gemv
 from quantkit.apply import apply_recipe
 from quantkit.errors import QuantkitError
@@ -127,7 +127,7 @@ def test_existing_directory_needs_force(variants, tmp_path):
     out = tmp_path / "v"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert_one_line_error(run_cli("export", "fp16", "--model", "synthetic-tiny", "--out", str(out)),
+    assert_one_line_error(run_cli_here("export", "fp16", "--model", "synthetic-tiny", "--out", str(out)),
                           "already exists", "--force")
     assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()  # an empty folder: --force may use it
@@ -137,16 +137,25 @@ def test_existing_directory_needs_force(variants, tmp_path):
 
 
 def test_export_best_from_an_eval_directory(tiny_dir, tmp_path):
+    """The recommended recipe, and one that eval was given as a .toml path (exported from it)."""
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text('description = "mine"\n[gpt]\ndtype = "bf16"\n')
     ev = tmp_path / "eval"
-    proc = run_cli("eval", "--model", "synthetic-tiny", "--recipes", "int8-dynamic", "--limit", "1",
+    proc = run_cli("eval", "--model", "synthetic-tiny", "--recipes", f"int8-dynamic,{recipe}", "--limit", "1",
                    "--max-new-tokens", "8", "--runs", "1", "--skip-asr", "--skip-call-shapes", "--skip-quality", "--out", str(ev))
     assert proc.returncode == 0, proc.stderr
-    chosen = json.loads((ev / "results.json").read_text())["recommendation"]["name"]
+    doc = json.loads((ev / "results.json").read_text())
     proc = run_cli("export", "--best", str(ev), "--model", "synthetic-tiny", "--out", str(tmp_path / "v"))
     assert proc.returncode == 0, proc.stderr
     m = json.loads((tmp_path / "v" / "manifest.json").read_text())
-    assert m["recipe"]["name"] == chosen and "token_agreement" in m["chosen_by"]["fidelity"]
-    assert_one_line_error(run_cli("export", "--model", "synthetic-tiny", "--out", str(tmp_path / "w")),
+    assert m["recipe"]["name"] == doc["recommendation"]["name"] and "token_agreement" in m["chosen_by"]["fidelity"]
+    doc["recommendation"] = {"name": "mine", "reason": "chosen by the test"}
+    (ev / "results.json").write_text(json.dumps(doc))
+    proc = run_cli("export", "--best", str(ev), "--model", "synthetic-tiny", "--out", str(tmp_path / "w"))
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "w" / "manifest.json").read_text())
+    assert m["recipe"]["name"] == "mine" and m["recipe"]["gpt"]["dtype"] == "bf16"
+    assert_one_line_error(run_cli_here("export", "--model", "synthetic-tiny", "--out", str(tmp_path / "x")),
                           "either a RECIPE or --best")
 
 

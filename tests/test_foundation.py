@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_cli_here
 from quantkit.apply import apply_recipe, component_dtype
 from quantkit.errors import QuantkitError
 from quantkit.models import load_chat
@@ -138,14 +138,14 @@ def test_real_weights_unavailable_fail_fast_with_a_hint(tmp_path):
 def test_malformed_recipes_exit_2_naming_the_problem(tmp_path, body, fragment):
     path = tmp_path / "bad.toml"
     path.write_text(body)
-    assert_one_line_error(run_cli("apply", str(path), "--model", "synthetic-tiny"), fragment)
+    assert_one_line_error(run_cli_here("apply", str(path), "--model", "synthetic-tiny"), fragment)
 
 
 def test_unknown_recipe_model_and_device(tiny_dir):
-    assert_one_line_error(run_cli("apply", "int9"), "unknown recipe 'int9'", "stock")
-    assert_one_line_error(run_cli("apply", "fp32", "--model", "nope"), "unknown model 'nope'")
+    assert_one_line_error(run_cli_here("apply", "int9"), "unknown recipe 'int9'", "stock")
+    assert_one_line_error(run_cli_here("apply", "fp32", "--model", "nope"), "unknown model 'nope'")
     if not torch.cuda.is_available():
-        assert_one_line_error(run_cli("apply", "fp32", "--model", "synthetic-tiny", "--device", "cuda"),
+        assert_one_line_error(run_cli_here("apply", "fp32", "--model", "synthetic-tiny", "--device", "cuda"),
                               "no CUDA")
 
 

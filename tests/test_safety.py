@@ -171,22 +171,6 @@ def test_stale_temporaries_of_a_killed_export_are_removed(tiny_dir, tmp_path):
     assert not stale.exists() and alive.exists()
 
 
-def test_export_best_exports_a_recipe_given_as_a_path(tiny_dir, tmp_path):
-    recipe = tmp_path / "mine.toml"
-    recipe.write_text('description = "mine"\n[gpt]\ndtype = "bf16"\n')
-    ev = tmp_path / "eval"
-    proc = run_cli("eval", "--model", "synthetic-tiny", "--recipes", str(recipe), "--limit", "1",
-                   "--max-new-tokens", "8", "--runs", "1", *QUICK, "--out", str(ev))
-    assert proc.returncode == 0, proc.stderr
-    doc = json.loads((ev / "results.json").read_text())
-    doc["recommendation"] = {"name": "mine", "reason": "chosen by the test"}
-    (ev / "results.json").write_text(json.dumps(doc))
-    proc = run_cli("export", "--best", str(ev), "--model", "synthetic-tiny", "--out", str(tmp_path / "v"))
-    assert proc.returncode == 0, proc.stderr
-    m = json.loads((tmp_path / "v" / "manifest.json").read_text())
-    assert m["recipe"]["name"] == "mine" and m["recipe"]["gpt"]["dtype"] == "bf16"
-
-
 # ---------------------------------------------------------------- variants are code
 
 @pytest.fixture(scope="module")
@@ -296,32 +280,28 @@ def test_a_compile_cache_from_elsewhere_is_not_loaded(tiny_dir, tmp_path):
 
 # ---------------------------------------------------------------- eval
 
-def test_eval_keeps_what_it_did_not_write_and_refuses_path_ids(tiny_dir, tmp_path):
+def test_eval_refuses_path_ids(tmp_path):
+    texts = tmp_path / "t.tsv"
+    for bad in ("../../../../x", "/tmp/x", ".hidden"):
+        texts.write_text(f"{bad}\tHello there.\n")
+        assert_one_line_error(run_cli_here("eval", "--model", "synthetic-tiny", "--texts", str(texts),
+                                           *QUICK, "--out", str(tmp_path / "o")), "must be a plain file name")
+
+
+def test_eval_resumes_and_keeps_what_it_did_not_write(tiny_dir, tmp_path):
+    """Three runs into one folder holding the user's own audio: bf16; bf16 and fp16 resumed (fp32
+    and bf16 kept, not run again); fp16 alone, resumed (nothing run, bf16's audio gone)."""
     out = tmp_path / "o"
     mine = out / "audio" / "my_recordings"
     mine.mkdir(parents=True)
     (mine / "take1.wav").write_bytes(b"RIFF")
     texts = tmp_path / "t.tsv"
-    for bad in ("../../../../x", "/tmp/x", ".hidden"):
-        texts.write_text(f"{bad}\tHello there.\n")
-        assert_one_line_error(run_cli_here("eval", "--model", "synthetic-tiny", "--texts", str(texts),
-                                           *QUICK, "--out", str(out)), "must be a plain file name")
     texts.write_text("a\tHello there.\n")
     args = ["eval", "--model", "synthetic-tiny", "--texts", str(texts), *QUICK, "--runs", "1",
             "--max-new-tokens", "8", "--out", str(out)]
     assert run_cli(*args, "--recipes", "bf16").returncode == 0
-    assert (out / "audio" / "bf16" / "a.wav").is_file()
-    assert run_cli(*args, "--recipes", "stock").returncode == 0
-    assert (mine / "take1.wav").read_bytes() == b"RIFF"  # never quantkit's
-    assert not (out / "audio" / "bf16").exists()  # quantkit's own, from the earlier run: gone
-
-
-def test_eval_resume_skips_recipes_already_measured(tiny_dir, tmp_path):
-    out = tmp_path / "o"
-    args = ["eval", "--model", "synthetic-tiny", "--limit", "1", *QUICK, "--runs", "1",
-            "--max-new-tokens", "8", "--out", str(out)]
-    assert run_cli(*args, "--recipes", "bf16").returncode == 0
     first = json.loads((out / "results.json").read_text())
+    assert (out / "audio" / "bf16" / "a.wav").is_file()
     proc = run_cli(*args, "--recipes", "bf16,fp16", "--resume")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("already measured") == 2  # fp32 and bf16
@@ -329,8 +309,23 @@ def test_eval_resume_skips_recipes_already_measured(tiny_dir, tmp_path):
     assert [r["name"] for r in doc["recipes"]] == ["fp32", "bf16", "fp16"] and doc["complete"]
     assert doc["recipes"][1]["warm_s_median"] == first["recipes"][1]["warm_s_median"]
     assert doc["recipes"][2]["fidelity"]["token_agreement"] > 0.5  # against the kept fp32 reference
-    proc = run_cli(*args, "--recipes", "bf16", "--resume", "--seed", "3")  # another configuration
-    assert proc.returncode == 0 and "already measured" not in proc.stderr
+    proc = run_cli(*args, "--recipes", "fp16", "--resume")
+    assert proc.returncode == 0 and proc.stderr.count("already measured") == 2, proc.stderr
+    assert (mine / "take1.wav").read_bytes() == b"RIFF"  # never quantkit's
+    assert not (out / "audio" / "bf16").exists()  # quantkit's own, from an earlier run: gone
+    assert (out / "audio" / "fp16" / "a.wav").is_file()
+
+
+def test_resume_keys_change_with_what_a_measurement_depends_on():
+    from quantkit.evaluate import EvalConfig, config_key
+
+    texts = {"a": "Hello there."}
+    key = config_key("bf16", EvalConfig(), texts)
+    assert key == config_key("bf16", EvalConfig(resume=True, skip_asr=True), texts)  # not measured by the recipe
+    for other in (("fp16", EvalConfig(), texts), ("bf16", EvalConfig(seed=3), texts),
+                  ("bf16", EvalConfig(max_new_tokens=9), texts), ("bf16", EvalConfig(model="synthetic-tiny"), texts),
+                  ("bf16", EvalConfig(long_steps=10), texts), ("bf16", EvalConfig(), {"a": "Hello."})):
+        assert config_key(*other) != key, other
 
 
 def test_killed_eval_leaves_a_consistent_run_and_no_orphans(tiny_dir, tmp_path):
