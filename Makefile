@@ -41,7 +41,7 @@ run: install
 		--runs 3 --max-new-tokens 96 --long-steps 300 --batch-sizes 1,4,8 --out $(OUT)
 
 test: install lock-check system-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) .tools out
