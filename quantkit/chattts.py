@@ -12,14 +12,14 @@ from quantkit.generate import Progress
 from quantkit.sampling import Sampling
 
 
-def static_model(chat, capacity: int):
+def static_model(chat, capacity: int, cache_dtype: torch.dtype | None = None):
     """ChatTTS's GPT as a quantkit.static_cache.StaticCacheGPT: its Llama, code and text
     embeddings and heads, on its GPT device."""
     from quantkit.static_cache import StaticCacheGPT
 
     e = chat.embed
     return StaticCacheGPT(chat.gpt.gpt, e.emb_code, e.head_code, e.emb_text, e.head_text,
-                          torch.device(chat.device_gpt), capacity)
+                          torch.device(chat.device_gpt), capacity, cache_dtype)
 
 
 def num_audio_tokens(chat) -> int:

@@ -33,7 +33,8 @@ class CompiledGenerate:
         self.generator = chattts.generator(chat)
         device = chattts.gpt_device(chat)
         settings = for_device(settings, device)
-        self.model = chattts.static_model(chat, settings.cache_capacity)
+        cache_dtype = torch.bfloat16 if settings.kv_cache == "bf16" else None
+        self.model = chattts.static_model(chat, settings.cache_capacity, cache_dtype)
         # CUDA graphs replay a step recorded for one set of shapes: with them a step attends to a
         # power-of-two bucket of slots under a mask; elsewhere it reads only the filled slots.
         self.graphs = compile_step and uses_cuda_graphs(settings, device)

@@ -35,6 +35,7 @@ WEIGHT_NORM = ("fold", "keep")
 # "auto": CUDA graphs ("reduce-overhead") on CUDA, where a decode step is hundreds of kernel
 # launches; Inductor's default on CPU, where CUDA graphs do not apply.
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+KV_CACHES = ("model", "bf16")  # the KV cache's dtype: the model's float dtype, or bf16
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class CompileSettings:
     mode: str = "auto"
     freezing: bool = False
     cache_capacity: int = 1024
+    kv_cache: str = "model"
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,9 @@ def _compile(where: str, table: Any) -> CompileSettings:
     if not isinstance(capacity, int) or isinstance(capacity, bool) or not 16 <= capacity <= 8192:
         raise _fail(where, f"compile.cache_capacity must be an integer in 16..8192, not {capacity!r}")
     mode = _choice(where, "compile", "mode", table.get("mode", "auto"), COMPILE_MODES)
-    return CompileSettings(enabled=enabled, mode=mode, freezing=freezing, cache_capacity=capacity)
+    kv_cache = _choice(where, "compile", "kv_cache", table.get("kv_cache", "model"), KV_CACHES)
+    return CompileSettings(enabled=enabled, mode=mode, freezing=freezing, cache_capacity=capacity,
+                           kv_cache=kv_cache)
 
 
 def parse_recipe(name: str, data: dict[str, Any], where: str | None = None) -> Recipe:

@@ -25,7 +25,8 @@ class StaticCacheGPT(nn.Module):
     """
 
     def __init__(self, llama: nn.Module, emb_code: nn.ModuleList, head_code: nn.ModuleList,
-                 emb_text: nn.Module, head_text: nn.Module, device: torch.device, capacity: int):
+                 emb_text: nn.Module, head_text: nn.Module, device: torch.device, capacity: int,
+                 cache_dtype: torch.dtype | None = None):
         super().__init__()
         self.llama = llama
         cfg = llama.config
@@ -33,6 +34,7 @@ class StaticCacheGPT(nn.Module):
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.dtype = float_dtype(llama)
+        self.cache_dtype = cache_dtype or self.dtype  # bf16 halves what a long call's steps read
         self.device = torch.device(device)
         self.rows, self.capacity, self.base = 0, 0, capacity
         self.emb_code, self.emb_text = emb_code, emb_text
@@ -62,9 +64,9 @@ class StaticCacheGPT(nn.Module):
         shape = (rows, self.kv_heads, capacity, self.head_dim)
         count = 2 * len(self.layers)
         if self.device.type == "cpu":  # every step reads the filled part: huge pages, as the weights
-            caches = [c.zero_() for c in hugepages.empty_each([(shape, self.dtype)] * count)]
+            caches = [c.zero_() for c in hugepages.empty_each([(shape, self.cache_dtype)] * count)]
         else:
-            caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(count)]
+            caches = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(count)]
         keep = self.capacity if rows == self.rows and not fresh else 0
         for i, layer in enumerate(self.layers):
             layer.set_cache(caches[2 * i], caches[2 * i + 1], keep)
@@ -183,7 +185,7 @@ class DecoderLayer(nn.Module):
             seen = keys[None, :] <= slots[:, None]  # (T, n) causal
             # a padding query sees itself at least (it has no other key; its output is unused)
             mask = (valid[:, None, :] & seen[None]) | (keys[None, :] == slots[:, None])[None]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None],
                                                enable_gqa=self.kv_heads != self.heads)
         x = x + p.o(o.transpose(1, 2).reshape(b, t, -1))
         h = self.post_attention_layernorm(x)

@@ -409,3 +409,22 @@ def test_compile_mode_auto_is_cuda_graphs_on_cuda_only():
     explicit = dataclasses.replace(auto, mode="max-autotune-no-cudagraphs")
     assert for_device(explicit, cuda) is explicit and not uses_cuda_graphs(explicit, cuda)
     assert not uses_cuda_graphs(dataclasses.replace(auto, mode="reduce-overhead"), cpu)
+
+
+def test_a_bf16_kv_cache_keeps_the_compiled_path_and_its_predictions(tiny_dir):
+    """``kv_cache = "bf16"`` stores keys and values in bf16 (half of what a long call's steps
+    read); teacher-forced on the same tokens, it predicts what the fp32 cache predicts."""
+    from quantkit.compile import compiled_decoding
+    from quantkit.metrics import fidelity
+    from quantkit.synth import teacher_forced
+
+    ref, kv = load_chat("synthetic-tiny"), load_chat("synthetic-tiny")
+    apply_recipe(ref, get_recipe("int8-dynamic-compiled"))
+    apply_recipe(kv, get_recipe(str(Path(__file__).parent / "data" / "recipes" / "int8-bf16-cache.toml")))
+    assert all(layer.k_cache.dtype == torch.bfloat16 for layer in compiled_decoding(kv).model.layers)
+    assert all(layer.k_cache.dtype == torch.float32 for layer in compiled_decoding(ref).model.layers)
+    tokens = synthesize(ref, TEXTS[1], seed=4, steps=40).tokens
+    a, b = teacher_forced(ref, TEXTS[1], tokens, seed=4), teacher_forced(kv, TEXTS[1], tokens, seed=4)
+    assert fidelity(a.logprobs, b.logprobs, a.logmel, b.logmel).token_agreement > 0.95
+    out = synthesize(kv, TEXTS[0], seed=1, steps=30)
+    assert compiled_decoding(kv).last_steps[0] == out.steps - 1  # decoded on the compiled path

@@ -131,6 +131,7 @@ def test_real_weights_unavailable_fail_fast_with_a_hint(tmp_path):
     ('[gpt]\ndtype = "fp32"\nspeed = 3\n', "unknown key 'speed' in [gpt]"),
     ('[gpt]\nquantize = "int3-magic"\n', "gpt.quantize = 'int3-magic' is not allowed"),
     ('[decoder]\ndtype = "fp8"\n', "decoder.dtype = 'fp8' is not allowed"),
+    ('[compile]\nkv_cache = "int4"\n', "compile.kv_cache = 'int4' is not allowed"),
     ('[heads]\nquantize = "int8-dynamic"\n', "needs weight_norm = 'fold'"),
     ('colour = "red"\n', "unknown key 'colour'"),
     ('[gpt\n', "not valid TOML"),
