@@ -52,9 +52,10 @@ def speaker_embedding(audio: np.ndarray, rate: int) -> np.ndarray:
     """The GE2E embedding of one utterance (unit length; silences trimmed by resemblyzer)."""
     from resemblyzer import preprocess_wav
 
-    wav = preprocess_wav(resample(audio, rate, RATE).astype(np.float32), source_sr=RATE)
+    audio16 = resample(audio, rate, RATE).astype(np.float32)
+    wav = preprocess_wav(audio16, source_sr=RATE)
     if wav.size < RATE // 10:  # all silence by its voice activity detector: use the audio as it is
-        wav = resample(audio, rate, RATE).astype(np.float32)
+        wav = audio16
     return _encoder().embed_utterance(wav)
 
 
