@@ -1,5 +1,6 @@
 """The static-cache decode path: same tokens as ChatTTS's loop, one compilation, cached artifacts."""
 
+import dataclasses
 import json
 import os
 import statistics
@@ -219,12 +220,18 @@ def test_row_quantization_is_torchaos(dtype):
     assert torch.equal(xq, quantize_affine(x, (1, 96), scale, zero, torch.int8, -128, 127))
 
 
+def fp32_cache(recipe):
+    """The recipe with its KV cache in the model's dtype: the step computes exactly what the
+    eager modules compute."""
+    return dataclasses.replace(recipe, compile=dataclasses.replace(recipe.compile, kv_cache="model"))
+
+
 def test_int8_static_cache_path_matches_torchao_in_chattts_loop(tiny_dir):
     """int8-dynamic through the static-cache step (plain int8 twins), eager and compiled, against
     the same quantized weights run through ChatTTS's loop on torchao's tensor subclass."""
     ref_chat = load_chat("synthetic-tiny")
     apply_recipe(ref_chat, get_recipe("int8-dynamic"))
-    recipe = get_recipe("int8-dynamic-compiled")
+    recipe = fp32_cache(get_recipe("int8-dynamic-compiled"))
     eager, compiled = load_chat("synthetic-tiny"), load_chat("synthetic-tiny")
     apply_recipe(eager, recipe, compile_step=False)
     apply_recipe(compiled, recipe)
@@ -247,7 +254,7 @@ def test_teacher_forcing_goes_through_the_compiled_step(eager_recipe, compiled_r
 
     eager, compiled = load_chat("synthetic-tiny"), load_chat("synthetic-tiny")
     apply_recipe(eager, get_recipe(eager_recipe))
-    apply_recipe(compiled, get_recipe(compiled_recipe))
+    apply_recipe(compiled, fp32_cache(get_recipe(compiled_recipe)))
     text = TEXTS[1]
     tokens = synthesize(eager, text, seed=4, steps=24).tokens
     calls = []
@@ -396,7 +403,6 @@ def test_decoder_layers_are_traced_once_and_reused(recipe, tiny_dir):
 
 
 def test_compile_mode_auto_is_cuda_graphs_on_cuda_only():
-    import dataclasses
 
     from quantkit.inductor import for_device, uses_cuda_graphs
     from quantkit.recipes import parse_recipe
@@ -413,14 +419,16 @@ def test_compile_mode_auto_is_cuda_graphs_on_cuda_only():
 
 def test_a_bf16_kv_cache_keeps_the_compiled_path_and_its_predictions(tiny_dir):
     """``kv_cache = "bf16"`` stores keys and values in bf16 (half of what a long call's steps
-    read); teacher-forced on the same tokens, it predicts what the fp32 cache predicts."""
+    read); teacher-forced on the same tokens, it predicts what the fp32 cache predicts. The
+    shipped int8-dynamic-compiled uses it."""
     from quantkit.compile import compiled_decoding
     from quantkit.metrics import fidelity
     from quantkit.synth import teacher_forced
 
     ref, kv = load_chat("synthetic-tiny"), load_chat("synthetic-tiny")
-    apply_recipe(ref, get_recipe("int8-dynamic-compiled"))
-    apply_recipe(kv, get_recipe(str(Path(__file__).parent / "data" / "recipes" / "int8-bf16-cache.toml")))
+    assert get_recipe("int8-dynamic-compiled").compile.kv_cache == "bf16"
+    apply_recipe(ref, fp32_cache(get_recipe("int8-dynamic-compiled")))
+    apply_recipe(kv, get_recipe("int8-dynamic-compiled"))
     assert all(layer.k_cache.dtype == torch.bfloat16 for layer in compiled_decoding(kv).model.layers)
     assert all(layer.k_cache.dtype == torch.float32 for layer in compiled_decoding(ref).model.layers)
     tokens = synthesize(ref, TEXTS[1], seed=4, steps=40).tokens
