@@ -34,7 +34,6 @@ class StaticCacheGPT(nn.Module):
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.dtype = float_dtype(llama)
-        self.cache_dtype = cache_dtype or self.dtype  # bf16 halves what a long call's steps read
         self.device = torch.device(device)
         self.rows, self.capacity, self.base = 0, 0, capacity
         self.emb_code, self.emb_text = emb_code, emb_text
@@ -44,29 +43,37 @@ class StaticCacheGPT(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(layer, self.heads, self.kv_heads, self.head_dim, self.device)
                                     for layer in llama.layers)
         self.full_keys = False
-        self.reserve(1, capacity)
+        self.reserve(1, capacity, dtype=cache_dtype or self.dtype)  # bf16 halves a long call's reads
         if self.device.type == "cpu":
             self._rehouse_weights()
 
-    def reserve(self, rows: int, length: int, fresh: bool = False) -> None:
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        # Read from the cache, not kept as an attribute: Dynamo's saved guards replace a module's
+        # unguarded attributes, and a dtype object with them, wherever it appears (torch 2.11).
+        return self.layers[0].k_cache.dtype
+
+    def reserve(self, rows: int, length: int, fresh: bool = False, dtype: torch.dtype | None = None) -> None:
         """A cache of ``rows`` rows and at least ``length`` slots: the same one if it fits (its
         contents kept), else a new one of twice the capacity until it fits (the filled slots
         copied where the rows stay the same). ``fresh`` (a call's start): the recipe's capacity
         again where that fits, so a call's prompt pass always runs on the cache it was
-        compiled for, and a long call's growth on the caches compiled for it."""
+        compiled for, and a long call's growth on the caches compiled for it. ``dtype``: the
+        cache's (default: the current one's)."""
         capacity = self.base if fresh else max(self.capacity, 1)
         while capacity < length:
             capacity *= 2
         if rows == self.rows and capacity == self.capacity:
             return
+        dtype = dtype or self.cache_dtype
         if capacity > MAX_CAPACITY:
             raise ValueError(f"{length} slots exceed the largest KV cache ({MAX_CAPACITY})")
         shape = (rows, self.kv_heads, capacity, self.head_dim)
         count = 2 * len(self.layers)
         if self.device.type == "cpu":  # every step reads the filled part: huge pages, as the weights
-            caches = [c.zero_() for c in hugepages.empty_each([(shape, self.cache_dtype)] * count)]
+            caches = [c.zero_() for c in hugepages.empty_each([(shape, dtype)] * count)]
         else:
-            caches = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(count)]
+            caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(count)]
         keep = self.capacity if rows == self.rows and not fresh else 0
         for i, layer in enumerate(self.layers):
             layer.set_cache(caches[2 * i], caches[2 * i + 1], keep)
