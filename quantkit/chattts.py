@@ -11,6 +11,9 @@ from torch import nn
 from quantkit.generate import Progress
 from quantkit.sampling import Sampling
 
+SAMPLE_RATE = 24000
+SAMPLES_PER_STEP = 512  # each GPT step becomes 2 mel frames of 256 samples
+
 
 def static_model(chat, capacity: int, cache_dtype: torch.dtype | None = None):
     """ChatTTS's GPT as a quantkit.static_cache.StaticCacheGPT: its Llama, code and text
@@ -243,6 +246,15 @@ def normalize(chat, text: str) -> str:
 def infer_code(chat, texts: list[str], params):
     """ChatTTS's code generation for already normalized texts -> GenerationOutputs (hiddens too)."""
     return next(chat._infer_code(texts, False, chat.device, True, params))
+
+
+def install_chunked_stream_decode(chat) -> None:
+    """Bound the decoder and vocoder's work per streamed hand-over (quantkit.streaming): ChatTTS's
+    ``_infer`` decodes through ``_decode_to_wavs`` at every hand-over."""
+    from quantkit.streaming import ChunkedDecode
+
+    if not isinstance(chat._decode_to_wavs, ChunkedDecode):
+        chat._decode_to_wavs = ChunkedDecode(chat._decode_to_wavs, SAMPLES_PER_STEP)
 
 
 def decode(chat, hiddens: list[torch.Tensor]) -> list:

@@ -136,9 +136,11 @@ def compiled_decoding(chat) -> CompiledGenerate | None:
 
 
 def enable_compiled_decoding(chat, settings: CompileSettings, compile_step: bool = True) -> CompiledGenerate:
-    """Route ChatTTS's code generation through the static-cache path (compiled unless told not)."""
+    """Route ChatTTS's code generation through the static-cache path (compiled unless told not),
+    and bound the decoder's work per streamed hand-over."""
     if compile_step:
         skip_vec_isa_probe()
     gen = CompiledGenerate(chat, settings, compile_step=compile_step)
     chattts.install_generate(chat, gen)
+    chattts.install_chunked_stream_decode(chat)
     return gen

@@ -10,10 +10,8 @@ import numpy as np
 import torch
 
 from quantkit import chattts
+from quantkit.chattts import SAMPLE_RATE, SAMPLES_PER_STEP
 from quantkit.compile import compiled_decoding
-
-SAMPLE_RATE = 24000
-SAMPLES_PER_STEP = 512  # each GPT step becomes 2 mel frames of 256 samples
 
 
 def expected_samples(steps: int) -> int:

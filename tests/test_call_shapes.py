@@ -5,10 +5,12 @@ stop at different steps, text refinement, streaming, lengths beyond the recipe's
 import logging
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 from conftest import TEXTS
 
+from quantkit import chattts
 from quantkit.apply import apply_recipe
 from quantkit.compile import CompiledGenerate
 from quantkit.models import load_chat
@@ -93,6 +95,26 @@ def test_streaming_hands_over_as_chattts_does(pair):
     assert [h[0].shape[0] for h in ours] == [24, 48, 72, 96, 96]
     _, whole = compare(pair, [TEXTS[1]], steps=96)
     assert torch.equal(ours[-1][0], whole[0][0])  # the chunks add up to the non-streamed tokens
+
+
+def test_a_long_stream_decodes_each_hand_over_in_a_bounded_window(pair):
+    """ChatTTS decodes the whole prefix again at every hand-over; here the decoder gets the new
+    tokens with CONTEXT tokens around them, and the stream carries the same audio."""
+    ref, ours = pair
+    frames = {id(ref): [], id(ours): []}  # the time axis of the decoder's input: tokens
+    hooks = [chattts.components(c)["decoder"].register_forward_pre_hook(
+        lambda m, args, seen=frames[id(c)]: seen.append(args[0].shape[-1])) for c in pair]
+    try:
+        theirs, chunks = (infer(c, [TEXTS[1]], stream=True, steps=240, pass_first=0) for c in pair)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [c.shape for c in chunks] == [c.shape for c in theirs]
+    peak = max(np.abs(c).max() for c in theirs if c.size)
+    for a, b in zip(chunks, theirs):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * peak)
+    assert frames[id(ref)] == [24, 48, 72, 96, 120, 144, 168, 192, 216, 240, 240]  # tokens decoded
+    assert frames[id(ours)] == [24, 48, 72, 96, 120, 144, 152, 152, 152, 152, 128]
 
 
 def test_a_length_beyond_the_recipe_cache(pair):
