@@ -28,7 +28,7 @@ class ChunkedDecode:
     def __init__(self, decode: Callable[[list[torch.Tensor], bool], np.ndarray], samples_per_token: int,
                  context: int = CONTEXT):
         # sample i of a decode starting at token w is sample w * samples_per_token + i of the
-        # whole (the vocoder's frames are centred, so a waveform is half a frame short of n tokens)
+        # whole (the vocoder's frames are centred: a waveform of n tokens is one frame short of n of them)
         self.decode, self.per_token, self.context = decode, samples_per_token, context
         self.last: tuple[list[torch.Tensor], np.ndarray] | None = None
         self.decoded_tokens = 0  # tokens per row that the last call decoded
@@ -42,7 +42,8 @@ class ChunkedDecode:
         else:
             window = start - self.context
             tail = self.decode([h[window:] for h in rows], use_decoder)
-            wavs = np.concatenate([self.last[1][:, :start * self.per_token], tail[:, self.context * self.per_token:]], 1)
+            done = self.last[1][:, :start * self.per_token]
+            wavs = np.concatenate([done, tail[:, self.context * self.per_token:]], 1)
             self.decoded_tokens = rows[0].shape[0] - window
         self.last = (rows, wavs) if use_decoder and wavs.ndim == 2 else None
         return wavs

@@ -403,7 +403,6 @@ def test_decoder_layers_are_traced_once_and_reused(recipe, tiny_dir):
 
 
 def test_compile_mode_auto_is_cuda_graphs_on_cuda_only():
-
     from quantkit.inductor import for_device, uses_cuda_graphs
     from quantkit.recipes import parse_recipe
 
