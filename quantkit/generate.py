@@ -131,40 +131,64 @@ class _Rows:
 
 def _generate(dec: Decoder, req: Request, s: Sampling) -> Iterator[Progress]:
     """One attempt at ``req`` -> True where ChatTTS's ensure_non_empty asks for another."""
-    model, device, length = dec.model, req.emb.device, req.emb.shape[1]
-    r = _rows_of(req, len(model.emb_code), s)
-    model.reserve(r.pad.shape[0], length + 1, fresh=True)
+    device, length = req.emb.device, req.emb.shape[1]
+    r = _rows_of(req, len(dec.model.emb_code), s)
     mask_eos = (torch.tensor(False, device=device), torch.tensor(True, device=device))
-    hidden = dec.prefill(*prompt_inputs(model, as_inference(_rows(req.emb, r.pad.shape[0])), r.pad))
-    logits = text_logits(model, hidden) if req.text else code_logits(model, hidden)
-    probs = process_logits(logits, r.window, r.temp, mask_eos[req.min_new > 0], s)
-    nxt = draw(probs, _noise(dec, probs.shape, r.real * r.width)).view(-1, r.width)
-    eos = nxt.eq(s.eos).any(1)
-    finish = torch.zeros(r.real, dtype=torch.bool, device=device)
-    ends = torch.zeros(r.real, dtype=torch.long, device=device)
-    tokens, hiddens, handed = [], [], 0
+    hidden, nxt, eos, shape = _first(dec, req, s, r, mask_eos[req.min_new > 0])
+    out = _Output(r.real, device, req.return_hidden)
     dec.steps, start = 0, time.perf_counter()
     for i in range(req.max_new):
-        tokens.append(nxt[:r.real])
-        if req.return_hidden:
-            hiddens.append(hidden[:r.real])
-        finish |= eos[:r.real]
-        if i == 0 and req.redo_empty and bool(finish.any()):
+        out.add(nxt, hidden, eos)
+        if i == 0 and req.redo_empty and bool(out.finish.any()):
             return True
-        ends += ~finish
-        handed += int((~finish).any())  # ChatTTS hands over only steps in which a row went on
-        if req.stream_every and handed > 0 and handed % req.stream_every == 0:
-            yield _progress(tokens, hiddens, ends, final=False)
-        if bool(finish.all()) or req.stop() or i + 1 == req.max_new:
+        if req.stream_every and out.handed > 0 and out.handed % req.stream_every == 0:
+            yield out.progress(final=False)
+        if bool(out.finish.all()) or req.stop() or i + 1 == req.max_new:
             break
         hidden, nxt, r.window, eos = advance(dec, s, nxt, length + i, r.pad, r.window, r.temp,
-                                              mask_eos[i + 1 < req.min_new], _noise(dec, probs.shape, r.real * r.width))
+                                              mask_eos[i + 1 < req.min_new], _noise(dec, shape, r.real * r.width))
         dec.steps += 1
     if dec.steps and device.type == "cuda":  # the last step's EOS flags may be unread
         torch.cuda.synchronize(device)
     dec.step_seconds = time.perf_counter() - start
-    yield _progress(tokens, hiddens, ends, final=True)
+    yield out.progress(final=True)
     return False
+
+
+def _first(dec: Decoder, req: Request, s: Sampling, r: _Rows, mask_eos: torch.Tensor):
+    """The prompt pass and the first tokens -> (hidden, tokens, EOS flags, the noise's shape)."""
+    model = dec.model
+    model.reserve(r.pad.shape[0], req.emb.shape[1] + 1, fresh=True)
+    hidden = dec.prefill(*prompt_inputs(model, as_inference(_rows(req.emb, r.pad.shape[0])), r.pad))
+    logits = text_logits(model, hidden) if req.text else code_logits(model, hidden)
+    probs = process_logits(logits, r.window, r.temp, mask_eos, s)
+    nxt = draw(probs, _noise(dec, probs.shape, r.real * r.width)).view(-1, r.width)
+    return hidden, nxt, nxt.eq(s.eos).any(1), probs.shape
+
+
+class _Output:
+    """A call's tokens (and hidden states) so far, for its caller's rows, and the steps handed
+    over: ChatTTS counts only steps in which a row went on."""
+
+    def __init__(self, rows: int, device: torch.device, keep_hidden: bool):
+        self.rows, self.keep_hidden = rows, keep_hidden
+        self.tokens: list[torch.Tensor] = []
+        self.hiddens: list[torch.Tensor] = []
+        self.finish = torch.zeros(rows, dtype=torch.bool, device=device)  # rows that met EOS
+        self.ends = torch.zeros(rows, dtype=torch.long, device=device)  # ChatTTS's end_idx
+        self.handed = 0
+
+    def add(self, nxt: torch.Tensor, hidden: torch.Tensor, eos: torch.Tensor) -> None:
+        self.tokens.append(nxt[:self.rows])
+        if self.keep_hidden:
+            self.hiddens.append(hidden[:self.rows])
+        self.finish |= eos[:self.rows]
+        self.ends += ~self.finish
+        self.handed += int((~self.finish).any())
+
+    def progress(self, final: bool) -> Progress:
+        hiddens = torch.stack(self.hiddens, 1) if self.hiddens else None
+        return Progress(tokens=torch.stack(self.tokens, 1), hiddens=hiddens, ends=self.ends.clone(), final=final)
 
 
 def advance(dec: Decoder, s: Sampling, ids: torch.Tensor, slot: int, pad: torch.Tensor, window, temp,
@@ -246,8 +270,3 @@ def _noise(dec: Decoder, shape: tuple[int, ...], real: int) -> torch.Tensor:
     """Noise for the real rows as ChatTTS's call draws it, ones for a bucket's unused rows."""
     noise = dec.noise((real, shape[1]))
     return noise if real == shape[0] else torch.cat([noise, noise.new_ones(shape[0] - real, shape[1])])
-
-
-def _progress(tokens: list, hiddens: list, ends: torch.Tensor, final: bool) -> Progress:
-    return Progress(tokens=torch.stack(tokens, 1), hiddens=torch.stack(hiddens, 1) if hiddens else None,
-                    ends=ends.clone(), final=final)
