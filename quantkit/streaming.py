@@ -27,8 +27,8 @@ class ChunkedDecode:
 
     def __init__(self, decode: Callable[[list[torch.Tensor], bool], np.ndarray], samples_per_token: int,
                  context: int = CONTEXT):
-        # sample i of a decode starting at token w is sample w * samples_per_token + i of the
-        # whole (the vocoder's frames are centred: a waveform of n tokens is one frame short of n of them)
+        # sample i of a decode from token w is sample w * samples_per_token + i of the whole
+        # (the vocoder's frames are centred: n tokens make one frame less than n * samples_per_token)
         self.decode, self.per_token, self.context = decode, samples_per_token, context
         self.last: tuple[list[torch.Tensor], np.ndarray] | None = None
         self.decoded_tokens = 0  # tokens per row that the last call decoded
