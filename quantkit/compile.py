@@ -15,6 +15,7 @@ from quantkit import chattts
 from quantkit.compile_artifacts import CompiledFunctions
 from quantkit.generate import Decoder, Request, generate, teacher_force
 from quantkit.inductor import for_device, skip_vec_isa_probe, uses_cuda_graphs
+from quantkit.precision import DTYPES
 from quantkit.recipes import CompileSettings
 from quantkit.sampling import ExpNoise, Sampling
 from quantkit.static_cache import MAX_CAPACITY
@@ -33,7 +34,7 @@ class CompiledGenerate:
         self.generator = chattts.generator(chat)
         device = chattts.gpt_device(chat)
         settings = for_device(settings, device)
-        cache_dtype = torch.bfloat16 if settings.kv_cache == "bf16" else None
+        cache_dtype = DTYPES.get(settings.kv_cache)  # "model": None, the model's own
         self.model = chattts.static_model(chat, settings.cache_capacity, cache_dtype)
         # CUDA graphs replay a step recorded for one set of shapes: with them a step attends to a
         # power-of-two bucket of slots under a mask; elsewhere it reads only the filled slots.

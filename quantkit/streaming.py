@@ -31,20 +31,17 @@ class ChunkedDecode:
         # (the vocoder's frames are centred: n tokens make one frame less than n * samples_per_token)
         self.decode, self.per_token, self.context = decode, samples_per_token, context
         self.last: tuple[list[torch.Tensor], np.ndarray] | None = None
-        self.decoded_tokens = 0  # tokens per row that the last call decoded
 
     def __call__(self, hiddens: list[torch.Tensor], use_decoder: bool) -> np.ndarray:
         rows = list(hiddens)  # ChatTTS's decode empties the list it is given
         start = self._reusable(rows) if use_decoder else None
         if start is None:
             wavs = self.decode(list(rows), use_decoder)
-            self.decoded_tokens = max((h.shape[0] for h in rows), default=0)
         else:
             window = start - self.context
             tail = self.decode([h[window:] for h in rows], use_decoder)
             done = self.last[1][:, :start * self.per_token]
             wavs = np.concatenate([done, tail[:, self.context * self.per_token:]], 1)
-            self.decoded_tokens = rows[0].shape[0] - window
         self.last = (rows, wavs) if use_decoder and wavs.ndim == 2 else None
         return wavs
 

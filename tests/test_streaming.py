@@ -33,9 +33,14 @@ def full_reach():
     return chat
 
 
-def decoder_of(chat):
-    """ChatTTS's own decode (no recipe installed anything on this chat)."""
-    return lambda hiddens, use_decoder: chattts.decode(chat, hiddens)
+def decoder_of(chat, given: list | None = None):
+    """ChatTTS's own decode (no recipe installed anything on this chat), noting in ``given`` the
+    tokens per row that each call hands the decoder."""
+    def decode(hiddens, use_decoder):
+        if given is not None:
+            given.append(max(h.shape[0] for h in hiddens))
+        return chattts.decode(chat, hiddens)
+    return decode
 
 
 def hand_overs(decode, hidden: torch.Tensor, every: int = 24):
@@ -48,10 +53,9 @@ def test_a_stream_decodes_a_bounded_window_into_the_whole_waveform(full_reach):
     whole = decoder_of(full_reach)
     torch.manual_seed(0)
     hidden = torch.randn(360, 768) * 0.8
-    chunked = ChunkedDecode(whole, chattts.SAMPLES_PER_STEP)
     decoded = []
+    chunked = ChunkedDecode(decoder_of(full_reach, decoded), chattts.SAMPLES_PER_STEP)
     for n, wav in hand_overs(chunked, hidden):
-        decoded.append(chunked.decoded_tokens)
         ref = whole([hidden[:n]], True)
         assert wav.shape == ref.shape
         np.testing.assert_allclose(wav, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
@@ -74,10 +78,11 @@ def test_calls_that_do_not_extend_the_last_decode_whole(full_reach):
     whole = decoder_of(full_reach)
     torch.manual_seed(1)
     a, b = torch.randn(200, 768), torch.randn(220, 768)
-    chunked = ChunkedDecode(whole, chattts.SAMPLES_PER_STEP)
+    decoded = []
+    chunked = ChunkedDecode(decoder_of(full_reach, decoded), chattts.SAMPLES_PER_STEP)
     chunked([a], True)
     np.testing.assert_array_equal(chunked([b], True), whole([b], True))  # another utterance
-    assert chunked.decoded_tokens == 220
+    assert decoded[-1] == 220
     chunked([a[:150], a[:150]], True)
     chunked([a[:170], a[:160]], True)  # rows of unequal lengths: ChatTTS pads them
-    assert chunked.decoded_tokens == 170
+    assert decoded[-1] == 170
