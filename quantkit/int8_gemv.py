@@ -8,7 +8,8 @@ Inductor-fused multiply-and-sum 13 GB/s (the int8 -> float conversion, three ins
 16 weights, is the limit), while a plain sum reads 25-30 GB/s at the same moment. VNNI's
 ``vpdpbusd`` multiplies 64 unsigned by 64 signed bytes and accumulates in int32 in one
 instruction; with the weights stored in the order the loop reads them it streams them as fast
-as a sum does (``tests/test_int8_gemv.py``; figures in the README). torchao moves its CPU
+as a sum does (``tests/test_int8_gemv.py``; figures in docs/performance.md). A batch's rows share
+each weight load, so a batched step still streams its weights once. torchao moves its CPU
 ``_int_mm`` to this u8s8 form with torch >= 2.12.
 
 The activation is int8 made unsigned by adding 128; ``comp`` (128 x each weight row's sum)
@@ -34,66 +35,84 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ROWS = 4  # weight rows per packed block: one accumulator each
-LANES = 64  # bytes per VNNI instruction
+PANEL = 16  # outputs per packed panel: one int32 lane each
+GROUP = 4  # bytes of K per lane and instruction
 
 _SOURCE = r"""
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <cstring>
 #include <immintrin.h>
 #include <torch/library.h>
 
-constexpr int64_t kRows = 4, kLanes = 64;
+constexpr int64_t kPanel = 16, kGroup = 4, kMaxRows = 8;
+// Far enough ahead that memory's latency is hidden while a batch's rows keep the core busy.
+constexpr int64_t kPrefetch = 4096;
 
-// S blocks of kRows weight rows each (block b stored [K / 64][kRows][64] at w + b * kRows * K),
-// idx[s] the index of the s-th, against every activation row. Two blocks far apart are two memory
-// streams: one core reads two streams faster than one (+8% on a step's GEMVs here).
-template <int S>
+// NT panels (panel p stored [K / 4][16][4] at w + p * 16 * K) against MR activation rows. Each
+// weight load serves every row: a row's 4 bytes are broadcast to the panel's 16 outputs, so an
+// accumulator ends holding 16 finished sums. The NT panels are NT memory streams.
+template <int MR, int NT>
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-static void blocks(const uint8_t* x, int64_t m_rows, int64_t k_len, const int8_t* w, const int64_t* idx,
-                   const int32_t* comp, int32_t* y, int64_t ldy) {
-  for (int64_t m = 0; m < m_rows; m++) {
-    const uint8_t* xm = x + m * k_len;
-    __m512i acc[S][kRows];
-    for (int s = 0; s < S; s++)
-      for (int r = 0; r < kRows; r++) acc[s][r] = _mm512_setzero_si512();
-    for (int64_t k = 0, off = 0; k < k_len; k += kLanes, off += kRows * kLanes) {
-      __m512i xv = _mm512_loadu_si512(xm + k);
-      for (int s = 0; s < S; s++) {
-        const int8_t* r = w + idx[s] * kRows * k_len + off;
-        for (int j = 0; j < kRows; j++)
-          acc[s][j] = _mm512_dpbusd_epi32(acc[s][j], xv, _mm512_loadu_si512(r + j * kLanes));
-      }
+static void tile(const uint8_t* x, int64_t k_len, const int8_t* w, const int64_t* panel,
+                 const int32_t* comp, int32_t* y, int64_t ldy) {
+  __m512i acc[MR][NT];
+  const int8_t* wp[NT];
+  for (int t = 0; t < NT; t++) {
+    wp[t] = w + panel[t] * kPanel * k_len;
+    for (int m = 0; m < MR; m++) acc[m][t] = _mm512_setzero_si512();
+  }
+  for (int64_t k = 0; k < k_len; k += kGroup) {
+    __m512i wv[NT];
+    for (int t = 0; t < NT; t++) {
+      wv[t] = _mm512_loadu_si512(wp[t] + k * kPanel);
+      _mm_prefetch(reinterpret_cast<const char*>(wp[t] + k * kPanel + kPrefetch), _MM_HINT_T0);
     }
-    for (int s = 0; s < S; s++)
-      for (int j = 0; j < kRows; j++) {
-        int64_t row = idx[s] * kRows + j;
-        y[m * ldy + row] = _mm512_reduce_add_epi32(acc[s][j]) - comp[row];
-      }
+    for (int m = 0; m < MR; m++) {
+      int32_t xg;
+      std::memcpy(&xg, x + m * k_len + k, sizeof xg);
+      const __m512i xv = _mm512_set1_epi32(xg);
+      for (int t = 0; t < NT; t++) acc[m][t] = _mm512_dpbusd_epi32(acc[m][t], xv, wv[t]);
+    }
+  }
+  for (int t = 0; t < NT; t++) {
+    const __m512i c = _mm512_loadu_si512(comp + panel[t] * kPanel);
+    for (int m = 0; m < MR; m++)
+      _mm512_storeu_si512(y + m * ldy + panel[t] * kPanel, _mm512_sub_epi32(acc[m][t], c));
   }
 }
 
-// x (M, K) uint8, w (N / 4, K / 64, 4, 64) int8, comp (N,) int32 -> (M, N) int32
+// Rows in tiles of kMaxRows, then the rest in one smaller tile.
+template <int NT, int MR = kMaxRows>
+static void rows(const uint8_t* x, int64_t m_rows, int64_t k_len, const int8_t* w, const int64_t* panel,
+                 const int32_t* comp, int32_t* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + MR <= m_rows; m += MR) tile<MR, NT>(x + m * k_len, k_len, w, panel, comp, y + m * ldy, ldy);
+  if constexpr (MR > 1)
+    if (m < m_rows) rows<NT, MR - 1>(x + m * k_len, m_rows - m, k_len, w, panel, comp, y + m * ldy, ldy);
+}
+
+// x (M, K) uint8, w (N / 16, K / 4, 16, 4) int8, comp (N,) int32 -> (M, N) int32
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& comp) {
   TORCH_CHECK(x.dtype() == at::kByte && x.dim() == 2 && x.is_contiguous(), "x: contiguous (M, K) uint8");
-  TORCH_CHECK(w.dtype() == at::kChar && w.dim() == 4 && w.is_contiguous() && w.size(2) == kRows
-              && w.size(3) == kLanes && w.size(1) * kLanes == x.size(1), "w: packed (N/4, K/64, 4, 64) int8");
-  TORCH_CHECK(comp.dtype() == at::kInt && comp.numel() == w.size(0) * kRows, "comp: (N,) int32");
+  TORCH_CHECK(w.dtype() == at::kChar && w.dim() == 4 && w.is_contiguous() && w.size(2) == kPanel
+              && w.size(3) == kGroup && w.size(1) * kGroup == x.size(1), "w: packed (N/16, K/4, 16, 4) int8");
+  TORCH_CHECK(comp.dtype() == at::kInt && comp.numel() == w.size(0) * kPanel, "comp: (N,) int32");
   const int64_t m_rows = x.size(0), k_len = x.size(1), n = comp.numel();
   auto y = at::empty({m_rows, n}, x.options().dtype(at::kInt));
   const uint8_t* xp = x.data_ptr<uint8_t>();
   const int8_t* wp = w.data_ptr<int8_t>();
   const int32_t* cp = comp.data_ptr<int32_t>();
   int32_t* yp = y.data_ptr<int32_t>();
-  at::parallel_for(0, w.size(0), 16, [&](int64_t b0, int64_t b1) {
-    const int64_t half = (b1 - b0) / 2;  // this thread walks both halves of its range at once
+  at::parallel_for(0, w.size(0), 4, [&](int64_t p0, int64_t p1) {
+    const int64_t half = (p1 - p0) / 2;  // two far-apart panels at once: one core reads two streams faster than one
     for (int64_t i = 0; i < half; i++) {
-      const int64_t idx[2] = {b0 + i, b0 + half + i};
-      blocks<2>(xp, m_rows, k_len, wp, idx, cp, yp, n);
+      const int64_t panel[2] = {p0 + i, p0 + half + i};
+      rows<2>(xp, m_rows, k_len, wp, panel, cp, yp, n);
     }
-    if ((b1 - b0) % 2) {
-      const int64_t idx[1] = {b1 - 1};
-      blocks<1>(xp, m_rows, k_len, wp, idx, cp, yp, n);
+    if ((p1 - p0) % 2) {
+      const int64_t panel[1] = {p1 - 1};
+      rows<1>(xp, m_rows, k_len, wp, panel, cp, yp, n);
     }
   });
   return y;
@@ -186,14 +205,14 @@ def _ninja_on_path():
 
 
 def pack(qdata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 weight (N, K), K a multiple of 64 -> (blocks (ceil(N/4), K/64, 4, 64), comp (N'))
-    with N padded to a multiple of 4 by zero rows (their outputs are sliced off by the caller)."""
+    """int8 weight (N, K), K a multiple of 4 -> (panels (ceil(N/16), K/4, 16, 4), comp (N'))
+    with N padded to a multiple of 16 by zero rows (their outputs are sliced off by the caller)."""
     n, k = qdata.shape
-    pad = -n % ROWS
+    pad = -n % PANEL
     w = torch.cat([qdata, qdata.new_zeros(pad, k)]) if pad else qdata
-    blocks = w.reshape(-1, ROWS, k // LANES, LANES).transpose(1, 2).contiguous()
+    panels = w.reshape(-1, PANEL, k // GROUP, GROUP).transpose(1, 2).contiguous()
     comp = w.sum(1, dtype=torch.int32) * 128
-    return blocks, comp
+    return panels, comp
 
 
 def int8_gemv(xq: torch.Tensor, blocks: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:

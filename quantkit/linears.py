@@ -113,7 +113,7 @@ class SharedInput(nn.Module):
 
 
 def _vnni_usable(qdata: torch.Tensor) -> bool:
-    return (qdata.device.type == "cpu" and qdata.shape[-1] % int8_gemv.LANES == 0
+    return (qdata.device.type == "cpu" and qdata.shape[-1] % int8_gemv.GROUP == 0
             and int8_gemv.library() is not None)
 
 

@@ -17,7 +17,7 @@ def built():
     assert int8_gemv.library() is not None  # a supported CPU must build it: no silent fallback
 
 
-@pytest.mark.parametrize("n,k,m", [(96, 64, 1), (626, 768, 1), (130, 128, 7), (64, 192, 6), (36, 128, 13)])
+@pytest.mark.parametrize("n,k,m", [(96, 64, 1), (626, 768, 1), (130, 128, 7), (64, 192, 8), (36, 132, 13), (40, 128, 160)])
 def test_kernel_is_exact(n, k, m):
     torch.manual_seed(n)
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
@@ -25,9 +25,9 @@ def test_kernel_is_exact(n, k, m):
     x[0, :] = -128  # extremes: the unsigned shift must not overflow
     w[0, :] = -128
     blocks, comp = int8_gemv.pack(w)
-    assert blocks.shape == (-(-n // 4), k // 64, 4, 64)
+    assert blocks.shape == (-(-n // 16), k // 4, 16, 4)
     y = int8_gemv.int8_gemv(x, blocks, comp)
-    assert y.dtype == torch.int32 and y.shape == (m, blocks.shape[0] * 4)
+    assert y.dtype == torch.int32 and y.shape == (m, blocks.shape[0] * 16)
     assert torch.equal(y[:, :n], x.int() @ w.int().t())
     assert not y[:, n:].any()  # padding rows
 
