@@ -40,8 +40,9 @@ def compile_prefill(settings: CompileSettings) -> Callable:
 class CompiledFunctions:
     """The functions ``quantkit.generate`` runs for one StaticCacheGPT: just-in-time compiled (or
     eager, with ``compile_step`` off), and on CPU the decode step (per Sampling) and prompt pass
-    compiled ahead of time at first use, so that what export and ``apply --compile-cache`` save
-    is what ran. CUDA keeps just-in-time compilation: CUDA graphs are untested ahead of time."""
+    compiled ahead of time at first use for each cache shape, so that what export and
+    ``apply --compile-cache`` save is what ran. CUDA keeps just-in-time compilation: CUDA graphs
+    are untested ahead of time."""
 
     def __init__(self, model, settings: CompileSettings, default: Sampling, compile_step: bool = True):
         self.model, self.settings, self.default = model, settings, default
@@ -50,27 +51,29 @@ class CompiledFunctions:
         self.prefill = compile_prefill(settings) if compile_step else prefill
         self.ahead = compile_step and model.slots.device.type == "cpu"
         self.precompiled: dict[Sampling, Callable] = {}  # ahead-of-time decode steps
-        self.precompiled_prefill: Callable | None = None
+        self.precompiled_prefill: PerCacheShape | None = None
 
     def step_for(self, s: Sampling, text: bool = False) -> Callable:
         """The decode step to run with sampling ``s`` (text refinement's with ``text``)."""
         if text:
             return self.text_step
         if s not in self.precompiled and self.ahead:
-            self.precompiled[s] = _or_just_in_time(lambda: self.precompile_step(s), self.step)
+            self.precompiled[s] = PerCacheShape(self.model, lambda: self.precompile_step(s), self.step)
         return self.precompiled.get(s, self.step)
 
     def prefill_fn(self) -> Callable:
         if self.precompiled_prefill is None and self.ahead:
-            self.precompiled_prefill = _or_just_in_time(self.precompile_prefill, self.prefill)
+            self.precompiled_prefill = PerCacheShape(self.model, self.precompile_prefill, self.prefill)
         return self.precompiled_prefill or self.prefill
 
     def precompile_step(self, s: Sampling) -> "Precompiled":
-        """The decode step for sampling ``s`` compiled ahead of time (raises where that fails)."""
+        """The decode step for sampling ``s`` compiled ahead of time for the cache's current shape
+        (raises where that fails)."""
         return Precompiled(_aot(compile_decode_step, self.settings, self.example_inputs(s)), self.step)
 
     def precompile_prefill(self) -> "Precompiled":
-        """The prompt pass compiled ahead of time (raises where that fails)."""
+        """The prompt pass compiled ahead of time for the cache's current shape (raises where that
+        fails)."""
         return Precompiled(_aot(compile_prefill, self.settings, self.example_prompt()), self.prefill)
 
     def example_inputs(self, s: Sampling) -> tuple:
@@ -113,6 +116,33 @@ class Precompiled:
 
     def save(self, path: str | Path) -> None:
         self.fn.save_compiled_function(str(path))
+
+
+class PerCacheShape:
+    """A function compiled ahead of time for each shape of the model's cache (batch bucket,
+    capacity) at its first use there: a step compiled for one shape fails its guards on another,
+    and the just-in-time path it would then take costs a guard check per cached graph per step."""
+
+    def __init__(self, model, precompile: Callable[[], Precompiled], fallback: Callable):
+        self.model, self.precompile, self.fallback = model, precompile, fallback
+        self.by_shape: dict[tuple[int, int], Callable] = {}
+
+    def shape(self) -> tuple[int, int]:
+        return self.model.rows, self.model.capacity
+
+    def __call__(self, *args):
+        fn = self.by_shape.get(self.shape())
+        if fn is None:
+            fn = self.by_shape[self.shape()] = _or_just_in_time(self.precompile, self.fallback)
+        return fn(*args)
+
+    def current(self) -> Precompiled:
+        """The function for the cache's current shape, compiled ahead of time now if it was not
+        (raises where that fails)."""
+        fn = self.by_shape.get(self.shape())
+        if not isinstance(fn, Precompiled):
+            fn = self.by_shape[self.shape()] = self.precompile()
+        return fn
 
 
 def _or_just_in_time(precompile: Callable[[], Precompiled], fallback: Callable) -> Callable:
@@ -229,28 +259,23 @@ def save_compile_cache(directory: str | Path) -> Path | None:
 
 def save_precompiled(fns: CompiledFunctions, step_path: str | Path, prefill_path: str | Path) -> dict:
     """Save the decode step (for ChatTTS's default sampling) and the prompt pass compiled ahead
-    of time (compiling them if this process has not): a fresh process then skips tracing and code
-    generation entirely. -> the sampling constants the step bakes in. Raises where ahead-of-time
-    compilation fails."""
+    of time for the cache's current shape (compiling them if this process has not): a fresh
+    process then skips tracing and code generation entirely. -> the sampling constants the step
+    bakes in. Raises where ahead-of-time compilation fails."""
     s = fns.default
-    step = fns.precompiled.get(s)
-    if not isinstance(step, Precompiled):
-        step = fns.precompiled[s] = fns.precompile_step(s)
-    first = fns.precompiled_prefill
-    if not isinstance(first, Precompiled):
-        first = fns.precompiled_prefill = fns.precompile_prefill()
-    step.save(step_path)
-    first.save(prefill_path)
+    fns.step_for(s).current().save(step_path)
+    fns.prefill_fn().current().save(prefill_path)
     return asdict(s)
 
 
 def load_precompiled(fns: CompiledFunctions, step_path: str | Path, prefill_path: str | Path,
                      sampling: dict) -> None:
-    """Use a saved ahead-of-time step for calls whose sampling constants are the saved ones
-    (others compile as usual: the loaded function does not check them itself), and the saved
-    prompt pass."""
-    fns.precompiled[Sampling(**sampling)] = Precompiled(_load_aot(step_path), fns.step)
-    fns.precompiled_prefill = Precompiled(_load_aot(prefill_path), fns.prefill)
+    """Use a saved ahead-of-time step, for the cache's current shape, for calls whose sampling
+    constants are the saved ones (others compile as usual: the loaded function does not check
+    them itself), and the saved prompt pass."""
+    s = Sampling(**sampling)
+    fns.step_for(s).by_shape[fns.model.rows, fns.model.capacity] = Precompiled(_load_aot(step_path), fns.step)
+    fns.prefill_fn().by_shape[fns.model.rows, fns.model.capacity] = Precompiled(_load_aot(prefill_path), fns.prefill)
 
 
 def _load_aot(path: str | Path) -> Callable:

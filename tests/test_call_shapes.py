@@ -12,7 +12,8 @@ from conftest import TEXTS
 
 from quantkit import chattts
 from quantkit.apply import apply_recipe
-from quantkit.compile import CompiledGenerate
+from quantkit.compile import CompiledGenerate, compiled_decoding
+from quantkit.compile_artifacts import Precompiled
 from quantkit.models import load_chat
 from quantkit.recipes import get_recipe
 from quantkit.synth import fixed_speaker
@@ -168,3 +169,7 @@ def test_compiled_batches_and_lengths_compile_a_bounded_number_of_graphs(tiny_di
         torch._dynamo.config.error_on_recompile = False
     stats = torch._dynamo.utils.counters["stats"]
     assert stats["unique_graphs"] <= 2 * 3, dict(stats)  # step and prompt pass per batch bucket
+    fns = compiled_decoding(chat).functions  # each bucket runs its own ahead-of-time step
+    steps = fns.step_for(fns.default).by_shape
+    assert sorted(steps) == [(1, 1024), (2, 1024), (4, 1024)]
+    assert all(isinstance(fn, Precompiled) for fn in steps.values())

@@ -325,18 +325,19 @@ def test_inputs_failing_the_saved_guards_run_just_in_time(compiled):
     from quantkit.generate import prefill, prefill_positions
 
     gen = compiled_decoding(compiled).functions
-    assert isinstance(gen.precompiled_prefill, Precompiled)
+    pre = gen.prefill_fn().by_shape[gen.model.rows, gen.model.capacity]
+    assert isinstance(pre, Precompiled)
     with torch.inference_mode():
         emb = torch.randn(1, 1, gen.model.llama.config.hidden_size)  # the prompt pass was traced for >= 2
     pad = torch.zeros(1, dtype=torch.long)
     args = (gen.model, emb, gen.model.slots[:1], prefill_positions(pad, 1), pad)
     ran = []
-    jit, gen.precompiled_prefill.fallback = gen.precompiled_prefill.fallback, lambda *a: ran.append(1) or jit(*a)
+    jit, pre.fallback = pre.fallback, lambda *a: ran.append(1) or jit(*a)
     try:
-        one = gen.precompiled_prefill(*args)
+        one = gen.prefill_fn()(*args)
     finally:
-        gen.precompiled_prefill.fallback = jit
-    assert ran == [1] and not gen.precompiled_prefill.fn.guard_check(*args)
+        pre.fallback = jit
+    assert ran == [1] and not pre.fn.guard_check(*args)
     torch.testing.assert_close(one, prefill(*args), rtol=1e-5, atol=1e-5)
 
 
