@@ -273,9 +273,9 @@ def load_precompiled(fns: CompiledFunctions, step_path: str | Path, prefill_path
     """Use a saved ahead-of-time step, for the cache's current shape, for calls whose sampling
     constants are the saved ones (others compile as usual: the loaded function does not check
     them itself), and the saved prompt pass."""
-    s = Sampling(**sampling)
-    fns.step_for(s).by_shape[fns.model.rows, fns.model.capacity] = Precompiled(_load_aot(step_path), fns.step)
-    fns.prefill_fn().by_shape[fns.model.rows, fns.model.capacity] = Precompiled(_load_aot(prefill_path), fns.prefill)
+    step, first = fns.step_for(Sampling(**sampling)), fns.prefill_fn()
+    step.by_shape[step.shape()] = Precompiled(_load_aot(step_path), fns.step)
+    first.by_shape[first.shape()] = Precompiled(_load_aot(prefill_path), fns.prefill)
 
 
 def _load_aot(path: str | Path) -> Callable:

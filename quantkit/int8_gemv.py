@@ -215,7 +215,7 @@ def pack(qdata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return panels, comp
 
 
-def int8_gemv(xq: torch.Tensor, blocks: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
-    """int8 activations (M, K) times packed int8 weights -> (M, N') int32, exact."""
+def int8_gemv(xq: torch.Tensor, panels: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
+    """int8 activations (M, K) times packed int8 weights (``pack``) -> (M, N') int32, exact."""
     xu = (xq.to(torch.int16) + 128).to(torch.uint8)
-    return torch.ops.quantkit.int8_gemv(xu.contiguous(), blocks, comp)
+    return torch.ops.quantkit.int8_gemv(xu.contiguous(), panels, comp)

@@ -35,8 +35,8 @@ class PlainInt8Linear(nn.Module):
         self.packed = use_kernel and dynamic and _vnni_usable(qdata)
         if self.packed:
             # A copy of the int8 weight in the VNNI kernel's order (the model keeps its own).
-            blocks, comp = int8_gemv.pack(qdata)
-            self.register_buffer("blocks", blocks, persistent=False)
+            panels, comp = int8_gemv.pack(qdata)
+            self.register_buffer("panels", panels, persistent=False)
             self.register_buffer("comp", comp, persistent=False)
         else:
             self.register_buffer("qdata_t", qdata.t(), persistent=False)
@@ -52,7 +52,7 @@ class PlainInt8Linear(nn.Module):
         if self.dynamic:
             xq, x_scale = quantize_rows(x2)
             if self.packed:
-                acc = int8_gemv.int8_gemv(xq, self.blocks, self.comp)[:, :self.scale.shape[0]]
+                acc = int8_gemv.int8_gemv(xq, self.panels, self.comp)[:, :self.scale.shape[0]]
             else:
                 acc = int_mm(xq, self.qdata_t)
             y = (acc.float() * x_scale).to(x.dtype)  # x_scale: (rows, 1) fp32

@@ -98,10 +98,10 @@ class StaticCacheGPT(nn.Module):
                    or (isinstance(m, PlainInt8Linear) and m.packed)]
         if not modules:
             return
-        tensors = [m.blocks if isinstance(m, PlainInt8Linear) else m.weight.data for m in modules]
+        tensors = [m.panels if isinstance(m, PlainInt8Linear) else m.weight.data for m in modules]
         for m, t in zip(modules, hugepages.rehouse(tensors)):
             if isinstance(m, PlainInt8Linear):
-                m.blocks = t
+                m.panels = t
             else:
                 m.weight.data = t
 

@@ -24,21 +24,21 @@ def test_kernel_is_exact(n, k, m):
     x = torch.randint(-128, 128, (m, k), dtype=torch.int8)
     x[0, :] = -128  # extremes: the unsigned shift must not overflow
     w[0, :] = -128
-    blocks, comp = int8_gemv.pack(w)
-    assert blocks.shape == (-(-n // 16), k // 4, 16, 4)
-    y = int8_gemv.int8_gemv(x, blocks, comp)
-    assert y.dtype == torch.int32 and y.shape == (m, blocks.shape[0] * 16)
+    panels, comp = int8_gemv.pack(w)
+    assert panels.shape == (-(-n // 16), k // 4, 16, 4)
+    y = int8_gemv.int8_gemv(x, panels, comp)
+    assert y.dtype == torch.int32 and y.shape == (m, panels.shape[0] * 16)
     assert torch.equal(y[:, :n], x.int() @ w.int().t())
     assert not y[:, n:].any()  # padding rows
 
 
 def test_kernel_inside_a_compiled_graph():
     torch.manual_seed(0)
-    blocks, comp = int8_gemv.pack(torch.randint(-128, 128, (64, 128), dtype=torch.int8))
+    panels, comp = int8_gemv.pack(torch.randint(-128, 128, (64, 128), dtype=torch.int8))
     x = torch.randint(-128, 128, (1, 128), dtype=torch.int8)
 
     def f(x):
-        return int8_gemv.int8_gemv(x, blocks, comp).float() * 0.5
+        return int8_gemv.int8_gemv(x, panels, comp).float() * 0.5
 
     assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))
 
@@ -82,7 +82,7 @@ def test_static_cache_path_keeps_packed_weights_in_one_huge_page_mapping(tiny_di
     apply_recipe(chat, get_recipe("int8-dynamic-compiled"))
     packed = [m for m in chat.gpt.generate.model.modules() if isinstance(m, PlainInt8Linear) and m.packed]
     assert len(packed) == 4 * chat.gpt.gpt.config.num_hidden_layers  # qkv, o, gate+up, down
-    ptrs = [m.blocks.data_ptr() for m in packed]
+    ptrs = [m.panels.data_ptr() for m in packed]
     assert ptrs == sorted(ptrs)  # laid out in the order a step reads them, end to end
-    assert ptrs[-1] - ptrs[0] < sum(m.blocks.nbytes + 64 for m in packed)
-    assert all(m.blocks.storage_offset() == 0 for m in packed)  # each its own storage: see DecoderLayer
+    assert ptrs[-1] - ptrs[0] < sum(m.panels.nbytes + 64 for m in packed)
+    assert all(m.panels.storage_offset() == 0 for m in packed)  # each its own storage: see DecoderLayer
