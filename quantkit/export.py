@@ -42,7 +42,8 @@ from quantkit.quantize import METHODS
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 3  # 2: the decode step samples (its saved signature changed); 3: prompt pass saved too
+SCHEMA = 4  # 2: the decode step samples (its saved signature changed); 3: prompt pass saved too;
+# 4: the int8 kernel packs its weights in panels (a saved step calls the new layout)
 MANIFEST = "manifest.json"
 CHECKED_VERSIONS = ("torch", "torchao", "chattts", "transformers", "bitsandbytes")
 
