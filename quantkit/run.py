@@ -82,8 +82,11 @@ COMPILED_INFO = "compiled.json"
 
 
 def cache_key(recipe, model: str) -> dict:
-    """What saved compilations are for: the recipe's settings and the model (as JSON reads back)."""
-    return json.loads(json.dumps({"recipe": recipe.to_dict(), "model": model}))
+    """What saved compilations are for: the recipe's settings, the model and the layout of what
+    compiled code calls (export's schema), as JSON reads back."""
+    from quantkit.export import SCHEMA
+
+    return json.loads(json.dumps({"recipe": recipe.to_dict(), "model": model, "schema": SCHEMA}))
 
 
 def _load_compiled(chat, key: dict, folder: Path, trust_compiled: bool) -> bool:
