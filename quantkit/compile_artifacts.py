@@ -259,10 +259,12 @@ def save_compile_cache(directory: str | Path) -> Path | None:
 
 def save_precompiled(fns: CompiledFunctions, step_path: str | Path, prefill_path: str | Path) -> dict:
     """Save the decode step (for ChatTTS's default sampling) and the prompt pass compiled ahead
-    of time for the cache's current shape (compiling them if this process has not): a fresh
-    process then skips tracing and code generation entirely. -> the sampling constants the step
-    bakes in. Raises where ahead-of-time compilation fails."""
+    of time for the cache shape a fresh process starts with, one row at the recipe's capacity
+    (compiling them if this process has not): a fresh process then skips tracing and code
+    generation entirely. -> the sampling constants the step bakes in. Raises where
+    ahead-of-time compilation fails."""
     s = fns.default
+    fns.model.reserve(1, 1, fresh=True)  # a batch or a long call may have left another shape
     fns.step_for(s).current().save(step_path)
     fns.prefill_fn().current().save(prefill_path)
     return asdict(s)
@@ -270,9 +272,10 @@ def save_precompiled(fns: CompiledFunctions, step_path: str | Path, prefill_path
 
 def load_precompiled(fns: CompiledFunctions, step_path: str | Path, prefill_path: str | Path,
                      sampling: dict) -> None:
-    """Use a saved ahead-of-time step, for the cache's current shape, for calls whose sampling
-    constants are the saved ones (others compile as usual: the loaded function does not check
-    them itself), and the saved prompt pass."""
+    """Use a saved ahead-of-time step, for the shape it was saved for (one row at the recipe's
+    capacity), for calls whose sampling constants are the saved ones (others compile as usual:
+    the loaded function does not check them itself), and the saved prompt pass."""
+    fns.model.reserve(1, 1, fresh=True)
     step, first = fns.step_for(Sampling(**sampling)), fns.prefill_fn()
     step.by_shape[step.shape()] = Precompiled(_load_aot(step_path), fns.step)
     first.by_shape[first.shape()] = Precompiled(_load_aot(prefill_path), fns.prefill)

@@ -436,3 +436,22 @@ def test_a_bf16_kv_cache_keeps_the_compiled_path_and_its_predictions(tiny_dir):
     assert fidelity(a.logprobs, b.logprobs, a.logmel, b.logmel).token_agreement > 0.95
     out = synthesize(kv, TEXTS[0], seed=1, steps=30)
     assert compiled_decoding(kv).last_steps[0] == out.steps - 1  # decoded on the compiled path
+
+
+def test_the_saved_step_is_for_a_fresh_processs_cache_shape(compiled, tmp_path, monkeypatch):
+    """After a batch has left the cache at two rows, what is saved is still the step and prompt
+    pass for one row at the recipe's capacity, the shape a fresh process starts with."""
+    from quantkit.compile_artifacts import Precompiled, save_precompiled
+
+    fns = compiled_decoding(compiled).functions
+    synthesize(compiled, TEXTS[0], seed=1, steps=4)  # one row: the functions a fresh process needs
+    compiled.infer(TEXTS[:2], skip_refine_text=True, params_infer_code=compiled.InferCodeParams(
+        manual_seed=1, max_new_token=4, show_tqdm=False))
+    step, first = fns.step_for(fns.default), fns.prefill_fn()
+    assert fns.model.rows == 2 and (2, fns.model.base) in step.by_shape
+    saved = []
+    monkeypatch.setattr(Precompiled, "save", lambda self, path: saved.append(self))
+    save_precompiled(fns, tmp_path / "step.aot", tmp_path / "prefill.aot")
+    one_row = (1, fns.model.base)
+    assert saved == [step.by_shape[one_row], first.by_shape[one_row]]
+    assert (fns.model.rows, fns.model.capacity) == one_row
