@@ -68,6 +68,25 @@ class PlainInt8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
+class PlainFloat8Linear(nn.Module):
+    """A torchao float8 weight-only Linear (``Float8Tensor`` weight, per-row scales) computed on its
+    plain float8 data and scales, for the reason PlainInt8Linear exists: a tensor subclass cannot
+    enter the layers' nested compile region. torchao's arithmetic: the weight dequantized in fp32
+    and rounded to the activations' dtype, then the product; at one token as a multiply-and-sum
+    (fp32 accumulation) that Inductor fuses with the conversion, so a step streams float8 bytes."""
+
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("qdata", qdata, persistent=False)
+        self.register_buffer("scale", scale.reshape(-1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (self.qdata.float() * self.scale).to(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = (w.float() * x2.float()).sum(-1).to(x.dtype)[None] if x2.shape[0] == 1 else x2 @ w.t()
+        return y.reshape(*x.shape[:-1], -1)
+
+
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch._int_mm``, whose CUDA kernel wants more than 16 rows: on CUDA 16 zero rows are
     added whatever the count (padding only short inputs would make the compiled prompt pass, whose
@@ -138,17 +157,28 @@ class GemvLinear(nn.Module):
 
 def decode_twin(lin: nn.Module, device: torch.device) -> nn.Module:
     """What the static-cache path calls for one of the model's Linears: a plain-tensor twin of a
-    torchao int8 Linear (a tensor subclass cannot enter the layers' nested compile region), a
+    torchao int8 or float8 Linear (a tensor subclass cannot enter the layers' nested compile region), a
     GemvLinear for a plain float Linear on CPU, otherwise the module."""
     import torch.nn.utils.parametrize as P
 
     twin = plain_int8_twin(lin)
     if twin is not lin:
         return twin
+    if _float8_weight_only(lin):
+        return PlainFloat8Linear(lin.weight.qdata, lin.weight.scale)
     if (device.type == "cpu" and type(lin) is nn.Linear and not P.is_parametrized(lin)
             and lin.weight.is_floating_point() and lin.weight.is_contiguous()):
         return GemvLinear(lin)
     return lin
+
+
+def _float8_weight_only(lin: nn.Module) -> bool:
+    """A torchao float8 weight-only Linear with per-row scales and no bias (fp8-weight-only)."""
+    from torchao.quantization import Float8Tensor
+
+    w = getattr(lin, "weight", None)
+    return (isinstance(w, Float8Tensor) and w.act_quant_kwargs is None and getattr(lin, "bias", None) is None
+            and list(w.block_size) == [1, w.shape[-1]])
 
 
 def plain_int8_twin(lin: nn.Module, use_kernel: bool = True) -> nn.Module:

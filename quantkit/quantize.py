@@ -7,6 +7,8 @@ list of methods comes from here.
 - ``int8-dynamic``: torchao ``Int8DynamicActivationInt8WeightConfig`` (int8 x int8 matmul).
 - ``int8-dynamic-fbgemm``: torch's ``quantize_dynamic`` (fbgemm/onednn packed weights; CPU only).
 - ``bnb-int8``: bitsandbytes ``Linear8bitLt`` (LLM.int8 with outlier threshold 6).
+- ``fp8-weight-only``: torchao ``Float8WeightOnlyConfig`` (per-row float8 e4m3 weights, matmul in
+  the activations' dtype).
 
 torch is imported inside the handlers: listing recipes needs none of it.
 """
@@ -66,6 +68,13 @@ def _torchao_dynamic(module, device) -> None:
     quantize_(module, Int8DynamicActivationInt8WeightConfig(), filter_fn=_linear_filter)
 
 
+@register("fp8-weight-only")
+def _torchao_fp8_weight_only(module, device) -> None:
+    from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+    quantize_(module, Float8WeightOnlyConfig(), filter_fn=_linear_filter)
+
+
 def _fbgemm_skeleton(model) -> None:
     """fbgemm's packed int8 Linears have their own state-dict layout: build that module type for
     real (zeroed placeholders) to load the stored state into."""
@@ -119,7 +128,7 @@ def quantize_module(module, method: str, device) -> None:
 
 
 def is_quantized_linear(module) -> bool:
-    """True for a Linear whose weight is stored in int8, by any of the backends above."""
+    """True for a Linear whose weight is stored in 8 bits (int8 or float8), by any of the backends above."""
     import bitsandbytes as bnb
     import torch
     from torch import nn
@@ -130,7 +139,7 @@ def is_quantized_linear(module) -> bool:
         return module.weight.dtype == torch.int8
     if isinstance(module, nn.Linear):
         inner = _inner_tensors(module.weight)
-        return any(t.dtype == torch.int8 for t in inner)
+        return any(t.dtype in (torch.int8, torch.float8_e4m3fn) for t in inner)
     return False
 
 

@@ -202,6 +202,27 @@ def test_plain_int8_twin_computes_exactly_what_torchao_does(method):
     assert plain_int8_twin(nn.Linear(4, 4)).__class__ is nn.Linear  # nothing to unwrap
 
 
+def test_plain_float8_twin_computes_what_torchao_does():
+    from torch import nn
+
+    from quantkit.linears import PlainFloat8Linear, decode_twin
+    from quantkit.quantize import is_quantized_linear, module_weight_bytes, quantize_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96, bias=False)).to(torch.bfloat16)
+    bf16_bytes = module_weight_bytes(model)
+    quantize_module(model, "fp8-weight-only", torch.device("cpu"))
+    assert is_quantized_linear(model[0]) and model[0].weight.qdata.dtype == torch.float8_e4m3fn
+    assert 0.5 <= module_weight_bytes(model) / bf16_bytes < 0.55  # float8 weights plus fp32 row scales
+    twin = decode_twin(model[0], torch.device("cpu"))
+    assert isinstance(twin, PlainFloat8Linear)
+    with torch.no_grad():
+        x = torch.randn(1, 7, 64, dtype=torch.bfloat16) * 3
+        assert torch.equal(twin(x), model[0](x))
+        one = x[:, :1]  # the one-token GEMV accumulates in fp32 and rounds once, as the product does
+        torch.testing.assert_close(twin(one), model[0](one), rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_quantization_is_torchaos(dtype):
     from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
@@ -244,17 +265,22 @@ def test_int8_static_cache_path_matches_torchao_in_chattts_loop(tiny_dir):
         assert (out.tokens == ref.tokens).float().mean().item() >= 0.95
 
 
-@pytest.mark.parametrize("eager_recipe,compiled_recipe", [("fp32", "fp32-compiled"),
-                                                          ("int8-dynamic", "int8-dynamic-compiled"),
-                                                          ("int8-weight-only", "int8-weight-only-compiled")])
-def test_teacher_forcing_goes_through_the_compiled_step(eager_recipe, compiled_recipe, tiny_dir):
+@pytest.mark.parametrize("eager_recipe,compiled_recipe,tol", [
+    ("fp32", "fp32-compiled", 1e-3), ("int8-dynamic", "int8-dynamic-compiled", 1e-3),
+    ("int8-weight-only", "int8-weight-only-compiled", 1e-3),
+    # bf16 recipes against themselves uncompiled (ChatTTS's loop, torchao's Linears): bf16 rounds
+    # in other places, and a near-tie between the tiny model's logits may flip
+    (None, "int8-weight-only-bf16-compiled", 0.05), (None, "fp8-weight-only-compiled", 0.05)])
+def test_teacher_forcing_goes_through_the_compiled_step(eager_recipe, compiled_recipe, tol, tiny_dir):
     """Fidelity of a compiled recipe is measured on its compiled step: same predictions as the
     recipe's eager modules over the same code sequence."""
+    from quantkit.recipes import CompileSettings
     from quantkit.synth import teacher_forced
 
     eager, compiled = load_chat("synthetic-tiny"), load_chat("synthetic-tiny")
-    apply_recipe(eager, get_recipe(eager_recipe))
-    apply_recipe(compiled, fp32_cache(get_recipe(compiled_recipe)))
+    recipe = fp32_cache(get_recipe(compiled_recipe))
+    apply_recipe(eager, get_recipe(eager_recipe) if eager_recipe else dataclasses.replace(recipe, compile=CompileSettings()))
+    apply_recipe(compiled, recipe)
     text = TEXTS[1]
     tokens = synthesize(eager, text, seed=4, steps=24).tokens
     calls = []
@@ -265,8 +291,9 @@ def test_teacher_forcing_goes_through_the_compiled_step(eager_recipe, compiled_r
     ref, out = teacher_forced(eager, text, tokens, seed=4), teacher_forced(compiled, text, tokens, seed=4)
     assert len(calls) == tokens.shape[0] - 1  # one compiled step per forced token after the prompt
     assert out.logprobs.shape == ref.logprobs.shape
-    assert torch.equal(out.logprobs.argmax(-1), ref.logprobs.argmax(-1))
-    assert (out.logprobs - ref.logprobs).abs().max() < 1e-3
+    agree = (out.logprobs.argmax(-1) == ref.logprobs.argmax(-1)).float().mean().item()
+    assert agree == 1.0 if eager_recipe else agree >= 0.95
+    assert (out.logprobs - ref.logprobs).abs().max() < tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,5 +1,6 @@
 """Compiled decoding on CUDA (skipped without a GPU; CI has none): the static-cache path picks
-ChatTTS's tokens on the GPU, and the step runs as CUDA graphs without recompiling."""
+ChatTTS's tokens on the GPU, the step runs as CUDA graphs without recompiling, and the GPU
+weight-only recipes predict on CUDA graphs what they do eagerly."""
 
 import pytest
 import torch
@@ -65,3 +66,22 @@ def test_batches_on_cuda_graphs_match_chattts_loop(tiny_dir):
     apply_recipe(chat, get_recipe("fp32-compiled"))
     out = tokens(chat)
     assert len(out) == 3 and all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+@pytest.mark.parametrize("recipe", ["int8-weight-only-bf16-compiled", "fp8-weight-only-compiled"])
+def test_gpu_weight_only_recipes_compiled_predict_what_they_do_eagerly(recipe, tiny_dir):
+    """The GPU weight-only recipes on CUDA graphs: teacher-forced predictions as the same recipe's
+    torchao Linears in ChatTTS's loop (bf16: near-ties may flip)."""
+    import dataclasses
+
+    from quantkit.recipes import CompileSettings
+    from quantkit.synth import teacher_forced
+
+    compiled_recipe = get_recipe(recipe)
+    eager, compiled = load_chat("synthetic-tiny", "cuda"), load_chat("synthetic-tiny", "cuda")
+    apply_recipe(eager, dataclasses.replace(compiled_recipe, compile=CompileSettings()))
+    apply_recipe(compiled, compiled_recipe)
+    tokens = synthesize(eager, TEXTS[1], seed=4, steps=24).tokens
+    ref, out = teacher_forced(eager, TEXTS[1], tokens, seed=4), teacher_forced(compiled, TEXTS[1], tokens, seed=4)
+    assert (out.logprobs.argmax(-1) == ref.logprobs.argmax(-1)).float().mean().item() >= 0.95
+    assert (out.logprobs - ref.logprobs).abs().max() < 0.05
