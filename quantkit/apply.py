@@ -12,7 +12,7 @@ from torch import nn
 from quantkit import chattts
 from quantkit.errors import QuantkitError
 from quantkit.precision import cast_module, float_dtype
-from quantkit.quantize import module_weight_bytes, quantize_module
+from quantkit.quantize import module_weight_bytes, quantize_module, unavailable
 from quantkit.recipes import COMPONENTS, Recipe
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,16 @@ def weight_bytes(chat) -> WeightBytes:
     return WeightBytes(total=sum(groups.values()), decode=groups["gpt"] + groups["heads"])
 
 
+def check_runnable(recipe: Recipe, device: torch.device) -> None:
+    """Refuse a recipe whose quantization cannot run on ``device`` (before anything loads)."""
+    for name in COMPONENTS:
+        comp = recipe.component(name)
+        reason = unavailable(comp.quantize, device, compiled=recipe.compile.enabled and name == "gpt")
+        if reason:
+            raise QuantkitError(f"recipe '{recipe.name}': component {name} ({comp.dtype}, {comp.quantize}) "
+                                f"cannot run on {device.type}: {reason}")
+
+
 def apply_recipe(chat, recipe: Recipe, compile_step: bool = True,
                  preapplied: tuple[str, ...] = ()) -> None:
     """Modify ``chat`` in place as ``recipe`` says. A component the device cannot run raises
@@ -50,6 +60,7 @@ def apply_recipe(chat, recipe: Recipe, compile_step: bool = True,
     if recipe.baseline:
         return
     device = torch.device(chat.device)
+    check_runnable(recipe, device)
     for name in COMPONENTS:
         comp = recipe.component(name)
         module = component_module(chat, name)

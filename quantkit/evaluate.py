@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from quantkit.atomic import write_text
 from quantkit.errors import QuantkitError
 from quantkit.machine import environment, peak_memory, probe_buffer, read_bandwidth_gbs, reset_peak
 from quantkit.records import FAILED, Measurement, RecipeResult, Timing, Utterance, WorkerSpec
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -360,9 +363,10 @@ def write_utterances_csv(path: Path, rows: list[Utterance]) -> None:
     write_text(path, buf.getvalue())
 
 
-def plan_recipes(sources: list[str]) -> list[str]:
+def plan_recipes(sources: list[str], device: torch.device | None = None) -> list[str]:
     """The recipe sources to run, fp32 (the reference) first; refuses an empty list, a source
-    given twice and two sources whose recipes share a name."""
+    given twice, two sources whose recipes share a name, and one that cannot run on ``device``."""
+    from quantkit.apply import check_runnable
     from quantkit.recipes import get_recipe
 
     if not sources:
@@ -375,6 +379,8 @@ def plan_recipes(sources: list[str]) -> list[str]:
             raise QuantkitError(f"recipe '{source}' is listed twice" if first == source else
                                 f"recipes '{first}' and '{source}' are both named '{name}'")
         names[name] = source
+        if device is not None:
+            check_runnable(get_recipe(source), device)
     if REFERENCE in names and get_recipe(names[REFERENCE]) != get_recipe(REFERENCE):
         raise QuantkitError(f"recipe '{names[REFERENCE]}' is named '{REFERENCE}', the name of the "
                             "reference every recipe is compared with: rename it")
@@ -403,8 +409,8 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     from quantkit.report import write_report
     from quantkit.texts import load_texts
 
-    resolve_device(cfg.device)
-    names = plan_recipes(_default_recipes() if cfg.recipes is None else cfg.recipes)
+    device = resolve_device(cfg.device)
+    names = plan_recipes(_default_recipes(device) if cfg.recipes is None else cfg.recipes, device)
     language, texts = load_texts(cfg.texts)
     if cfg.limit:
         texts = dict(list(texts.items())[: cfg.limit])
@@ -460,10 +466,19 @@ def _run_recipes(names: list[str], cfg: EvalConfig, language: str, texts: dict, 
     return results, rows
 
 
-def _default_recipes() -> list[str]:
-    from quantkit.recipes import recipe_names
+def _default_recipes(device: torch.device) -> list[str]:
+    """Every shipped recipe that can run on ``device``."""
+    from quantkit.apply import check_runnable
+    from quantkit.recipes import get_recipe, recipe_names
 
-    return recipe_names()
+    names = []
+    for name in recipe_names():
+        try:
+            check_runnable(get_recipe(name), device)
+            names.append(name)
+        except QuantkitError as exc:
+            log.warning("skipping %s", exc)
+    return names
 
 
 def config_key(source: str, cfg: EvalConfig, texts: dict[str, str]) -> str:

@@ -168,8 +168,8 @@ def _recipe_and_metrics(recipe: str | None, best: str | None) -> tuple[Any, dict
 def export_variant(out: str | Path, recipe: str | None = None, best: str | None = None,
                    model: str = "synthetic", device: str = "cpu", force: bool = False) -> dict[str, Any]:
     """Write a variant directory: into a temporary sibling, renamed into place at the very end."""
-    from quantkit.apply import apply_recipe, weight_bytes
-    from quantkit.models import load_chat, resolve_source
+    from quantkit.apply import apply_recipe, check_runnable, weight_bytes
+    from quantkit.models import load_chat, resolve_device, resolve_source
 
     out = Path(out).absolute()
     check_export_target(out, force)
@@ -185,6 +185,7 @@ def export_variant(out: str | Path, recipe: str | None = None, best: str | None 
     method = METHODS.get(rec.gpt.quantize)
     if method is not None and method.not_exportable:
         raise QuantkitError(f"recipe '{rec.name}': {method.not_exportable}")
+    check_runnable(rec, resolve_device(device))
     src = resolve_source(model)
     chat = load_chat(model, device)
     apply_recipe(chat, rec)

@@ -35,6 +35,8 @@ class Method:
     prepare_skeleton: Callable[["nn.Module"], None] | None = None
     # why variants of this method cannot be exported (None: they can)
     not_exportable: str | None = None
+    # (device, compiled step) -> why it cannot run there (None: it can); asked before any loading
+    unavailable: Callable[["torch.device", bool], str | None] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -61,7 +63,16 @@ def _torchao_weight_only(module, device) -> None:
     quantize_(module, Int8WeightOnlyConfig(), filter_fn=_linear_filter)
 
 
-@register("int8-dynamic")
+def _eager_int8_dynamic_on_cuda(device, compiled: bool) -> str | None:
+    # torchao's eager Linear hands cuBLAS one activation row, which its int8 product refuses (it
+    # wants more than 16); the fallback converts the whole weight to fp32 on every call
+    if device.type == "cuda" and not compiled:
+        return ("torchao's eager int8 dynamic Linear is impractically slow on CUDA (an eval ran over "
+                "4 minutes without finishing); use int8-dynamic-compiled")
+    return None
+
+
+@register("int8-dynamic", unavailable=_eager_int8_dynamic_on_cuda)
 def _torchao_dynamic(module, device) -> None:
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
@@ -87,13 +98,15 @@ def _fbgemm_skeleton(model) -> None:
     torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
-@register("int8-dynamic-fbgemm", prepare_skeleton=_fbgemm_skeleton)
+def _cpu_only(device, compiled: bool) -> str | None:
+    return None if device.type == "cpu" else "torch quantize_dynamic kernels run on CPU only"
+
+
+@register("int8-dynamic-fbgemm", prepare_skeleton=_fbgemm_skeleton, unavailable=_cpu_only)
 def _fbgemm(module, device) -> None:
     import torch
     from torch import nn
 
-    if device.type != "cpu":
-        raise RuntimeError("torch quantize_dynamic kernels run on CPU only")
     torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
@@ -116,6 +129,12 @@ def _bnb(module, device) -> None:
             setattr(module, name, q.to(device))  # bitsandbytes quantizes on the move to a device
         else:
             _bnb(child, device)
+
+
+def unavailable(method: str, device, compiled: bool) -> str | None:
+    """Why ``method`` cannot run on ``device`` (with the compiled static-cache step or not), or None."""
+    check = METHODS[method].unavailable if method in METHODS else None
+    return check(device, compiled) if check else None
 
 
 def quantize_module(module, method: str, device) -> None:

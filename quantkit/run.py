@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from quantkit import trust
-from quantkit.apply import apply_recipe, weight_bytes
+from quantkit.apply import apply_recipe, check_runnable, weight_bytes
 from quantkit.atomic import check_writable_target, write_text
 from quantkit.audio import write_wav
 from quantkit.errors import QuantkitError
-from quantkit.models import load_chat
+from quantkit.models import load_chat, resolve_device
 from quantkit.recipes import get_recipe
 from quantkit.synth import SAMPLE_RATE, synthesize
 
@@ -26,6 +26,7 @@ def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
                max_new_tokens: int = 1024, out_wav: str | None = None,
                compile_cache: str | None = None, trust_compiled: bool = False) -> dict[str, Any]:
     recipe = get_recipe(recipe_name)  # validate before the slow load
+    check_runnable(recipe, resolve_device(device))
     check_length(recipe, steps)
     if out_wav:
         check_writable_target(out_wav)

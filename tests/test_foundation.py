@@ -158,6 +158,23 @@ def test_component_a_device_cannot_run_names_recipe_component_and_reason(tiny_ch
     assert "CPU only" in str(err.value)
 
 
+def test_what_cannot_run_on_a_device_is_refused_before_loading():
+    from quantkit.apply import check_runnable
+    from quantkit.evaluate import _default_recipes, plan_recipes
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects: no GPU is touched
+    with pytest.raises(QuantkitError, match="impractically slow on CUDA.*use int8-dynamic-compiled"):
+        check_runnable(get_recipe("int8-dynamic"), cuda)
+    with pytest.raises(QuantkitError, match="component gpt .*CPU only"):
+        plan_recipes(["fp32", "int8-dynamic-fbgemm"], cuda)  # eval refuses before any recipe runs
+    for name in ("int8-dynamic-compiled", "fp8-weight-only-compiled", "int8-dynamic", "int8-dynamic-fbgemm"):
+        check_runnable(get_recipe(name), cpu)
+    check_runnable(get_recipe("int8-dynamic-compiled"), cuda)  # the compiled step's own int8 path
+    on_cuda = _default_recipes(cuda)  # eval's default: what this device runs
+    assert "int8-dynamic-compiled" in on_cuda and not {"int8-dynamic", "int8-dynamic-fbgemm"} & set(on_cuda)
+    assert _default_recipes(cpu) == recipe_names()
+
+
 def test_apply_cli_json_and_wav(tiny_dir, tmp_path):
     import json
 
