@@ -124,10 +124,14 @@ class SharedInput(nn.Module):
             self.fused = PlainInt8Linear(torch.cat([v.qdata_t.t() for v in views]),
                                          torch.cat([v.scale for v in views]), dynamic=True)
         self.twins = nn.ModuleList([] if self.fused else [decode_twin(lin, device) for lin in linears])
+        # The heads get fp32 hidden states, and ChatTTS feeds them the GPT's in their own dtype
+        weight = linears[0].weight
+        self.dtype = weight.dtype if weight.is_floating_point() else None
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.fused is not None:
             return list(self.fused(x).split(self.sizes, -1))
+        x = x if self.dtype is None else x.to(self.dtype)
         return [twin(x) for twin in self.twins]
 
 

@@ -135,7 +135,7 @@ class FoldedHead(nn.Module):
         if self.weight is None:
             with torch.no_grad():
                 self.weight = self.head.weight.detach().clone()
-        return F.linear(x, self.weight, self.head.bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.head.bias)
 
 
 class DecoderLayer(nn.Module):

@@ -90,6 +90,25 @@ def test_text_refinement_matches_chattts_loop(pair):
     assert same_tokens(ref, ours)
 
 
+def test_bf16_heads_take_batches_and_refinement(tiny_dir):
+    """bf16-compiled's heads are bf16 and get the GPT's hidden states in their dtype, as in ChatTTS's
+    loop: a refined batch runs and picks what ChatTTS's loop does with the same bf16 modules (but
+    for near-ties: the path's attention sums in fp32)."""
+    import dataclasses
+
+    from quantkit.recipes import CompileSettings
+
+    recipe = get_recipe("bf16-compiled")
+    ref, ours = load_chat("synthetic-tiny"), load_chat("synthetic-tiny")
+    apply_recipe(ref, dataclasses.replace(recipe, compile=CompileSettings()))
+    apply_recipe(ours, recipe, compile_step=False)
+    seen_ref, seen_ours = compare((ref, ours), TEXTS[:2], refine=True, steps=30)
+    assert len(seen_ours) == 2 and [r.shape[0] for r in seen_ours[1]] == [30, 30]
+    codes_ref, codes_ours = torch.cat(seen_ref[1]), torch.cat(seen_ours[1])
+    assert same_tokens(seen_ref[:1], seen_ours[:1])  # the refined text
+    assert (codes_ref == codes_ours).float().mean().item() >= 0.95  # all equal on the CPU it was written on
+
+
 def test_streaming_hands_over_as_chattts_does(pair):
     ref, ours = compare(pair, [TEXTS[1]], stream=True, steps=96, pass_first=0)
     assert len(ref) == 5 and same_tokens(ref, ours)  # every 24 steps, and the end

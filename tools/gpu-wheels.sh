@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The wheels quantkit needs on the GPU machine beyond its PyTorch image (issue 23): the packages
+# below, at uv.lock's versions, for the image's Python, into .whl/ (ignored by git). Run here,
+# where PyPI is reachable; tools/gpu-check.sh installs them there (the device tool's `carry`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYVER=${PYVER:-3.12}
+DEST=${DEST:-.whl}
+PY=${PY:-.tools/bin/python}  # the tools environment (make install): pip and tomllib
+# What the image lacks (its package list: the device library's KINDS.md), found by running the GPU
+# check's commands in an environment holding only the image's packages.
+PACKAGES=(chattts vector-quantize-pytorch vocos einx frozendict encodec torch-einops-utils
+          pybase16384 torchao jiwer rapidfuzz loguru)
+rm -rf "$DEST" && mkdir -p "$DEST"
+for pin in $("$PY" - "${PACKAGES[@]}" <<'PYEOF'
+import sys, tomllib
+locked = {p["name"]: p["version"] for p in tomllib.load(open("uv.lock", "rb"))["package"]}
+print(" ".join(f"{n}=={locked[n]}" for n in sys.argv[1:]))
+PYEOF
+); do
+  # binary wheels for the image's Python; a package published as source only is built here
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$DEST" "$pin" 2>/dev/null ||
+    "$PY" -m pip wheel -q --no-deps -w "$DEST" "$pin"
+done
+du -sh "$DEST"
