@@ -19,6 +19,7 @@ weights (``LlamaModel.from_pretrained``) is answered with the stored, already-qu
 from __future__ import annotations
 
 import contextlib
+import enum
 import ctypes
 import errno
 import glob
@@ -26,8 +27,10 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
+import types
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -94,10 +97,24 @@ def _write_gpt(chat, folder: Path) -> str:
 
             save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / name))
         else:
-            torch.save(state, folder / name)
+            torch.save(state, folder / name, pickle_module=_enums_by_value)
     except Exception as exc:  # noqa: BLE001 - both writers report a full disk in their own way
         raise write_error(exc, folder / name) from None
     return name
+
+
+class _EnumsByValuePickler(pickle.Pickler):
+    """Enum members pickled as ``Class(value)``: some Pythons (Debian's 3.11.2) pickle them as
+    ``getattr(Class, name)``, a global torch's weights-only loader refuses, so a torchao weight's
+    enum fields (its kernel preference, its mapping type) would make the variant unloadable."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, enum.Enum):
+            return type(obj), (obj.value,)
+        return NotImplemented
+
+
+_enums_by_value = types.SimpleNamespace(**{**vars(pickle), "Pickler": _EnumsByValuePickler})
 
 
 def _copy_assets(src: Path, dst: Path) -> None:

@@ -41,6 +41,18 @@ def test_round_trip_gives_the_same_audio(variants, name):
     assert np.array_equal(a.wav, b.wav)
 
 
+def test_a_variant_loads_however_this_python_pickles_enums(tmp_path, monkeypatch, tiny_dir):
+    """Debian's Python 3.11.2 pickles an enum member as getattr(Class, name), a global torch's
+    weights-only loader refuses; a torchao weight holds enums (int8-dynamic: its mapping type)."""
+    import enum
+
+    monkeypatch.setattr(enum.Enum, "__reduce_ex__", lambda self, proto: (getattr, (type(self), self._name_)))
+    out = export_variant(tmp_path / "v", recipe="int8-dynamic", model="synthetic-tiny")["out"]
+    monkeypatch.undo()
+    chat = quantkit.load_variant(out)
+    assert type(chat.gpt.gpt.layers[0].mlp.down_proj.weight).__name__ == "Int8Tensor"
+
+
 def test_manifest_and_sizes(variants):
     m = json.loads((variants["int8-dynamic"] / "manifest.json").read_text())
     assert m["schema"] == SCHEMA and m["recipe"]["name"] == "int8-dynamic"
