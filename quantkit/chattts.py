@@ -138,13 +138,14 @@ def config(chat):
     return chat.config
 
 
-def load(chat, root, device: torch.device) -> bool:
-    """ChatTTS's own ``Chat._load`` on an asset directory ``root``; False where a component is missing."""
+def load(chat, root, device: torch.device, compile: bool = False) -> bool:
+    """ChatTTS's own ``Chat._load`` on an asset directory ``root``; False where a component is
+    missing. ``compile``: ChatTTS's own ``compile=True`` (it compiles the GPT on CUDA only)."""
     from dataclasses import asdict
     from pathlib import Path
 
     paths = {k: str(Path(root) / v) for k, v in asdict(chat.config.path).items()}
-    return bool(chat._load(device=device, compile=False, **paths))
+    return bool(chat._load(device=device, compile=compile, **paths))
 
 
 def random_components(chat) -> dict[str, nn.Module]:

@@ -241,8 +241,9 @@ def read_overrides(root: Path) -> dict[str, Any]:
     return config
 
 
-def load_chat(model: str = "synthetic-tiny", device: str = "cpu"):
-    """Load ChatTTS through its own ``Chat._load`` from any model source."""
+def load_chat(model: str = "synthetic-tiny", device: str = "cpu", chattts_compile: bool = False):
+    """Load ChatTTS through its own ``Chat._load`` from any model source (``chattts_compile``:
+    with ChatTTS's own ``compile=True``, as the stock baseline users start from)."""
     from quantkit import chattts
 
     dev = resolve_device(device)
@@ -250,7 +251,7 @@ def load_chat(model: str = "synthetic-tiny", device: str = "cpu"):
     check_assets(root)
     chat = new_chat(read_overrides(root))
     try:
-        ok = chattts.load(chat, root, dev)
+        ok = chattts.load(chat, root, dev, compile=chattts_compile)
     except Exception as exc:  # noqa: BLE001 - safetensors, state-dict and json errors alike
         raise QuantkitError(f"model directory {root} is damaged: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200]}") from None

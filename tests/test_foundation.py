@@ -1,4 +1,7 @@
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,8 +192,25 @@ def test_apply_cli_json_and_wav(tiny_dir, tmp_path):
                 "steps", "ms_per_step", "rtf", "weight_bytes", "wav"):
         assert key in result
     assert result["steps"] == 16 and result["weight_bytes"] > 0
+    # the cold start a user waits for: imports, load, apply and the first call
+    assert result["first_audio_since_process_start_s"] > result["load_s"] + result["apply_s"] + result["first_call_s"]
     audio, rate = read_wav(wav)
     assert rate == 24000 and audio.shape == (16 * 512 - 256,)
+
+
+def test_the_seed_tool_times_stock_chattts_with_its_own_compile(tiny_dir):
+    """tools/seed_compile.py (issue 23's baseline): ChatTTS loaded with compile=True, which it
+    honours on CUDA only; here the CPU row."""
+    import json
+
+    tool = Path(__file__).parent.parent / "tools" / "seed_compile.py"
+    proc = subprocess.run([sys.executable, str(tool), "--model", "synthetic-tiny", "--steps", "8", "--devices", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert row["device"] == "cpu" and row["chattts_compile"] and row["steps"] == 8
+    assert row["first_call_s"] > 0 and row["warm_s"] > 0
+    assert load_chat("synthetic-tiny", chattts_compile=True).compile  # passed on to ChatTTS's loader
 
 
 def test_recipes_command_lists_names_and_descriptions():
