@@ -15,7 +15,7 @@ from quantkit.apply import apply_recipe
 from quantkit.compile import CompiledGenerate, compiled_decoding
 from quantkit.compile_artifacts import Precompiled
 from quantkit.models import load_chat
-from quantkit.recipes import get_recipe
+from quantkit.recipes import get_recipe, recipe_names
 from quantkit.synth import fixed_speaker
 
 
@@ -107,6 +107,17 @@ def test_bf16_heads_take_batches_and_refinement(tiny_dir):
     codes_ref, codes_ours = torch.cat(seen_ref[1]), torch.cat(seen_ours[1])
     assert same_tokens(seen_ref[:1], seen_ours[:1])  # the refined text
     assert (codes_ref == codes_ours).float().mean().item() >= 0.95  # all equal on the CPU it was written on
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_recipe_takes_a_refined_batch(name, tiny_dir):
+    """Every shipped recipe's modules (compiled ones on the static-cache path, its step eager) take
+    the calls that reach the heads with several rows and the text head: a refined batch."""
+    chat = load_chat("synthetic-tiny")
+    apply_recipe(chat, get_recipe(name), compile_step=False)
+    with recording(chat) as seen:
+        infer(chat, TEXTS[:2], refine=True, steps=12)
+    assert len(seen) == 2 and [r.shape for r in seen[1]] == [(12, 4), (12, 4)]
 
 
 def test_streaming_hands_over_as_chattts_does(pair):
