@@ -19,8 +19,8 @@ weights (``LlamaModel.from_pretrained``) is answered with the stored, already-qu
 from __future__ import annotations
 
 import contextlib
-import enum
 import ctypes
+import enum
 import errno
 import glob
 import hashlib

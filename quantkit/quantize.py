@@ -64,8 +64,9 @@ def _torchao_weight_only(module, device) -> None:
 
 
 def _eager_int8_dynamic_on_cuda(device, compiled: bool) -> str | None:
-    # torchao's eager Linear hands cuBLAS one activation row, which its int8 product refuses (it
-    # wants more than 16); the fallback converts the whole weight to fp32 on every call
+    # Measured once (docs/performance.md). The likely cause, read in torchao 0.18's source: its eager
+    # Linear hands cuBLAS one activation row, which the int8 product refuses, and the fallback
+    # converts the whole weight to fp32 on every call
     if device.type == "cuda" and not compiled:
         return ("torchao's eager int8 dynamic Linear is impractically slow on CUDA (an eval ran over "
                 "4 minutes without finishing); use int8-dynamic-compiled")
