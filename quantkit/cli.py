@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="measure recipes: latency, memory, size, intelligibility, fidelity")
     _add_model(p)
     p.add_argument("--recipes", default=None,
-                   help="comma-separated recipe names or .toml paths (default: all shipped); "
+                   help="comma-separated recipe names or .toml paths (default: all shipped that the device runs); "
                         "fp32, the reference, is always added")
     p.add_argument("--texts", default="en", help="en | zh | a TSV of id<TAB>text (default: en)")
     p.add_argument("--limit", type=_positive, default=None, help="use only the first N texts")

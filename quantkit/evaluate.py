@@ -42,7 +42,7 @@ REFERENCE = "fp32"
 class EvalConfig:
     model: str = "synthetic"
     device: str = "cpu"
-    recipes: list[str] | None = None  # None: every shipped recipe
+    recipes: list[str] | None = None  # None: every shipped recipe the device can run
     texts: str = "en"
     limit: int | None = None
     asr_model: str | None = None
