@@ -219,7 +219,7 @@ def test_plain_float8_twin_computes_what_torchao_does():
     with torch.no_grad():
         x = torch.randn(1, 7, 64, dtype=torch.bfloat16) * 3
         assert torch.equal(twin(x), model[0](x))
-        one = x[:, :1]  # the one-token GEMV accumulates in fp32 and rounds once, as the product does
+        one = x[:, :1]  # the one-token GEMV sums in another order than the product: equal to bf16 rounding
         torch.testing.assert_close(twin(one), model[0](one), rtol=1e-2, atol=1e-2)
 
 
