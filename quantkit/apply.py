@@ -41,14 +41,22 @@ def weight_bytes(chat) -> WeightBytes:
     return WeightBytes(total=sum(groups.values()), decode=groups["gpt"] + groups["heads"])
 
 
-def check_runnable(recipe: Recipe, device: torch.device) -> None:
-    """Refuse a recipe whose quantization cannot run on ``device`` (before anything loads)."""
+def unrunnable(recipe: Recipe, device: torch.device) -> str | None:
+    """Why ``recipe``'s quantization cannot run on ``device``, or None (nothing loaded to tell)."""
     for name in COMPONENTS:
         comp = recipe.component(name)
         reason = unavailable(comp.quantize, device, compiled=recipe.compile.enabled and name == "gpt")
         if reason:
-            raise QuantkitError(f"recipe '{recipe.name}': component {name} ({comp.dtype}, {comp.quantize}) "
-                                f"cannot run on {device.type}: {reason}")
+            return (f"recipe '{recipe.name}': component {name} ({comp.dtype}, {comp.quantize}) "
+                    f"cannot run on {device.type}: {reason}")
+    return None
+
+
+def check_runnable(recipe: Recipe, device: torch.device) -> None:
+    """Refuse a recipe whose quantization cannot run on ``device`` (before anything loads)."""
+    reason = unrunnable(recipe, device)
+    if reason:
+        raise QuantkitError(reason)
 
 
 def apply_recipe(chat, recipe: Recipe, compile_step: bool = True,

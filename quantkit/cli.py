@@ -214,11 +214,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     import time
 
-    import psutil
-
     from quantkit.atomic import check_writable_target
     from quantkit.audio import write_wav
     from quantkit.export import load_variant
+    from quantkit.machine import process_seconds
     from quantkit.synth import SAMPLE_RATE, synthesize
 
     check_writable_target(args.out_wav)
@@ -226,7 +225,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     chat = load_variant(args.variant, device=args.device, trust_compiled=args.trust_compiled)
     t1 = time.perf_counter()
     out = synthesize(chat, args.text, seed=args.seed, steps=args.steps, max_new_tokens=args.max_new_tokens)
-    since_start = time.time() - psutil.Process().create_time()
+    since_start = process_seconds()
     write_wav(args.out_wav, out.wav, SAMPLE_RATE)
     print(f"wrote {args.out_wav}: {out.audio_s:.2f} s of audio, {out.steps} steps; "
           f"load {t1 - t0:.2f} s, first audio {out.total_s:.2f} s ({since_start:.2f} s from process start)")

@@ -363,7 +363,7 @@ def write_utterances_csv(path: Path, rows: list[Utterance]) -> None:
     write_text(path, buf.getvalue())
 
 
-def plan_recipes(sources: list[str], device: torch.device | None = None) -> list[str]:
+def plan_recipes(sources: list[str], device: torch.device) -> list[str]:
     """The recipe sources to run, fp32 (the reference) first; refuses an empty list, a source
     given twice, two sources whose recipes share a name, and one that cannot run on ``device``."""
     from quantkit.apply import check_runnable
@@ -373,14 +373,14 @@ def plan_recipes(sources: list[str], device: torch.device | None = None) -> list
         raise QuantkitError("--recipes names no recipe")
     names: dict[str, str] = {}
     for source in sources:
-        name = get_recipe(source).name
+        recipe = get_recipe(source)
+        name = recipe.name
         if name in names:
             first = names[name]
             raise QuantkitError(f"recipe '{source}' is listed twice" if first == source else
                                 f"recipes '{first}' and '{source}' are both named '{name}'")
         names[name] = source
-        if device is not None:
-            check_runnable(get_recipe(source), device)
+        check_runnable(recipe, device)
     if REFERENCE in names and get_recipe(names[REFERENCE]) != get_recipe(REFERENCE):
         raise QuantkitError(f"recipe '{names[REFERENCE]}' is named '{REFERENCE}', the name of the "
                             "reference every recipe is compared with: rename it")
@@ -468,16 +468,16 @@ def _run_recipes(names: list[str], cfg: EvalConfig, language: str, texts: dict, 
 
 def _default_recipes(device: torch.device) -> list[str]:
     """Every shipped recipe that can run on ``device``."""
-    from quantkit.apply import check_runnable
+    from quantkit.apply import unrunnable
     from quantkit.recipes import get_recipe, recipe_names
 
     names = []
     for name in recipe_names():
-        try:
-            check_runnable(get_recipe(name), device)
+        reason = unrunnable(get_recipe(name), device)
+        if reason:
+            log.warning("skipping %s", reason)
+        else:
             names.append(name)
-        except QuantkitError as exc:
-            log.warning("skipping %s", exc)
     return names
 
 

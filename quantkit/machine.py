@@ -26,6 +26,13 @@ def peak_memory(device) -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
+def process_seconds() -> float:
+    """Seconds since this process started: a cold start as a user waits for it, imports included."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def reset_peak(device) -> None:
     """Restart the peak from now (CUDA's allocated peak, or on Linux the resident peak), so a
     freed probe buffer does not count."""

@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from quantkit import trust
 from quantkit.apply import apply_recipe, check_runnable, weight_bytes
 from quantkit.atomic import check_writable_target, write_text
 from quantkit.audio import write_wav
 from quantkit.errors import QuantkitError
+from quantkit.machine import process_seconds
 from quantkit.models import load_chat, resolve_device
 from quantkit.recipes import get_recipe
 from quantkit.synth import SAMPLE_RATE, synthesize
@@ -43,7 +42,7 @@ def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
         cache_state = "loaded" if _load_compiled(chat, key, Path(compile_cache), trust_compiled) else "saved"
     t2 = time.perf_counter()
     first = synthesize(chat, text, seed=seed, steps=steps, max_new_tokens=max_new_tokens)
-    first_audio_since_start = time.time() - psutil.Process().create_time()
+    first_audio_since_start = process_seconds()
     if cache_state == "saved":
         _save_compiled(chat, key, Path(compile_cache))
     warm = synthesize(chat, text, seed=seed, steps=steps, max_new_tokens=max_new_tokens)
