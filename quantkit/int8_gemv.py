@@ -216,6 +216,7 @@ def pack(qdata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_gemv(xq: torch.Tensor, panels: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
-    """int8 activations (M, K) times packed int8 weights (``pack``) -> (M, N') int32, exact."""
-    xu = (xq.to(torch.int16) + 128).to(torch.uint8)
+    """int8 activations (M, K), or those plus 128 as uint8 (``quantize_rows(x, unsigned=True)``),
+    times packed int8 weights (``pack``) -> (M, N') int32, exact."""
+    xu = xq if xq.dtype == torch.uint8 else (xq.to(torch.int16) + 128).to(torch.uint8)
     return torch.ops.quantkit.int8_gemv(xu.contiguous(), panels, comp)

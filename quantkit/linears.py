@@ -50,7 +50,7 @@ class PlainInt8Linear(nn.Module):
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         if self.dynamic:
-            xq, x_scale = quantize_rows(x2)
+            xq, x_scale = quantize_rows(x2, unsigned=self.packed)
             if self.packed:
                 acc = int8_gemv.int8_gemv(xq, self.panels, self.comp)[:, :self.scale.shape[0]]
             else:
@@ -96,15 +96,18 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, unsigned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8 -> (int8 values, fp32 scales (rows, 1)): torchao's
     ``choose_qparams_affine`` and ``quantize_affine`` for this one case, op for op (so the
     results are equal), without their generic block handling, which costs more than the
-    arithmetic in an eager prompt pass (80 Linears)."""
+    arithmetic in an eager prompt pass (80 Linears). ``unsigned``: the values plus 128 as uint8,
+    the VNNI kernel's input."""
     # max(-min(amin, 0), max(amax, 0)) in torchao: the same value as max |x|
     scale = (x.abs().amax(-1, keepdim=True) / 127.5).clamp(min=torch.finfo(torch.float32).eps)
     scale = scale.to(torch.float32)
-    return torch.clamp(torch.round(x * (1.0 / scale)), -128, 127).to(torch.int8), scale
+    q = torch.clamp(torch.round(x * (1.0 / scale)), -128, 127)
+    # Offset in float, then converted: Inductor vectorizes float -> uint8, not int8 -> int16 -> uint8
+    return (q + 128).to(torch.uint8) if unsigned else q.to(torch.int8), scale
 
 
 class SharedInput(nn.Module):

@@ -239,6 +239,11 @@ def test_row_quantization_is_torchaos(dtype):
     xq, ours = quantize_rows(x)
     assert ours.dtype == torch.float32 and torch.equal(ours, scale)
     assert torch.equal(xq, quantize_affine(x, (1, 96), scale, zero, torch.int8, -128, 127))
+    # the VNNI kernel's unsigned input, eager and as Inductor vectorizes it
+    for fn in (quantize_rows, torch.compile(quantize_rows)):
+        (xq, s), (xu, su) = fn(x), fn(x, unsigned=True)
+        assert xu.dtype == torch.uint8 and torch.equal(su, s)
+        assert torch.equal(xu.to(torch.int16) - 128, xq.to(torch.int16))
 
 
 def fp32_cache(recipe):

@@ -30,6 +30,7 @@ def test_kernel_is_exact(n, k, m):
     assert y.dtype == torch.int32 and y.shape == (m, panels.shape[0] * 16)
     assert torch.equal(y[:, :n], x.int() @ w.int().t())
     assert not y[:, n:].any()  # padding rows
+    assert torch.equal(int8_gemv.int8_gemv((x.to(torch.int16) + 128).to(torch.uint8), panels, comp), y)
 
 
 def test_kernel_inside_a_compiled_graph():
