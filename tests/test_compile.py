@@ -89,6 +89,32 @@ def test_decode_steps_are_timed_apart_from_the_prompt_pass(compiled, reference):
         statistics.median(run["step_gbs"] / run["read_gbs"] for run in runs))
 
 
+@pytest.mark.parametrize("history", [16, 5, 0])
+def test_process_logits_is_chattts_pipeline(history):
+    """Probabilities equal to ChatTTS's own processors and warpers at its defaults, for 8 rows of
+    4 codebooks, with repeated tokens in the penalty window and fewer than a window of them."""
+    from ChatTTS.model.processors import gen_logits
+
+    from quantkit.chattts import sampling_from
+    from quantkit.sampling import process_logits
+
+    torch.manual_seed(history)
+    rows, vocab = 32, 626
+    warpers, processors = gen_logits(num_code=vocab - 1, top_P=0.7, top_K=20, repetition_penalty=1.05)
+    s = sampling_from((*processors, *warpers), vocab - 1)
+    logits, temp = torch.randn(rows, vocab) * 3, torch.rand(rows, 1) + 0.1
+    past = torch.randint(0, 40, (rows, history))  # few distinct tokens: repeats
+    window = torch.cat([torch.full((rows, s.past_window - history), -1), past], 1)
+    for mask_eos in (False, True):
+        ref = logits / temp
+        for p in (*processors, *warpers):
+            ref = p(past, ref)
+        if mask_eos:
+            ref[:, s.eos] = -float("inf")
+        ours = process_logits(logits, window, temp, torch.tensor(mask_eos), s)
+        assert torch.equal(ours, torch.softmax(ref, 1))
+
+
 def test_draw_is_torch_multinomial_given_its_noise():
     from quantkit.sampling import draw
 

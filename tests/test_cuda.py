@@ -1,6 +1,9 @@
 """Compiled decoding on CUDA (skipped without a GPU; CI has none): the static-cache path picks
-ChatTTS's tokens on the GPU, the step runs as CUDA graphs without recompiling, and the GPU
-weight-only recipes predict on CUDA graphs what they do eagerly."""
+ChatTTS's tokens on the GPU, the step runs as CUDA graphs without recompiling, the GPU
+weight-only recipes predict on CUDA graphs what they do eagerly, and an eval's Whisper runs on
+the GPU."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +88,24 @@ def test_gpu_weight_only_recipes_compiled_predict_what_they_do_eagerly(recipe, t
     ref, out = teacher_forced(eager, TEXTS[1], tokens, seed=4), teacher_forced(compiled, TEXTS[1], tokens, seed=4)
     assert (out.logprobs.argmax(-1) == ref.logprobs.argmax(-1)).float().mean().item() >= 0.95
     assert (out.logprobs - ref.logprobs).abs().max() < 0.05
+
+
+def test_eval_whisper_runs_on_cuda_as_on_cpu():
+    """A GPU eval transcribes on the GPU (its device), computing what the CPU computes."""
+    import whisper
+
+    from quantkit.asr import BUNDLES, converted, load_asr, transcribe
+    from quantkit.audio import read_wav, resample
+    from quantkit.evaluate import EvalConfig, load_checked_asr
+
+    if converted("tiny.en") is None and BUNDLES["tiny.en"].files() is None:
+        pytest.skip("no Whisper tiny.en here (tools/gpu-check.sh part 2 puts it in the cache)")
+    gpu = load_checked_asr(EvalConfig(), "en", torch.device("cuda"))
+    cpu = load_asr("tiny.en")
+    assert next(gpu.parameters()).is_cuda
+    audio, rate = read_wav(Path(__file__).parent / "data" / "zh_speech" / "z01.wav")
+    mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(resample(audio, rate, 16000))))
+    with torch.no_grad():
+        ours, theirs = gpu.encoder(mel[None].cuda()).cpu(), cpu.encoder(mel[None])
+    torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)  # cuDNN's convolutions may use TF32
+    assert isinstance(transcribe(gpu, audio, rate, "en"), str)
