@@ -213,6 +213,17 @@ def test_the_seed_tool_times_stock_chattts_with_its_own_compile(tiny_dir):
     assert load_chat("synthetic-tiny", chattts_compile=True).compile  # passed on to ChatTTS's loader
 
 
+def test_the_batch_tool_times_chat_infer_per_batch_size(tiny_dir):
+    """tools/batch_throughput.py: warm Chat.infer calls of a compiled recipe at each batch size."""
+    tool = Path(__file__).parent.parent / "tools" / "batch_throughput.py"
+    proc = subprocess.run([sys.executable, str(tool), "--model", "synthetic-tiny", "--batches", "1,2",
+                           "--steps", "8", "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split(": ")[1] for line in lines] == ["batch 1", "batch 2"]
+    assert lines[0].endswith("throughput 1.00x batch 1") and float(lines[1].split()[-3].rstrip("x")) > 0
+
+
 def test_recipes_command_lists_names_and_descriptions():
     proc = run_cli("recipes")
     assert proc.returncode == 0
