@@ -1,4 +1,5 @@
-"""An int8 x int8 -> int32 product for decode steps on x86 CPUs with AVX512-VNNI.
+"""Two kernels for decode steps on x86 CPUs with AVX512-VNNI: an int8 x int8 -> int32 product,
+and attention of one new token over the KV cache.
 
 A decode step multiplies one activation row by every weight: it is bound by how fast the
 weights stream from memory. torch 2.11 has no CPU kernel that streams int8 weights at memory
@@ -15,9 +16,13 @@ each weight load, so a batched step still streams its weights once. torchao move
 The activation is int8 made unsigned by adding 128; ``comp`` (128 x each weight row's sum)
 takes that back, so the result equals the s8s8 product exactly.
 
-The kernel is compiled on first use with torch's C++ extension builder (the compiler Inductor
-already needs) and registered as the operator ``quantkit::int8_gemv`` that compiled steps, and
-ahead-of-time compiled ones, call by name; an exported variant carries the built library.
+The attention kernel serves the steps whose weights run on the int8 kernel: Inductor's fused
+attention runs its softmax on one thread, which a batch's rows make slow (docs/performance.md).
+
+The kernels are compiled on first use with torch's C++ extension builder (the compiler Inductor
+already needs) and registered as the operators ``quantkit::int8_gemv`` and ``quantkit::attend_one``
+that compiled steps, and ahead-of-time compiled ones, call by name; an exported variant carries
+the built library.
 """
 
 from __future__ import annotations
@@ -41,13 +46,17 @@ GROUP = 4  # bytes of K per lane and instruction
 _SOURCE = r"""
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <cmath>
 #include <cstring>
 #include <immintrin.h>
+#include <type_traits>
+#include <vector>
 #include <torch/library.h>
 
 constexpr int64_t kPanel = 16, kGroup = 4, kMaxRows = 8;
 // Far enough ahead that memory's latency is hidden while a batch's rows keep the core busy.
 constexpr int64_t kPrefetch = 4096;
+constexpr int64_t kAhead = 16;  // cache rows
 
 // NT panels (panel p stored [K / 4][16][4] at w + p * 16 * K) against MR activation rows. Each
 // weight load serves every row: a row's 4 bytes are broadcast to the panel's 16 outputs, so an
@@ -118,8 +127,132 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return y;
 }
 
-TORCH_LIBRARY(quantkit, m) { m.def("int8_gemv(Tensor x, Tensor w, Tensor comp) -> Tensor"); }
-TORCH_LIBRARY_IMPL(quantkit, CPU, m) { m.impl("int8_gemv", &int8_gemv); }
+// exp of 16 floats <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial; about 1 ulp)
+__attribute__((target("avx512f")))
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 16 cache values at p as fp32: bf16 is the top half of an fp32, so a shift converts it exactly.
+template <typename T>
+__attribute__((target("avx512f,avx512bw")))
+static inline __m512 load16(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+// One head: q (D,) against the cached keys and values of slots [from, n) (rows `stride` apart)
+// -> o (D,); s: n floats of scratch. Two passes over the cache: scores, then the weighted sum.
+template <typename T, int C>  // C = D / 16 vectors a row
+__attribute__((target("avx512f,avx512bw")))
+static void attend_head(const float* q, const T* k, const T* v, int64_t stride, int64_t from,
+                        int64_t n, float scale, float* s, float* o) {
+  __m512 qv[C], acc[C];
+  for (int c = 0; c < C; c++) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
+  float top = -INFINITY;
+  constexpr int64_t kRowBytes = C * 16 * sizeof(T);
+  for (int64_t j = from; j < n; j++) {
+    const T* kj = k + j * stride;
+    // Many short streams (a head's slots): fetch the keys ahead, and the values for the next pass
+    for (int64_t b = 0; b < kRowBytes; b += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(kj + kAhead * stride) + b, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v + j * stride) + b, _MM_HINT_T0);
+    }
+    __m512 d = _mm512_mul_ps(qv[0], load16(kj));
+    for (int c = 1; c < C; c++) d = _mm512_fmadd_ps(qv[c], load16(kj + 16 * c), d);
+    s[j] = _mm512_reduce_add_ps(d);
+    top = s[j] > top ? s[j] : top;
+  }
+  int64_t j = from;
+  __m512 total = _mm512_setzero_ps();
+  for (; j + 16 <= n; j += 16) {
+    __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(top)));
+    _mm512_storeu_ps(s + j, e);
+    total = _mm512_add_ps(total, e);
+  }
+  float sum = _mm512_reduce_add_ps(total);
+  if (j < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - j)) - 1);
+    __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_set1_ps(top)));
+    _mm512_mask_storeu_ps(s + j, m, e);
+    sum += _mm512_mask_reduce_add_ps(m, e);
+  }
+  for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
+  for (int64_t i = from; i < n; i++) {
+    const T* vi = v + i * stride;
+    const __m512 e = _mm512_set1_ps(s[i]);
+    for (int c = 0; c < C; c++) acc[c] = _mm512_fmadd_ps(e, load16(vi + 16 * c), acc[c]);
+  }
+  const __m512 inv = _mm512_set1_ps(from < n ? 1.0f / sum : 0.0f);  // a row of padding alone: zeros
+  for (int c = 0; c < C; c++) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc[c], inv));
+}
+
+template <typename T>
+static void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pad,
+                       at::Tensor& o) {
+  const int64_t b_rows = q.size(0), heads = q.size(1), d = q.size(3), n = k.size(2);
+  const float scale = 1.0f / std::sqrt((float)d);
+  const int64_t* pp = pad.data_ptr<int64_t>();
+  const T* kb = reinterpret_cast<const T*>(k.data_ptr());
+  const T* vb = reinterpret_cast<const T*>(v.data_ptr());
+  const float* qb = q.data_ptr<float>();
+  float* ob = o.data_ptr<float>();
+  at::parallel_for(0, b_rows * heads, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> s(n > 0 ? n : 1);
+    for (int64_t h = h0; h < h1; h++) {
+      const int64_t b = h / heads, i = h % heads;
+      const T* kp = kb + b * k.stride(0) + i * k.stride(1);
+      const T* vp = vb + b * v.stride(0) + i * v.stride(1);
+      const int64_t from = pp[b] < n ? (pp[b] > 0 ? pp[b] : 0) : n;
+      if (d == 64) attend_head<T, 4>(qb + h * d, kp, vp, k.stride(2), from, n, scale, s.data(), ob + h * d);
+      else if (d == 32) attend_head<T, 2>(qb + h * d, kp, vp, k.stride(2), from, n, scale, s.data(), ob + h * d);
+      else if (d == 128) attend_head<T, 8>(qb + h * d, kp, vp, k.stride(2), from, n, scale, s.data(), ob + h * d);
+      else attend_head<T, 1>(qb + h * d, kp, vp, k.stride(2), from, n, scale, s.data(), ob + h * d);
+    }
+  });
+}
+
+// q (B, H, 1, D) fp32 against the first n slots of k, v (B, H, >= n, D), fp32 or bf16, row b's
+// first pad[b] slots left out -> (B, H, 1, D) fp32: attention of one new token, softmax in fp32.
+at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pad) {
+  TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == v.dtype()
+              && (k.dtype() == at::kFloat || k.dtype() == at::kBFloat16), "q fp32; k, v both fp32 or bf16");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && k.sizes() == v.sizes() && k.strides() == v.strides()
+              && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) && k.stride(3) == 1,
+              "q (B, H, 1, D), k and v (B, H, n, D) alike, unit stride in D");
+  TORCH_CHECK(q.size(3) == 16 || q.size(3) == 32 || q.size(3) == 64 || q.size(3) == 128, "head size 16, 32, 64 or 128");
+  TORCH_CHECK(pad.dtype() == at::kLong && pad.numel() == q.size(0) && pad.is_contiguous(), "pad: (B,) int64");
+  const auto qc = q.contiguous();
+  auto o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (k.dtype() == at::kFloat) attend_all<float>(qc, k, v, pad, o);
+  else attend_all<at::BFloat16>(qc, k, v, pad, o);
+  return o;
+}
+
+TORCH_LIBRARY(quantkit, m) {
+  m.def("int8_gemv(Tensor x, Tensor w, Tensor comp) -> Tensor");
+  m.def("attend_one(Tensor q, Tensor k, Tensor v, Tensor pad) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
+  m.impl("int8_gemv", &int8_gemv);
+  m.impl("attend_one", &attend_one);
+}
 """
 
 
@@ -178,12 +311,17 @@ def _registered(path: str) -> str:
     """Note the loaded library and give the operator its shape function, for tracing."""
     global _loaded
     torch.library.register_fake("quantkit::int8_gemv")(_fake_int8_gemv)
+    torch.library.register_fake("quantkit::attend_one")(_fake_attend_one)
     _loaded = path
     return path
 
 
 def _fake_int8_gemv(x: torch.Tensor, w: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0], comp.shape[0]), dtype=torch.int32)
+
+
+def _fake_attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @contextmanager
@@ -219,3 +357,10 @@ def int8_gemv(xu: torch.Tensor, panels: torch.Tensor, comp: torch.Tensor) -> tor
     """int8 activations plus 128 as uint8 (M, K) (``quantize_rows(x, unsigned=True)``) times
     packed int8 weights (``pack``) -> (M, N') int32, exact: the product of the int8 values."""
     return torch.ops.quantkit.int8_gemv(xu.contiguous(), panels, comp)
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """quantkit.static_cache.attend_one as one kernel: fp32 ``q`` (B, H, 1, D) over the slots of
+    fp32 or bf16 ``k``, ``v`` (B, H, n, D) from each row's ``pad`` on -> (B, H, 1, D) fp32. Each
+    (row, head) is one task over both cores, where Inductor's fused code runs the softmax on one."""
+    return torch.ops.quantkit.attend_one(q, k, v, pad)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from quantkit import hugepages
+from quantkit import hugepages, int8_gemv
 from quantkit.linears import GemvLinear, PlainInt8Linear, SharedInput, decode_twin
 from quantkit.precision import float_dtype
 
@@ -46,6 +46,12 @@ class StaticCacheGPT(nn.Module):
         self.reserve(1, capacity, dtype=cache_dtype or self.dtype)  # bf16 halves a long call's reads
         if self.device.type == "cpu":
             self._rehouse_weights()
+        # Where the int8 kernel's library runs the weights, its attention kernel runs the cache
+        # (float recipes keep Inductor's attend_one and build nothing)
+        kernel = (self.device.type == "cpu" and self.kv_heads == self.heads and self.head_dim in (16, 32, 64, 128)
+                  and any(isinstance(m, PlainInt8Linear) and m.packed for m in self.layers.modules()))
+        for layer in self.layers:
+            layer.attention_kernel = kernel
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -154,6 +160,7 @@ class DecoderLayer(nn.Module):
         self.act_fn = layer.mlp.act_fn
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.full_keys = False  # StaticCacheGPT.set_full_keys
+        self.attention_kernel = False  # int8_gemv.attend_one for one new token (StaticCacheGPT)
         self.register_buffer("k_cache", None, persistent=False)  # set_cache
         self.register_buffer("v_cache", None, persistent=False)
         attn, mlp = layer.self_attn, layer.mlp
@@ -186,7 +193,9 @@ class DecoderLayer(nn.Module):
         k, v = self.k_cache[:, :, :n], self.v_cache[:, :, :n]
         valid = keys[None, :] >= pad[:, None]  # (B, n): a row's padding is never attended
         masked = t > 1 or self.full_keys  # one new token attends to every filled slot
-        if not masked and self.kv_heads == self.heads and x.device.type == "cpu":
+        if not masked and self.attention_kernel and k.dtype in (torch.float32, torch.bfloat16):
+            o = int8_gemv.attend_one(q.float(), k, v, pad).to(q.dtype)
+        elif not masked and self.kv_heads == self.heads and x.device.type == "cpu":
             o = attend_one(q, k, v, valid)
         else:
             seen = keys[None, :] <= slots[:, None]  # (T, n) causal

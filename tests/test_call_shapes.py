@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TEXTS
 
-from quantkit import chattts
+from quantkit import chattts, int8_gemv
 from quantkit.apply import apply_recipe
 from quantkit.compile import CompiledGenerate, compiled_decoding
 from quantkit.compile_artifacts import Precompiled
@@ -118,6 +118,23 @@ def test_every_compiled_recipe_takes_a_refined_batch(name, tiny_dir):
     with recording(chat) as seen:
         infer(chat, TEXTS[:2], refine=True, steps=12)
     assert len(seen) == 2 and [r.shape for r in seen[1]] == [(12, 4), (12, 4)]
+
+
+@pytest.mark.skipif(not int8_gemv.cpu_supported(), reason="this CPU has no AVX512-VNNI")
+def test_int8_batches_attend_with_the_kernel_and_pick_the_same_tokens(tiny_dir):
+    """An int8 recipe on a VNNI CPU attends with quantkit's kernel; a batch of mixed prompt
+    lengths then decodes the tokens that Inductor's attend_one (the float recipes') decodes."""
+    chat = load_chat("synthetic-tiny")
+    apply_recipe(chat, get_recipe("int8-dynamic-compiled"), compile_step=False)
+    layers = compiled_decoding(chat).model.layers
+    assert all(layer.attention_kernel for layer in layers)
+    with recording(chat) as with_kernel:
+        infer(chat, TEXTS, max_new=40)
+    for layer in layers:
+        layer.attention_kernel = False
+    with recording(chat) as without:
+        infer(chat, TEXTS, max_new=40)
+    assert len(with_kernel[0]) == 3 and same_tokens(with_kernel, without)
 
 
 def test_streaming_hands_over_as_chattts_does(pair):

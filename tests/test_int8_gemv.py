@@ -91,3 +91,41 @@ def test_static_cache_path_keeps_packed_weights_in_one_huge_page_mapping(tiny_di
     assert ptrs == sorted(ptrs)  # laid out in the order a step reads them, end to end
     assert ptrs[-1] - ptrs[0] < sum(m.panels.nbytes + 64 for m in packed)
     assert all(m.panels.storage_offset() == 0 for m in packed)  # each its own storage: see DecoderLayer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,heads,n,d", [(1, 12, 37, 64), (8, 12, 77, 64), (3, 4, 5, 16), (2, 2, 300, 128), (2, 3, 19, 32)])
+def test_attention_kernel_is_attend_one(dtype, rows, heads, n, d):
+    """The attention kernel computes what the step's Inductor-compiled attend_one does, over a
+    cache's first n slots (a view of a longer cache), each row's left padding left out."""
+    from quantkit.static_cache import attend_one
+
+    torch.manual_seed(n)
+    q = torch.randn(rows, heads, 1, d)
+    k, v = (torch.randn(rows, heads, n + 9, d).to(dtype)[:, :, :n] for _ in range(2))
+    pad = torch.randint(0, min(n, 6), (rows,))
+    valid = torch.arange(n)[None] >= pad[:, None]
+    out = int8_gemv.attend_one(q, k, v, pad)
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    torch.testing.assert_close(out, attend_one(q, k.float(), v.float(), valid), rtol=1e-5, atol=1e-6)
+    k[0, :, :pad[0]] = float("nan")  # a row's padding is never read
+    assert torch.equal(int8_gemv.attend_one(q, k, v, pad), out)
+
+
+def test_attention_kernel_in_a_compiled_graph_of_any_length():
+    """Compiled with the slots as a symbolic size, as the step is: one graph for every length."""
+    torch.manual_seed(0)
+    cache = torch.randn(2, 4, 64, 16).to(torch.bfloat16)
+    q, pad = torch.randn(2, 4, 1, 16), torch.tensor([0, 3])
+
+    def f(q, keys):
+        return int8_gemv.attend_one(q * 2, cache[:, :, :keys.shape[0]], cache[:, :, :keys.shape[0]], pad) + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    for n in (9, 23, 40):
+        keys = torch.arange(n)
+        torch._dynamo.maybe_mark_dynamic(keys, 0)
+        with torch._dynamo.config.patch(error_on_recompile=n > 9):
+            torch.testing.assert_close(compiled(q, keys), f(q, keys), rtol=0, atol=0)
+
