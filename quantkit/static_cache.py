@@ -43,6 +43,7 @@ class StaticCacheGPT(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(layer, self.heads, self.kv_heads, self.head_dim, self.device)
                                     for layer in llama.layers)
         self.full_keys = False
+        self._held: list[torch.Tensor] | None = None  # _cpu_caches
         self.reserve(1, capacity, dtype=cache_dtype or self.dtype)  # bf16 halves a long call's reads
         if self.device.type == "cpu":
             self._rehouse_weights()
@@ -76,8 +77,8 @@ class StaticCacheGPT(nn.Module):
             raise ValueError(f"{length} slots exceed the largest KV cache ({MAX_CAPACITY})")
         shape = (rows, self.kv_heads, capacity, self.head_dim)
         count = 2 * len(self.layers)
-        if self.device.type == "cpu":  # every step reads the filled part: huge pages, as the weights
-            caches = [c.zero_() for c in hugepages.empty_each([(shape, dtype)] * count)]
+        if self.device.type == "cpu":
+            caches = self._cpu_caches(shape, dtype, count)
         else:
             caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(count)]
         keep = self.capacity if rows == self.rows and not fresh else 0
@@ -85,6 +86,18 @@ class StaticCacheGPT(nn.Module):
             layer.set_cache(caches[2 * i], caches[2 * i + 1], keep)
         self.register_buffer("slots", torch.arange(capacity, device=self.device), persistent=False)
         self.rows, self.capacity = rows, capacity
+
+    def _cpu_caches(self, shape: tuple[int, ...], dtype: torch.dtype, count: int) -> list[torch.Tensor]:
+        """``count`` caches of ``shape``: the first rows of the caches last allocated where they
+        are as large (calls alternating between batch sizes reuse the largest one's memory: a
+        fresh 500 MB cache costs a batch-1 call a sixth of its time), else new ones on huge pages
+        (every step reads the filled part, as the weights). A step reads only the slots its call
+        filled, so earlier calls' contents do no harm."""
+        held = self._held
+        if held is not None and held[0].dtype == dtype and held[0].shape[1:] == shape[1:] and held[0].shape[0] >= shape[0]:
+            return [t[:shape[0]] for t in held]
+        self._held = [c.zero_() for c in hugepages.empty_each([(shape, dtype)] * count)]
+        return self._held
 
     def set_full_keys(self, full: bool) -> None:
         """Whether a decode step attends to every cache slot under a mask (CUDA graphs: one

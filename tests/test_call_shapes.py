@@ -83,6 +83,18 @@ def test_a_batch_with_a_fixed_length_and_another_seed(pair):
     assert same_tokens(ref, ours) and [r.shape[0] for r in ref[0]] == [30, 30, 30]
 
 
+def test_a_smaller_batch_after_a_larger_reuses_its_cache(pair):
+    """Calls alternating between batch sizes do not allocate a cache each: a smaller batch runs on
+    the first rows of the larger one's (stale slots beyond its own are never read), and picks
+    ChatTTS's tokens."""
+    cache = compiled_decoding(pair[1]).model.layers[0]
+    compare(pair, TEXTS, steps=20)
+    big = cache.k_cache
+    assert big.shape[0] == 4
+    ref, ours = compare(pair, TEXTS[1:2], steps=20, seed=2)
+    assert cache.k_cache.shape[0] == 1 and cache.k_cache.data_ptr() == big.data_ptr()
+    assert same_tokens(ref, ours)
+
 def test_text_refinement_matches_chattts_loop(pair):
     ref, ours = compare(pair, TEXTS[:2], refine=True)
     assert len(ref) == 2  # the refined text tokens, then the audio codes
