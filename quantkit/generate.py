@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from quantkit import int8_gemv
 from quantkit.sampling import Sampling, draw, process_logits
 
 
@@ -37,7 +38,7 @@ def decode_step(model, ids: torch.Tensor, keys: torch.Tensor, positions: torch.T
     window = torch.cat([window[:, 1:], ids.reshape(-1, 1)], 1)
     emb = torch.stack([emb(ids[:, i]) for i, emb in enumerate(model.emb_code)], 2).sum(2)
     hidden = model(emb[:, None].float(), keys[-1:] if slot is None else slot, positions, keys, pad)[:, -1]
-    probs = process_logits(code_logits(model, hidden), window, temperature, mask_eos, s)
+    probs = process_logits(code_logits(model, hidden), window, temperature, mask_eos, s, sort_of(model))
     nxt = draw(probs, noise).view(rows, -1)
     return hidden, nxt, window, nxt.eq(s.eos).any(1)
 
@@ -52,9 +53,15 @@ def decode_text_step(model, ids: torch.Tensor, keys: torch.Tensor, positions: to
     window = torch.cat([window[:, 1:], ids.reshape(-1, 1)], 1)
     emb = model.emb_text(ids[:, 0])
     hidden = model(emb[:, None].float(), keys[-1:] if slot is None else slot, positions, keys, pad)[:, -1]
-    probs = process_logits(text_logits(model, hidden), window, temperature, mask_eos, s)
+    probs = process_logits(text_logits(model, hidden), window, temperature, mask_eos, s, sort_of(model))
     nxt = draw(probs, noise).view(rows, 1)
     return hidden, nxt, window, nxt.eq(s.eos).any(1)
+
+
+def sort_of(model) -> Callable:
+    """Top-p's sort: a batch's rows shared between the threads where the model runs on
+    quantkit's CPU kernels (the same result as torch.sort)."""
+    return int8_gemv.sort_rows if model.kernels else torch.sort
 
 
 def code_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -161,7 +168,7 @@ def _first(dec: Decoder, req: Request, s: Sampling, r: _Rows, mask_eos: torch.Te
     model.reserve(r.pad.shape[0], req.emb.shape[1] + 1, fresh=True)
     hidden = dec.prefill(*prompt_inputs(model, as_inference(_rows(req.emb, r.pad.shape[0])), r.pad))
     logits = text_logits(model, hidden) if req.text else code_logits(model, hidden)
-    probs = process_logits(logits, r.window, r.temp, mask_eos, s)
+    probs = process_logits(logits, r.window, r.temp, mask_eos, s, sort_of(model))
     nxt = draw(probs, _noise(dec, probs.shape, r.real * r.width)).view(-1, r.width)
     return hidden, nxt, nxt.eq(s.eos).any(1), probs.shape
 

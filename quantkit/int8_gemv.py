@@ -280,13 +280,29 @@ at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return o;
 }
 
+// torch.sort(x) (ascending, last dim) of a 2-D x with its rows shared between the threads: aten
+// sorts a (32, 626) tensor on one thread. Each row goes through the same sort: the same result.
+std::tuple<at::Tensor, at::Tensor> sort_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "x: (rows, n)");
+  auto values = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto indices = at::empty(x.sizes(), x.options().dtype(at::kLong));
+  at::parallel_for(0, x.size(0), 1, [&](int64_t r0, int64_t r1) {
+    auto [v, i] = at::sort(x.slice(0, r0, r1), -1, false);
+    values.slice(0, r0, r1).copy_(v);
+    indices.slice(0, r0, r1).copy_(i);
+  });
+  return {values, indices};
+}
+
 TORCH_LIBRARY(quantkit, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor comp) -> Tensor");
   m.def("attend_one(Tensor q, Tensor k, Tensor v, Tensor pad) -> Tensor");
+  m.def("sort_rows(Tensor x) -> (Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
   m.impl("attend_one", &attend_one);
+  m.impl("sort_rows", &sort_rows);
 }
 """
 
@@ -347,6 +363,7 @@ def _registered(path: str) -> str:
     global _loaded
     torch.library.register_fake("quantkit::int8_gemv")(_fake_int8_gemv)
     torch.library.register_fake("quantkit::attend_one")(_fake_attend_one)
+    torch.library.register_fake("quantkit::sort_rows")(_fake_sort_rows)
     _loaded = path
     return path
 
@@ -357,6 +374,10 @@ def _fake_int8_gemv(x: torch.Tensor, w: torch.Tensor, comp: torch.Tensor) -> tor
 
 def _fake_attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _fake_sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape, dtype=torch.long)
 
 
 @contextmanager
@@ -399,3 +420,9 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Ten
     fp32 or bf16 ``k``, ``v`` (B, H, n, D) from each row's ``pad`` on -> (B, H, 1, D) fp32. Each
     (row, head) is one task over both cores, where Inductor's fused code runs the softmax on one."""
     return torch.ops.quantkit.attend_one(q, k, v, pad)
+
+
+def sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.sort(x)`` (ascending, along the last dim) of a 2-D ``x``, its rows shared between
+    the threads: top-p's sort of a batch's 32 rows of logits, which aten runs on one."""
+    return torch.ops.quantkit.sort_rows(x)

@@ -9,6 +9,7 @@ host no tensor operations but reading whether EOS came.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +28,10 @@ class Sampling:
 
 
 def process_logits(logits: torch.Tensor, window: torch.Tensor, temperature: torch.Tensor,
-                   mask_eos: torch.Tensor, s: Sampling) -> torch.Tensor:
+                   mask_eos: torch.Tensor, s: Sampling, sort: Callable = torch.sort) -> torch.Tensor:
     """Probabilities exactly as ChatTTS computes them: /T, repetition penalty over the last
     `past_window` generated tokens (window holds -1 where there are none yet), top-p, top-k,
-    EOS masked before min_new_token, softmax."""
+    EOS masked before min_new_token, softmax. ``sort``: torch.sort or what returns the same."""
     logits = logits / temperature
     vocab = logits.size(1)
     if s.penalty is not None:
@@ -39,7 +40,7 @@ def process_logits(logits: torch.Tensor, window: torch.Tensor, temperature: torc
         alpha = torch.pow(s.penalty, freq)
         logits = torch.where(logits < 0, logits * alpha, logits / alpha)
     if s.top_p is not None:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+        sorted_logits, sorted_idx = sort(logits)
         remove = sorted_logits.softmax(-1).cumsum(-1) <= (1 - s.top_p)
         remove[..., -s.top_p_keep:] = False
         logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))

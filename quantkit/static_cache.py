@@ -47,12 +47,12 @@ class StaticCacheGPT(nn.Module):
         self.reserve(1, capacity, dtype=cache_dtype or self.dtype)  # bf16 halves a long call's reads
         if self.device.type == "cpu":
             self._rehouse_weights()
-        # Where the int8 kernel's library runs the weights, its attention kernel runs the cache
-        # (float recipes keep Inductor's attend_one and build nothing)
-        kernel = (self.device.type == "cpu" and self.kv_heads == self.heads and self.head_dim in (16, 32, 64, 128)
-                  and any(isinstance(m, PlainInt8Linear) and m.packed for m in self.layers.modules()))
+        # Where the int8 kernel's library runs the weights, its attention and sort kernels run
+        # too (float recipes keep Inductor's attend_one and torch.sort, and build nothing)
+        self.kernels = any(isinstance(m, PlainInt8Linear) and m.packed for m in self.layers.modules())
+        attention = self.kernels and self.kv_heads == self.heads and self.head_dim in (16, 32, 64, 128)
         for layer in self.layers:
-            layer.attention_kernel = kernel
+            layer.attention_kernel = attention
 
     @property
     def cache_dtype(self) -> torch.dtype:

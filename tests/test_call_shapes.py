@@ -133,16 +133,18 @@ def test_every_compiled_recipe_takes_a_refined_batch(name, tiny_dir):
 
 
 @pytest.mark.skipif(not int8_gemv.cpu_supported(), reason="this CPU has no AVX512-VNNI")
-def test_int8_batches_attend_with_the_kernel_and_pick_the_same_tokens(tiny_dir):
-    """An int8 recipe on a VNNI CPU attends with quantkit's kernel; a batch of mixed prompt
-    lengths then decodes the tokens that Inductor's attend_one (the float recipes') decodes."""
+def test_int8_batches_run_on_the_kernels_and_pick_the_same_tokens(tiny_dir):
+    """An int8 recipe on a VNNI CPU attends and sorts with quantkit's kernels; a batch of mixed
+    prompt lengths then decodes the tokens that Inductor's attend_one and torch.sort (the float
+    recipes') decode."""
     chat = load_chat("synthetic-tiny")
     apply_recipe(chat, get_recipe("int8-dynamic-compiled"), compile_step=False)
-    layers = compiled_decoding(chat).model.layers
-    assert all(layer.attention_kernel for layer in layers)
+    model = compiled_decoding(chat).model
+    assert model.kernels and all(layer.attention_kernel for layer in model.layers)
     with recording(chat) as with_kernel:
         infer(chat, TEXTS, max_new=40)
-    for layer in layers:
+    model.kernels = False
+    for layer in model.layers:
         layer.attention_kernel = False
     with recording(chat) as without:
         infer(chat, TEXTS, max_new=40)

@@ -129,3 +129,14 @@ def test_attention_kernel_in_a_compiled_graph_of_any_length():
         with torch._dynamo.config.patch(error_on_recompile=n > 9):
             torch.testing.assert_close(compiled(q, keys), f(q, keys), rtol=0, atol=0)
 
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32, 64])
+def test_row_sort_is_torch_sort(rows):
+    """Top-p's sort with the rows shared between threads: torch.sort's values and indices, the
+    order of tied values included."""
+    torch.manual_seed(rows)
+    for x in (torch.randn(rows, 626), torch.randint(-20, 20, (rows, 626)).float(), torch.randn(rows, 900)[:, ::3]):
+        values, indices = int8_gemv.sort_rows(x)
+        expected = torch.sort(x)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
