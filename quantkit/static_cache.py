@@ -88,11 +88,10 @@ class StaticCacheGPT(nn.Module):
         self.rows, self.capacity = rows, capacity
 
     def _cpu_caches(self, shape: tuple[int, ...], dtype: torch.dtype, count: int) -> list[torch.Tensor]:
-        """``count`` caches of ``shape``: the first rows of the caches last allocated where they
-        are as large (calls alternating between batch sizes reuse the largest one's memory: a
-        fresh 500 MB cache costs a batch-1 call a sixth of its time), else new ones on huge pages
-        (every step reads the filled part, as the weights). A step reads only the slots its call
-        filled, so earlier calls' contents do no harm."""
+        """``count`` caches of ``shape``: the first rows of the caches last allocated where those
+        are as large (calls alternating between batch sizes would otherwise pay for fresh pages
+        each time), else new ones on huge pages (every step reads the filled part, as the
+        weights). A step reads only the slots its call filled: earlier calls' contents do no harm."""
         held = self._held
         if held is not None and held[0].dtype == dtype and held[0].shape[1:] == shape[1:] and held[0].shape[0] >= shape[0]:
             return [t[:shape[0]] for t in held]
