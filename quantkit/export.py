@@ -45,8 +45,9 @@ from quantkit.quantize import METHODS
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 4  # 2: the decode step samples (its saved signature changed); 3: prompt pass saved too;
-# 4: the int8 kernel packs its weights in panels (a saved step calls the new layout)
+SCHEMA = 5  # 2: the decode step samples (its saved signature changed); 3: prompt pass saved too;
+# 4: the int8 kernel packs its weights in panels (a saved step calls the new layout); 5: the kernel
+# library also holds attention and top-p's sort (a saved int8 step calls them)
 MANIFEST = "manifest.json"
 CHECKED_VERSIONS = ("torch", "torchao", "chattts", "transformers", "bitsandbytes")
 
