@@ -1,5 +1,5 @@
-"""Two kernels for decode steps on x86 CPUs with AVX512-VNNI: an int8 x int8 -> int32 product,
-and attention of one new token over the KV cache.
+"""Kernels for decode steps on x86 CPUs with AVX512-VNNI: an int8 x int8 -> int32 product,
+attention of one new token over the KV cache, and top-p's sort of a batch's rows.
 
 A decode step multiplies one activation row by every weight: it is bound by how fast the
 weights stream from memory. torch 2.11 has no CPU kernel that streams int8 weights at memory
@@ -16,13 +16,14 @@ each weight load, so a batched step still streams its weights once. torchao move
 The activation is int8 made unsigned by adding 128; ``comp`` (128 x each weight row's sum)
 takes that back, so the result equals the s8s8 product exactly.
 
-The attention kernel serves the steps whose weights run on the int8 kernel: Inductor's fused
-attention runs its softmax on one thread, which a batch's rows make slow (docs/performance.md).
+The attention and sort kernels serve the steps whose weights run on the int8 kernel: Inductor's
+fused attention runs its softmax on one thread and aten sorts 32 rows on one, which a batch's
+rows make slow (docs/performance.md).
 
 The kernels are compiled on first use with torch's C++ extension builder (the compiler Inductor
-already needs) and registered as the operators ``quantkit::int8_gemv`` and ``quantkit::attend_one``
-that compiled steps, and ahead-of-time compiled ones, call by name; an exported variant carries
-the built library.
+already needs) and registered as the operators ``quantkit::int8_gemv``, ``quantkit::attend_one``
+and ``quantkit::sort_rows`` that compiled steps, and ahead-of-time compiled ones, call by name; an
+exported variant carries the built library.
 """
 
 from __future__ import annotations
