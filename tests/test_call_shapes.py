@@ -95,6 +95,7 @@ def test_a_smaller_batch_after_a_larger_reuses_its_cache(pair):
     assert cache.k_cache.shape[0] == 1 and cache.k_cache.data_ptr() == big.data_ptr()
     assert same_tokens(ref, ours)
 
+
 def test_text_refinement_matches_chattts_loop(pair):
     ref, ours = compare(pair, TEXTS[:2], refine=True)
     assert len(ref) == 2  # the refined text tokens, then the audio codes

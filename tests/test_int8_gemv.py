@@ -130,7 +130,6 @@ def test_attention_kernel_in_a_compiled_graph_of_any_length():
             torch.testing.assert_close(compiled(q, keys), f(q, keys), rtol=0, atol=0)
 
 
-
 @pytest.mark.parametrize("rows", [1, 5, 32, 64])
 def test_row_sort_is_torch_sort(rows):
     """Top-p's sort with the rows shared between threads: torch.sort's values and indices, the
