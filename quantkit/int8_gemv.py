@@ -360,7 +360,7 @@ def load_library(path: str | Path) -> bool:
 
 
 def _registered(path: str) -> str:
-    """Note the loaded library and give the operator its shape function, for tracing."""
+    """Note the loaded library and give its operators their shape functions, for tracing."""
     global _loaded
     torch.library.register_fake("quantkit::int8_gemv")(_fake_int8_gemv)
     torch.library.register_fake("quantkit::attend_one")(_fake_attend_one)
