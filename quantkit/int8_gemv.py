@@ -1,5 +1,6 @@
 """Kernels for decode steps on x86 CPUs with AVX512-VNNI: an int8 x int8 -> int32 product,
-attention of one new token over the KV cache, and top-p's sort of a batch's rows.
+attention of one new token over the KV cache, top-p's sort of a batch's rows, and an fp32
+product for a few rows (the code heads).
 
 A decode step multiplies one activation row by every weight: it is bound by how fast the
 weights stream from memory. torch 2.11 has no CPU kernel that streams int8 weights at memory
@@ -16,13 +17,14 @@ each weight load, so a batched step still streams its weights once. torchao move
 The activation is int8 made unsigned by adding 128; ``comp`` (128 x each weight row's sum)
 takes that back, so the result equals the s8s8 product exactly.
 
-The attention and sort kernels serve the steps whose weights run on the int8 kernel: Inductor's
-fused attention runs its softmax on one thread and aten sorts 32 rows on one, which a batch's
-rows make slow (docs/performance.md).
+The other kernels serve the steps whose weights run on the int8 kernel: Inductor's fused
+attention runs its softmax on one thread, aten sorts 32 rows on one, and MKL's sgemm reads the
+code heads' fp32 weights at a third of memory speed for a few rows, which a batch's rows make
+slow (docs/performance.md).
 
 The kernels are compiled on first use with torch's C++ extension builder (the compiler Inductor
-already needs) and registered as the operators ``quantkit::int8_gemv``, ``quantkit::attend_one``
-and ``quantkit::sort_rows`` that compiled steps, and ahead-of-time compiled ones, call by name; an
+already needs) and registered as the operators ``quantkit::int8_gemv``, ``quantkit::attend_one``,
+``quantkit::sort_rows`` and ``quantkit::linear_rows`` that compiled steps, and ahead-of-time compiled ones, call by name; an
 exported variant carries the built library.
 """
 
@@ -158,6 +160,65 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     if ((p1 - p0) % 2) {
       const int64_t panel[1] = {p1 - 1};
       rows<1>(xp, m_rows, k_len, wp, panel, cp, yp, n);
+    }
+  });
+  return y;
+}
+
+// fp32 panels (panel p stored [K][16] at w + p * 16 * K) against MR rows, as tile<> does in int8:
+// each weight load serves every row, an accumulator ends holding 16 finished sums.
+template <int MR, int NT>
+__attribute__((target("avx512f")))
+static void ftile(const float* x, int64_t k_len, const float* w, const int64_t* panel, float* y, int64_t ldy) {
+  __m512 acc[MR][NT];
+  const float* wp[NT];
+  for (int t = 0; t < NT; t++) {
+    wp[t] = w + panel[t] * kPanel * k_len;
+    for (int m = 0; m < MR; m++) acc[m][t] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < k_len; k++) {
+    __m512 wv[NT];
+    for (int t = 0; t < NT; t++) {
+      wv[t] = _mm512_loadu_ps(wp[t] + k * kPanel);
+      _mm_prefetch(reinterpret_cast<const char*>(wp[t] + k * kPanel) + kPrefetch, _MM_HINT_T0);
+    }
+    for (int m = 0; m < MR; m++) {
+      const __m512 xv = _mm512_set1_ps(x[m * k_len + k]);
+      for (int t = 0; t < NT; t++) acc[m][t] = _mm512_fmadd_ps(xv, wv[t], acc[m][t]);
+    }
+  }
+  for (int t = 0; t < NT; t++)
+    for (int m = 0; m < MR; m++) _mm512_storeu_ps(y + m * ldy + panel[t] * kPanel, acc[m][t]);
+}
+
+template <int NT, int MR = kMaxRows>
+static void frows(const float* x, int64_t m_rows, int64_t k_len, const float* w, const int64_t* panel,
+                  float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + MR <= m_rows; m += MR) ftile<MR, NT>(x + m * k_len, k_len, w, panel, y + m * ldy, ldy);
+  if constexpr (MR > 1)
+    if (m < m_rows) frows<NT, MR - 1>(x + m * k_len, m_rows - m, k_len, w, panel, y + m * ldy, ldy);
+}
+
+// x (M, K) fp32, w (N / 16, K, 16) fp32 -> (M, N) fp32
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous (M, K) fp32");
+  TORCH_CHECK(w.dtype() == at::kFloat && w.dim() == 3 && w.is_contiguous() && w.size(2) == kPanel
+              && w.size(1) == x.size(1), "w: packed (N/16, K, 16) fp32");
+  const int64_t m_rows = x.size(0), k_len = x.size(1), n = w.size(0) * kPanel;
+  auto y = at::empty({m_rows, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, w.size(0), 4, [&](int64_t p0, int64_t p1) {
+    const int64_t half = (p1 - p0) / 2;  // two streams a core, as int8_gemv
+    for (int64_t i = 0; i < half; i++) {
+      const int64_t panel[2] = {p0 + i, p0 + half + i};
+      frows<2>(xp, m_rows, k_len, wp, panel, yp, n);
+    }
+    if ((p1 - p0) % 2) {
+      const int64_t panel[1] = {p1 - 1};
+      frows<1>(xp, m_rows, k_len, wp, panel, yp, n);
     }
   });
   return y;
@@ -299,11 +360,13 @@ TORCH_LIBRARY(quantkit, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor comp) -> Tensor");
   m.def("attend_one(Tensor q, Tensor k, Tensor v, Tensor pad) -> Tensor");
   m.def("sort_rows(Tensor x) -> (Tensor, Tensor)");
+  m.def("linear_rows(Tensor x, Tensor w) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
   m.impl("attend_one", &attend_one);
   m.impl("sort_rows", &sort_rows);
+  m.impl("linear_rows", &linear_rows);
 }
 """
 
@@ -365,6 +428,7 @@ def _registered(path: str) -> str:
     torch.library.register_fake("quantkit::int8_gemv")(_fake_int8_gemv)
     torch.library.register_fake("quantkit::attend_one")(_fake_attend_one)
     torch.library.register_fake("quantkit::sort_rows")(_fake_sort_rows)
+    torch.library.register_fake("quantkit::linear_rows")(_fake_linear_rows)
     _loaded = path
     return path
 
@@ -379,6 +443,10 @@ def _fake_attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
 
 def _fake_sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape, dtype=torch.long)
+
+
+def _fake_linear_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w.shape[0] * w.shape[2]))
 
 
 @contextmanager
@@ -427,3 +495,16 @@ def sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.sort(x)`` (ascending, along the last dim) of a 2-D ``x``, its rows shared between
     the threads: top-p's sort of a batch's 32 rows of logits, which aten runs on one."""
     return torch.ops.quantkit.sort_rows(x)
+
+
+def pack_float(weight: torch.Tensor) -> torch.Tensor:
+    """fp32 weight (N, K) -> panels (ceil(N/16), K, 16), N padded by zero rows as ``pack`` does."""
+    n, k = weight.shape
+    w = torch.cat([weight, weight.new_zeros(-n % PANEL, k)]).float()
+    return w.reshape(-1, PANEL, k).transpose(1, 2).contiguous()
+
+
+def linear_rows(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
+    """fp32 rows (M, K) times packed fp32 weights (``pack_float``) -> (M, N') fp32: each weight
+    is read once for all the rows, where MKL's sgemm at a few rows reads at a third of the speed."""
+    return torch.ops.quantkit.linear_rows(x.contiguous(), panels)

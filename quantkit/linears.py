@@ -110,14 +110,28 @@ def quantize_rows(x: torch.Tensor, unsigned: bool = False) -> tuple[torch.Tensor
     return (q + 128).to(torch.uint8) if unsigned else q.to(torch.int8), scale
 
 
+class RowsLinear(nn.Module):
+    """fp32 Linears without bias read by a few rows on a VNNI CPU, as one packed copy of their
+    weights: ``int8_gemv.linear_rows`` reads each weight once for all the rows."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out = weight.shape[0]
+        self.register_buffer("panels", int8_gemv.pack_float(weight), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_gemv.linear_rows(x.reshape(-1, x.shape[-1]), self.panels)[:, :self.out].view(*x.shape[:-1], -1)
+
+
 class SharedInput(nn.Module):
     """Linears that read the same input (q, k, v; gate, up; the code heads) -> their outputs.
 
     Where every twin is a kernel-packed int8 Linear, they run as one: one activation
     quantization and one kernel call streaming all their weights, instead of one each (each call
-    costs a few microseconds of dispatch and thread start, 140 of them per step)."""
+    costs a few microseconds of dispatch and thread start, 140 of them per step). ``rows``: fp32
+    twins run as one RowsLinear (the code heads of a step on the int8 kernel's library)."""
 
-    def __init__(self, linears: list[nn.Module], device: torch.device):
+    def __init__(self, linears: list[nn.Module], device: torch.device, rows: bool = False):
         super().__init__()
         self.sizes = [lin.weight.shape[0] for lin in linears]
         views = [plain_int8_twin(lin, use_kernel=False) for lin in linears]
@@ -127,6 +141,9 @@ class SharedInput(nn.Module):
             self.fused = PlainInt8Linear(torch.cat([v.qdata_t.t() for v in views]),
                                          torch.cat([v.scale for v in views]), dynamic=True)
         self.twins = nn.ModuleList([] if self.fused else [decode_twin(lin, device) for lin in linears])
+        if rows and all(isinstance(t, GemvLinear) and t.bias is None and t.weight.dtype == torch.float32
+                        for t in self.twins) and _vnni_usable(self.twins[0].weight):
+            self.fused = RowsLinear(torch.cat([t.weight for t in self.twins]))
         # The heads get fp32 hidden states, and ChatTTS feeds them the GPT's in their own dtype
         weight = linears[0].weight
         self.dtype = weight.dtype if weight.is_floating_point() else None

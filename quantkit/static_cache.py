@@ -8,7 +8,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from quantkit import hugepages, int8_gemv
-from quantkit.linears import GemvLinear, PlainInt8Linear, SharedInput, decode_twin
+from quantkit.linears import GemvLinear, PlainInt8Linear, RowsLinear, SharedInput, decode_twin
 from quantkit.precision import float_dtype
 
 
@@ -38,18 +38,18 @@ class StaticCacheGPT(nn.Module):
         self.rows, self.capacity, self.base = 0, 0, capacity
         self.emb_code, self.emb_text = emb_code, emb_text
         self.code_vocab = emb_code[0].num_embeddings  # audio tokens, EOS included
-        self.heads_code = SharedInput(list(head_code), self.device)
-        self.head_text = FoldedHead(head_text)
         self.layers = nn.ModuleList(DecoderLayer(layer, self.heads, self.kv_heads, self.head_dim, self.device)
                                     for layer in llama.layers)
+        # Where the int8 kernel's library runs the weights, its attention, sort and fp32 head
+        # kernels run too (float recipes keep Inductor's code and torch's, and build nothing)
+        self.kernels = any(isinstance(m, PlainInt8Linear) and m.packed for m in self.layers.modules())
+        self.heads_code = SharedInput(list(head_code), self.device, rows=self.kernels)
+        self.head_text = FoldedHead(head_text)
         self.full_keys = False
         self._held: list[torch.Tensor] | None = None  # _cpu_caches
         self.reserve(1, capacity, dtype=cache_dtype or self.dtype)  # bf16 halves a long call's reads
         if self.device.type == "cpu":
             self._rehouse_weights()
-        # Where the int8 kernel's library runs the weights, its attention and sort kernels run
-        # too (float recipes keep Inductor's attend_one and torch.sort, and build nothing)
-        self.kernels = any(isinstance(m, PlainInt8Linear) and m.packed for m in self.layers.modules())
         attention = self.kernels and self.kv_heads == self.heads and self.head_dim in (16, 32, 64, 128)
         for layer in self.layers:
             layer.attention_kernel = attention
@@ -107,18 +107,18 @@ class StaticCacheGPT(nn.Module):
 
     def _rehouse_weights(self) -> None:
         """The weights a step streams into one huge-page mapping, in the order it reads them (see
-        quantkit.hugepages): the int8 kernel's packed copies, and the reduced-precision float
-        weights of GemvLinears (the model's own parameters, moved: eager calls read the same
-        memory). fp32 weights stay where ChatTTS's loader mapped them from the weights file: a
+        quantkit.hugepages): the kernels' packed copies (int8, and the code heads' fp32), and the
+        reduced-precision float weights of GemvLinears (the model's own parameters, moved: eager
+        calls read the same memory). fp32 weights stay where ChatTTS's loader mapped them from the weights file: a
         copy would keep both resident, for little speed (docs/performance.md)."""
         modules = [m for m in (*self.layers.modules(), *self.heads_code.modules())
                    if (isinstance(m, GemvLinear) and m.weight.dtype != torch.float32)
-                   or (isinstance(m, PlainInt8Linear) and m.packed)]
+                   or (isinstance(m, PlainInt8Linear) and m.packed) or isinstance(m, RowsLinear)]
         if not modules:
             return
-        tensors = [m.panels if isinstance(m, PlainInt8Linear) else m.weight.data for m in modules]
+        tensors = [m.weight.data if isinstance(m, GemvLinear) else m.panels for m in modules]
         for m, t in zip(modules, hugepages.rehouse(tensors)):
-            if isinstance(m, PlainInt8Linear):
+            if not isinstance(m, GemvLinear):
                 m.panels = t
             else:
                 m.weight.data = t

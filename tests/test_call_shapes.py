@@ -14,6 +14,7 @@ from quantkit import chattts, int8_gemv
 from quantkit.apply import apply_recipe
 from quantkit.compile import CompiledGenerate, compiled_decoding
 from quantkit.compile_artifacts import Precompiled
+from quantkit.linears import RowsLinear
 from quantkit.models import load_chat
 from quantkit.recipes import get_recipe, recipe_names
 from quantkit.synth import fixed_speaker
@@ -135,16 +136,18 @@ def test_every_compiled_recipe_takes_a_refined_batch(name, tiny_dir):
 
 @pytest.mark.skipif(not int8_gemv.cpu_supported(), reason="this CPU has no AVX512-VNNI")
 def test_int8_batches_run_on_the_kernels_and_pick_the_same_tokens(tiny_dir):
-    """An int8 recipe on a VNNI CPU attends and sorts with quantkit's kernels; a batch of mixed
-    prompt lengths then decodes the tokens that Inductor's attend_one and torch.sort (the float
-    recipes') decode."""
+    """An int8 recipe on a VNNI CPU attends, sorts and runs its code heads with quantkit's
+    kernels; a batch of mixed prompt lengths then decodes the tokens that Inductor's attend_one,
+    torch.sort and MKL's product (the float recipes') decode."""
     chat = load_chat("synthetic-tiny")
     apply_recipe(chat, get_recipe("int8-dynamic-compiled"), compile_step=False)
     model = compiled_decoding(chat).model
     assert model.kernels and all(layer.attention_kernel for layer in model.layers)
+    assert isinstance(model.heads_code.fused, RowsLinear)
     with recording(chat) as with_kernel:
         infer(chat, TEXTS, max_new=40)
     model.kernels = False
+    model.heads_code.fused = None
     for layer in model.layers:
         layer.attention_kernel = False
     with recording(chat) as without:

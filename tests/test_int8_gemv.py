@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from quantkit import int8_gemv
-from quantkit.linears import PlainInt8Linear, SharedInput, plain_int8_twin
+from quantkit.linears import PlainInt8Linear, RowsLinear, SharedInput, plain_int8_twin
 from quantkit.quantize import quantize_module
 
 pytestmark = pytest.mark.skipif(not int8_gemv.cpu_supported(), reason="this CPU has no AVX512-VNNI")
@@ -78,6 +78,33 @@ def test_linears_on_one_input_run_fused():
             assert torch.equal(out, lin(x))
 
 
+@pytest.mark.parametrize("n,k,m", [(626, 768, 1), (2504, 768, 8), (130, 128, 7), (40, 64, 19)])
+def test_fp32_rows_kernel_is_the_product(n, k, m):
+    """The code heads' kernel: x @ w.t() in fp32, summed in its own order (so equal to rounding)."""
+    torch.manual_seed(n)
+    w, x = torch.randn(n, k) / k**0.5, torch.randn(m, k)
+    panels = int8_gemv.pack_float(w)
+    assert panels.shape == (-(-n // 16), k, 16)
+    y = int8_gemv.linear_rows(x, panels)
+    assert y.dtype == torch.float32 and y.shape == (m, panels.shape[0] * 16)
+    torch.testing.assert_close(y[:, :n], (x.double() @ w.double().t()).float(), rtol=1e-5, atol=1e-5)
+    assert not y[:, n:].any()  # padding rows
+
+
+def test_fp32_linears_on_one_input_run_as_one_rows_kernel():
+    torch.manual_seed(2)
+    heads = [nn.Linear(128, 50, bias=False) for _ in range(4)]
+    fused = SharedInput(heads, torch.device("cpu"), rows=True)
+    assert isinstance(fused.fused, RowsLinear)
+    assert not isinstance(SharedInput(heads, torch.device("cpu")).fused, RowsLinear)  # asked for only
+    with torch.no_grad():
+        for shape in [(1, 128), (8, 128), (2, 3, 128)]:
+            x = torch.randn(shape)
+            outs = fused(x)
+            for out, lin in zip(outs, heads):
+                torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
+
+
 def test_static_cache_path_keeps_packed_weights_in_one_huge_page_mapping(tiny_dir):
     from quantkit.apply import apply_recipe
     from quantkit.models import load_chat
@@ -91,6 +118,8 @@ def test_static_cache_path_keeps_packed_weights_in_one_huge_page_mapping(tiny_di
     assert ptrs == sorted(ptrs)  # laid out in the order a step reads them, end to end
     assert ptrs[-1] - ptrs[0] < sum(m.panels.nbytes + 64 for m in packed)
     assert all(m.panels.storage_offset() == 0 for m in packed)  # each its own storage: see DecoderLayer
+    heads = chat.gpt.generate.model.heads_code.fused  # the code heads on the fp32 rows kernel, read last
+    assert isinstance(heads, RowsLinear) and heads.panels.data_ptr() > ptrs[-1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
