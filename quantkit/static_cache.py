@@ -44,7 +44,7 @@ class StaticCacheGPT(nn.Module):
         # kernels run too (float recipes keep Inductor's code and torch's, and build nothing)
         self.kernels = any(isinstance(m, PlainInt8Linear) and m.packed for m in self.layers.modules())
         self.heads_code = SharedInput(list(head_code), self.device, rows=self.kernels)
-        self.head_text = FoldedHead(head_text)
+        self.head_text = FoldedHead(head_text, rows=self.kernels)
         self.full_keys = False
         self._held: list[torch.Tensor] | None = None  # _cpu_caches
         self.reserve(1, capacity, dtype=cache_dtype or self.dtype)  # bf16 halves a long call's reads
@@ -143,17 +143,28 @@ class StaticCacheGPT(nn.Module):
 
 class FoldedHead(nn.Module):
     """ChatTTS's weight-norm text head with its weight computed once (the value its
-    ``P.cached()`` forward computes each call), not on every step."""
+    ``P.cached()`` forward computes each call), not on every step; at its first call, which is
+    eager (the prompt pass's first token), so that a call without text refinement never holds
+    it. ``rows``: an fp32 head without bias runs on the fp32 rows kernel (RowsLinear)."""
 
-    def __init__(self, head: nn.Module):
+    def __init__(self, head: nn.Module, rows: bool = False):
         super().__init__()
-        self.head, self.weight = head, None
+        self.head, self.rows, self.weight, self.packed = head, rows, None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is None:
-            with torch.no_grad():
-                self.weight = self.head.weight.detach().clone()
+        if self.weight is None and self.packed is None:
+            self._fold()
+        if self.packed is not None:
+            return self.packed(x)
         return F.linear(x.to(self.weight.dtype), self.weight, self.head.bias)
+
+    @torch.no_grad()
+    def _fold(self) -> None:
+        weight = self.head.weight.detach()
+        if self.rows and self.head.bias is None and weight.dtype == torch.float32:
+            self.packed = RowsLinear(weight)
+        else:
+            self.weight = weight.clone()
 
 
 class DecoderLayer(nn.Module):

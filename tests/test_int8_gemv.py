@@ -105,6 +105,21 @@ def test_fp32_linears_on_one_input_run_as_one_rows_kernel():
                 torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
 
 
+def test_text_head_folds_onto_the_rows_kernel_at_its_first_call():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from quantkit.static_cache import FoldedHead
+
+    torch.manual_seed(3)
+    head = weight_norm(nn.Linear(64, 300, bias=False))  # ChatTTS's text head, small
+    folded = FoldedHead(head, rows=True)
+    assert folded.packed is None  # nothing held before a call needs it
+    with torch.no_grad():
+        x = torch.randn(4, 64)
+        torch.testing.assert_close(folded(x), head(x), rtol=1e-5, atol=1e-5)
+    assert isinstance(folded.packed, RowsLinear) and folded.weight is None
+
+
 def test_static_cache_path_keeps_packed_weights_in_one_huge_page_mapping(tiny_dir):
     from quantkit.apply import apply_recipe
     from quantkit.models import load_chat
