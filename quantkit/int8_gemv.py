@@ -342,16 +342,68 @@ at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return o;
 }
 
-// torch.sort(x) (ascending, last dim) of a 2-D x with its rows shared between the threads: aten
-// sorts a (32, 626) tensor on one thread. Each row goes through the same sort: the same result.
-std::tuple<at::Tensor, at::Tensor> sort_rows(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2, "x: (rows, n)");
+// One row's ascending sort by LSD radix over the floats' bits (flipped so that unsigned order is
+// float order) -> false, nothing to trust, where the row holds a NaN or two equal values: the
+// order of equal values is what aten's unstable sort makes it, so those rows go to aten.
+static bool radix_row(const float* x, int64_t n, float* values, int64_t* indices,
+                      std::vector<uint32_t>& keys, std::vector<int32_t>& order) {
+  keys.resize(2 * n);
+  order.resize(2 * n);
+  uint32_t *k0 = keys.data(), *k1 = k0 + n;
+  int32_t *i0 = order.data(), *i1 = i0 + n;
+  int64_t count[4][256] = {};
+  for (int64_t i = 0; i < n; i++) {
+    if (std::isnan(x[i])) return false;
+    uint32_t u;
+    std::memcpy(&u, x + i, sizeof u);
+    u ^= static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u;
+    k0[i] = u;
+    i0[i] = static_cast<int32_t>(i);
+    for (int d = 0; d < 4; d++) count[d][(u >> (8 * d)) & 255]++;
+  }
+  for (int d = 0; d < 4; d++) {
+    if (count[d][(k0[0] >> (8 * d)) & 255] == n) continue;  // one bucket: the order stands
+    int64_t at[256], sum = 0;
+    for (int b = 0; b < 256; b++) at[b] = sum, sum += count[d][b];
+    for (int64_t i = 0; i < n; i++) {
+      const int64_t j = at[(k0[i] >> (8 * d)) & 255]++;
+      k1[j] = k0[i];
+      i1[j] = i0[i];
+    }
+    std::swap(k0, k1);
+    std::swap(i0, i1);
+  }
+  for (int64_t j = 0; j < n; j++) {
+    values[j] = x[i0[j]];
+    indices[j] = i0[j];
+    if (j > 0 && values[j] == values[j - 1]) return false;  // -0.0 and 0.0 too
+  }
+  return true;
+}
+
+// Rows longer than this (a text vocabulary's 21178 logits) hold equal values more often than not
+constexpr int64_t kRadixMax = 4096;
+
+// torch.sort(x) (ascending, last dim) of a 2-D fp32 x, its rows shared between the threads (aten
+// sorts a (32, 626) tensor on one thread) and each sorted by radix where that gives aten's result.
+std::tuple<at::Tensor, at::Tensor> sort_rows(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.dtype() == at::kFloat, "x: (rows, n) fp32");
+  const auto x = x_in.contiguous();
+  const int64_t n = x.size(1);
+  TORCH_CHECK(n < (int64_t{1} << 31), "x: rows of fewer than 2^31 values");
   auto values = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto indices = at::empty(x.sizes(), x.options().dtype(at::kLong));
   at::parallel_for(0, x.size(0), 1, [&](int64_t r0, int64_t r1) {
-    auto [v, i] = at::sort(x.slice(0, r0, r1), -1, false);
-    values.slice(0, r0, r1).copy_(v);
-    indices.slice(0, r0, r1).copy_(i);
+    std::vector<uint32_t> keys;
+    std::vector<int32_t> order;
+    for (int64_t r = r0; r < r1; r++) {
+      if (n > 0 && n <= kRadixMax && radix_row(x.data_ptr<float>() + r * n, n, values.data_ptr<float>() + r * n,
+                             indices.data_ptr<int64_t>() + r * n, keys, order))
+        continue;
+      auto [v, i] = at::sort(x.slice(0, r, r + 1), -1, false);
+      values.slice(0, r, r + 1).copy_(v);
+      indices.slice(0, r, r + 1).copy_(i);
+    }
   });
   return {values, indices};
 }
@@ -492,8 +544,11 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Ten
 
 
 def sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.sort(x)`` (ascending, along the last dim) of a 2-D ``x``, its rows shared between
-    the threads: top-p's sort of a batch's 32 rows of logits, which aten runs on one."""
+    """``torch.sort(x)`` (ascending, along the last dim) of a 2-D fp32 ``x``: top-p's sort of a
+    batch's rows of logits, which aten runs on one thread with a comparison sort. The rows are
+    shared between the threads and sorted by radix, except rows with equal values or NaNs (whose
+    order aten's unstable sort decides) and rows of more than 4096 values, which mostly hold
+    equal values: aten sorts those."""
     return torch.ops.quantkit.sort_rows(x)
 
 

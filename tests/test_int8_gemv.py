@@ -179,7 +179,17 @@ def test_row_sort_is_torch_sort(rows):
     """Top-p's sort with the rows shared between threads: torch.sort's values and indices, the
     order of tied values included."""
     torch.manual_seed(rows)
-    for x in (torch.randn(rows, 626), torch.randint(-20, 20, (rows, 626)).float(), torch.randn(rows, 900)[:, ::3]):
+    special = torch.randn(rows, 626)
+    special[:, :3] = torch.tensor([float("-inf"), float("inf"), -1e-42])  # -inf, inf, a subnormal
+    signed_zeros = torch.randn(rows, 626)
+    signed_zeros[:, 5], signed_zeros[-1, 9] = 0.0, -0.0  # equal to aten's comparison: aten's order
+    mixed = torch.randn(rows, 21178)  # the text vocabulary; some rows with ties, some without
+    mixed[::2, 7] = mixed[::2, 8]
+    nan = torch.randn(rows, 626)
+    nan[0, 3] = float("nan")
+    for x in (torch.randn(rows, 626), torch.randint(-20, 20, (rows, 626)).float(), torch.randn(rows, 900)[:, ::3],
+              special, signed_zeros, mixed, nan):
         values, indices = int8_gemv.sort_rows(x)
         expected = torch.sort(x)
-        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+        assert torch.equal(indices, expected.indices)
+        torch.testing.assert_close(values, expected.values, rtol=0, atol=0, equal_nan=True)
