@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 SCHEMA = 6  # 2: the decode step samples (its saved signature changed); 3: prompt pass saved too;
 # 4: the int8 kernel packs its weights in panels (a saved step calls the new layout); 5: the kernel
 # library also holds attention and top-p's sort (a saved int8 step calls them); 6: and the fp32
-# code heads' product
+# heads' product
 MANIFEST = "manifest.json"
 CHECKED_VERSIONS = ("torch", "torchao", "chattts", "transformers", "bitsandbytes")
 

@@ -1,6 +1,6 @@
 """Kernels for decode steps on x86 CPUs with AVX512-VNNI: an int8 x int8 -> int32 product,
 attention of one new token over the KV cache, top-p's sort of a batch's rows, and an fp32
-product for a few rows (the code heads).
+product for a few rows (the code and text heads).
 
 A decode step multiplies one activation row by every weight: it is bound by how fast the
 weights stream from memory. torch 2.11 has no CPU kernel that streams int8 weights at memory
@@ -18,14 +18,14 @@ The activation is int8 made unsigned by adding 128; ``comp`` (128 x each weight 
 takes that back, so the result equals the s8s8 product exactly.
 
 The other kernels serve the steps whose weights run on the int8 kernel: Inductor's fused
-attention runs its softmax on one thread, aten sorts 32 rows on one, and MKL's sgemm reads the
-code heads' fp32 weights at a third of memory speed for a few rows, which a batch's rows make
-slow (docs/performance.md).
+attention runs its softmax on one thread, aten sorts 32 rows on one with a comparison sort,
+and MKL's sgemm reads the heads' fp32 weights at a third of memory speed for a few rows, which
+a batch's rows make slow (docs/performance.md).
 
 The kernels are compiled on first use with torch's C++ extension builder (the compiler Inductor
 already needs) and registered as the operators ``quantkit::int8_gemv``, ``quantkit::attend_one``,
-``quantkit::sort_rows`` and ``quantkit::linear_rows`` that compiled steps, and ahead-of-time compiled ones, call by name; an
-exported variant carries the built library.
+``quantkit::sort_rows`` and ``quantkit::linear_rows`` that compiled steps, and ahead-of-time
+compiled ones, call by name; an exported variant carries the built library.
 """
 
 from __future__ import annotations
@@ -397,7 +397,8 @@ std::tuple<at::Tensor, at::Tensor> sort_rows(const at::Tensor& x_in) {
     std::vector<uint32_t> keys;
     std::vector<int32_t> order;
     for (int64_t r = r0; r < r1; r++) {
-      if (n > 0 && n <= kRadixMax && radix_row(x.data_ptr<float>() + r * n, n, values.data_ptr<float>() + r * n,
+      const bool radix = n > 0 && n <= kRadixMax;
+      if (radix && radix_row(x.data_ptr<float>() + r * n, n, values.data_ptr<float>() + r * n,
                              indices.data_ptr<int64_t>() + r * n, keys, order))
         continue;
       auto [v, i] = at::sort(x.slice(0, r, r + 1), -1, false);

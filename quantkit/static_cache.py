@@ -109,8 +109,8 @@ class StaticCacheGPT(nn.Module):
         """The weights a step streams into one huge-page mapping, in the order it reads them (see
         quantkit.hugepages): the kernels' packed copies (int8, and the code heads' fp32), and the
         reduced-precision float weights of GemvLinears (the model's own parameters, moved: eager
-        calls read the same memory). fp32 weights stay where ChatTTS's loader mapped them from the weights file: a
-        copy would keep both resident, for little speed (docs/performance.md)."""
+        calls read the same memory). fp32 weights stay where ChatTTS's loader mapped them from the
+        weights file: a copy would keep both resident, for little speed (docs/performance.md)."""
         modules = [m for m in (*self.layers.modules(), *self.heads_code.modules())
                    if (isinstance(m, GemvLinear) and m.weight.dtype != torch.float32)
                    or (isinstance(m, PlainInt8Linear) and m.packed) or isinstance(m, RowsLinear)]
