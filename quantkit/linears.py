@@ -141,8 +141,7 @@ class SharedInput(nn.Module):
             self.fused = PlainInt8Linear(torch.cat([v.qdata_t.t() for v in views]),
                                          torch.cat([v.scale for v in views]), dynamic=True)
         self.twins = nn.ModuleList([] if self.fused else [decode_twin(lin, device) for lin in linears])
-        if rows and all(isinstance(t, GemvLinear) and t.bias is None and t.weight.dtype == torch.float32
-                        for t in self.twins) and _vnni_usable(self.twins[0].weight):
+        if rows and _rows_fusable(list(self.twins)):
             self.fused = RowsLinear(torch.cat([t.weight for t in self.twins]))
         # The heads get fp32 hidden states, and ChatTTS feeds them the GPT's in their own dtype
         weight = linears[0].weight
@@ -153,6 +152,12 @@ class SharedInput(nn.Module):
             return list(self.fused(x).split(self.sizes, -1))
         x = x if self.dtype is None else x.to(self.dtype)
         return [twin(x) for twin in self.twins]
+
+
+def _rows_fusable(twins: list[nn.Module]) -> bool:
+    """fp32 GemvLinears without bias on a CPU where the kernel library runs: one RowsLinear."""
+    return (bool(twins) and all(isinstance(t, GemvLinear) and t.bias is None and t.weight.dtype == torch.float32
+                                for t in twins) and _vnni_usable(twins[0].weight))
 
 
 def _vnni_usable(qdata: torch.Tensor) -> bool:

@@ -66,9 +66,11 @@ def test_kernel_twin_equals_the_portable_twin():
             assert torch.equal(kernel(x), model[0](x))  # and torchao's own linear
 
 
-def test_linears_on_one_input_run_fused():
+@pytest.mark.parametrize("rows", [False, True])
+def test_linears_on_one_input_run_fused(rows):
+    """int8 Linears run as one int8 kernel call, also where fp32 ones would run on the rows kernel."""
     model = _dynamic_int8((64, 128), (32, 128), (130, 128))
-    fused = SharedInput(list(model), torch.device("cpu"))
+    fused = SharedInput(list(model), torch.device("cpu"), rows=rows)
     assert isinstance(fused.fused, PlainInt8Linear) and len(fused.twins) == 0
     with torch.no_grad():
         x = torch.randn(1, 1, 128)
