@@ -139,6 +139,24 @@ static void rows(const uint8_t* x, int64_t m_rows, int64_t k_len, const int8_t* 
     if (m < m_rows) rows<NT, MR - 1>(x + m * k_len, m_rows - m, k_len, w, panel, comp, y + m * ldy, ldy);
 }
 
+// Panels [0, count) shared between the threads; each thread runs its share two far-apart panels
+// at a time, run(std::integral_constant<int, 2>, panel pair), since one core reads two streams
+// faster than one, and an odd panel last, run(std::integral_constant<int, 1>, panel).
+template <typename Run>
+static void by_panels(int64_t count, const Run& run) {
+  at::parallel_for(0, count, 4, [&](int64_t p0, int64_t p1) {
+    const int64_t half = (p1 - p0) / 2;
+    for (int64_t i = 0; i < half; i++) {
+      const int64_t panel[2] = {p0 + i, p0 + half + i};
+      run(std::integral_constant<int, 2>{}, panel);
+    }
+    if ((p1 - p0) % 2) {
+      const int64_t panel[1] = {p1 - 1};
+      run(std::integral_constant<int, 1>{}, panel);
+    }
+  });
+}
+
 // x (M, K) uint8, w (N / 16, K / 4, 16, 4) int8, comp (N,) int32 -> (M, N) int32
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& comp) {
   TORCH_CHECK(x.dtype() == at::kByte && x.dim() == 2 && x.is_contiguous(), "x: contiguous (M, K) uint8");
@@ -151,16 +169,8 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const int8_t* wp = w.data_ptr<int8_t>();
   const int32_t* cp = comp.data_ptr<int32_t>();
   int32_t* yp = y.data_ptr<int32_t>();
-  at::parallel_for(0, w.size(0), 4, [&](int64_t p0, int64_t p1) {
-    const int64_t half = (p1 - p0) / 2;  // two far-apart panels at once: one core reads two streams faster than one
-    for (int64_t i = 0; i < half; i++) {
-      const int64_t panel[2] = {p0 + i, p0 + half + i};
-      rows<2>(xp, m_rows, k_len, wp, panel, cp, yp, n);
-    }
-    if ((p1 - p0) % 2) {
-      const int64_t panel[1] = {p1 - 1};
-      rows<1>(xp, m_rows, k_len, wp, panel, cp, yp, n);
-    }
+  by_panels(w.size(0), [&](auto nt, const int64_t* panel) {
+    rows<decltype(nt)::value>(xp, m_rows, k_len, wp, panel, cp, yp, n);
   });
   return y;
 }
@@ -210,16 +220,8 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w) {
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, w.size(0), 4, [&](int64_t p0, int64_t p1) {
-    const int64_t half = (p1 - p0) / 2;  // two streams a core, as int8_gemv
-    for (int64_t i = 0; i < half; i++) {
-      const int64_t panel[2] = {p0 + i, p0 + half + i};
-      frows<2>(xp, m_rows, k_len, wp, panel, yp, n);
-    }
-    if ((p1 - p0) % 2) {
-      const int64_t panel[1] = {p1 - 1};
-      frows<1>(xp, m_rows, k_len, wp, panel, yp, n);
-    }
+  by_panels(w.size(0), [&](auto nt, const int64_t* panel) {
+    frows<decltype(nt)::value>(xp, m_rows, k_len, wp, panel, yp, n);
   });
   return y;
 }

@@ -154,10 +154,13 @@ class SharedInput(nn.Module):
         return [twin(x) for twin in self.twins]
 
 
+def rows_usable(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """An fp32 Linear without bias on a CPU where the kernel library runs: RowsLinear takes it."""
+    return bias is None and weight.dtype == torch.float32 and _vnni_usable(weight)
+
+
 def _rows_fusable(twins: list[nn.Module]) -> bool:
-    """fp32 GemvLinears without bias on a CPU where the kernel library runs: one RowsLinear."""
-    return (bool(twins) and all(isinstance(t, GemvLinear) and t.bias is None and t.weight.dtype == torch.float32
-                                for t in twins) and _vnni_usable(twins[0].weight))
+    return bool(twins) and all(isinstance(t, GemvLinear) and rows_usable(t.weight, t.bias) for t in twins)
 
 
 def _vnni_usable(qdata: torch.Tensor) -> bool:

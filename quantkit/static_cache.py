@@ -8,7 +8,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from quantkit import hugepages, int8_gemv
-from quantkit.linears import GemvLinear, PlainInt8Linear, RowsLinear, SharedInput, decode_twin
+from quantkit.linears import GemvLinear, PlainInt8Linear, RowsLinear, SharedInput, decode_twin, rows_usable
 from quantkit.precision import float_dtype
 
 
@@ -161,7 +161,7 @@ class FoldedHead(nn.Module):
     @torch.no_grad()
     def _fold(self) -> None:
         weight = self.head.weight.detach()
-        if self.rows and self.head.bias is None and weight.dtype == torch.float32:
+        if self.rows and rows_usable(weight, self.head.bias):
             self.packed = RowsLinear(weight)
         else:
             self.weight = weight.clone()
