@@ -89,12 +89,21 @@ def test_decode_steps_are_timed_apart_from_the_prompt_pass(compiled, reference):
         statistics.median(run["step_gbs"] / run["read_gbs"] for run in runs))
 
 
-@pytest.mark.parametrize("history", [16, 5, 0])
-def test_process_logits_is_chattts_pipeline(history):
+@pytest.mark.parametrize("history,logits_of", [
+    (16, lambda rows, vocab: torch.randn(rows, vocab) * 3),
+    (5, lambda rows, vocab: torch.randn(rows, vocab) * 3),
+    (0, lambda rows, vocab: torch.randn(rows, vocab) * 3),
+    (16, lambda rows, vocab: torch.randn(rows, vocab) * 0.05),  # flat: top-p keeps more than top-k
+    (16, lambda rows, vocab: torch.randint(-6, 7, (rows, vocab)).float()),  # ties everywhere
+])
+def test_process_logits_is_chattts_pipeline(history, logits_of):
     """Probabilities equal to ChatTTS's own processors and warpers at its defaults, for 8 rows of
-    4 codebooks, with repeated tokens in the penalty window and fewer than a window of them."""
+    4 codebooks, with repeated tokens in the penalty window and fewer than a window of them, where
+    top-p leaves fewer or more tokens than top-k, and with equal logits; with torch.sort and with
+    the CPU kernels' sort."""
     from ChatTTS.model.processors import gen_logits
 
+    from quantkit import int8_gemv
     from quantkit.chattts import sampling_from
     from quantkit.sampling import process_logits
 
@@ -102,7 +111,8 @@ def test_process_logits_is_chattts_pipeline(history):
     rows, vocab = 32, 626
     warpers, processors = gen_logits(num_code=vocab - 1, top_P=0.7, top_K=20, repetition_penalty=1.05)
     s = sampling_from((*processors, *warpers), vocab - 1)
-    logits, temp = torch.randn(rows, vocab) * 3, torch.rand(rows, 1) + 0.1
+    logits, temp = logits_of(rows, vocab), torch.rand(rows, 1) + 0.1
+    sorts = [torch.sort] + ([int8_gemv.sort_rows] if int8_gemv.library() else [])
     past = torch.randint(0, 40, (rows, history))  # few distinct tokens: repeats
     window = torch.cat([torch.full((rows, s.past_window - history), -1), past], 1)
     for mask_eos in (False, True):
@@ -111,8 +121,9 @@ def test_process_logits_is_chattts_pipeline(history):
             ref = p(past, ref)
         if mask_eos:
             ref[:, s.eos] = -float("inf")
-        ours = process_logits(logits, window, temp, torch.tensor(mask_eos), s)
-        assert torch.equal(ours, torch.softmax(ref, 1))
+        for sort in sorts:
+            ours = process_logits(logits, window, temp, torch.tensor(mask_eos), s, sort)
+            assert torch.equal(ours, torch.softmax(ref, 1))
 
 
 def test_draw_is_torch_multinomial_given_its_noise():
