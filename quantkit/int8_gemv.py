@@ -57,7 +57,8 @@ _SOURCE = r"""
 #include <torch/library.h>
 
 constexpr int64_t kPanel = 16, kGroup = 4, kMaxRows = 8;
-// Far enough ahead that memory's latency is hidden while a batch's rows keep the core busy.
+// Far enough ahead that memory's latency is hidden while a batch's rows keep the core busy. The
+// weights are prefetched non-temporal: read once a step, they need not evict the KV cache.
 constexpr int64_t kPrefetch = 4096;
 constexpr int64_t kAhead = 16;  // cache rows
 
@@ -78,7 +79,7 @@ static void tile(const uint8_t* x, int64_t k_len, const int8_t* w, const int64_t
     __m512i wv[NT];
     for (int t = 0; t < NT; t++) {
       wv[t] = _mm512_loadu_si512(wp[t] + k * kPanel);
-      _mm_prefetch(reinterpret_cast<const char*>(wp[t] + k * kPanel + kPrefetch), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wp[t] + k * kPanel + kPrefetch), _MM_HINT_NTA);
     }
     for (int m = 0; m < MR; m++) {
       int32_t xg;
@@ -108,8 +109,8 @@ void tile<8, 2>(const uint8_t* x, int64_t k_len, const int8_t* w, const int64_t*
           a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00, a60 = a00, a61 = a00, a70 = a00, a71 = a00;
   for (int64_t k = 0; k < k_len; k += kGroup) {
     const __m512i v0 = _mm512_loadu_si512(w0 + k * kPanel), v1 = _mm512_loadu_si512(w1 + k * kPanel);
-    _mm_prefetch(reinterpret_cast<const char*>(w0 + k * kPanel + kPrefetch), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w1 + k * kPanel + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w0 + k * kPanel + kPrefetch), _MM_HINT_NTA);
+    _mm_prefetch(reinterpret_cast<const char*>(w1 + k * kPanel + kPrefetch), _MM_HINT_NTA);
 #define QK_ROW(m)                                          \
     {                                                      \
       int32_t xg;                                          \
@@ -190,7 +191,7 @@ static void ftile(const float* x, int64_t k_len, const float* w, const int64_t* 
     __m512 wv[NT];
     for (int t = 0; t < NT; t++) {
       wv[t] = _mm512_loadu_ps(wp[t] + k * kPanel);
-      _mm_prefetch(reinterpret_cast<const char*>(wp[t] + k * kPanel) + kPrefetch, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wp[t] + k * kPanel) + kPrefetch, _MM_HINT_NTA);
     }
     for (int m = 0; m < MR; m++) {
       const __m512 xv = _mm512_set1_ps(x[m * k_len + k]);
