@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 2  # 2: call_shapes, complete, source and config_key per recipe (docs/methodology.md)
+SCHEMA = 3  # 2: call_shapes, complete, source, config_key; 3: row_steps_per_s (docs/methodology.md)
 REFERENCE = "fp32"
 
 

@@ -23,8 +23,8 @@ def load_results(out: Path) -> dict[str, Any]:
         raise QuantkitError(f"{path} does not exist (run `python -m quantkit eval --out {out}` first)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise QuantkitError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("schema") not in (1, 2) or not isinstance(doc.get("recipes"), list):
-        raise QuantkitError(f"{path} is not a quantkit results file (schema 1 or 2)")
+    if not isinstance(doc, dict) or doc.get("schema") not in (1, 2, 3) or not isinstance(doc.get("recipes"), list):
+        raise QuantkitError(f"{path} is not a quantkit results file (schema 1 to 3)")
     for r in doc["recipes"]:
         if not isinstance(r, dict) or not isinstance(r.get("name"), str) or r.get("status") not in ("ok", "failed"):
             raise QuantkitError(f"{path}: malformed recipe entry {str(r)[:80]}")
@@ -226,8 +226,23 @@ def _call_shapes_section(rows: list[dict], stock: dict | None) -> list[str]:
                     _f(c["refine"]["s"]), vs(r, lambda x: x["refine"]["s"]),
                     _f(c["stream"]["first_chunk_s"]), _f(c["stream"]["whole_s"]), _f(c["stream"]["ratio"], ".2f")]
                    for r in rows if (c := r["call_shapes"])]), "",
+           *_step_scaling(rows, sizes),
            "![throughput versus batch size](throughput.png)", ""]
     return out
+
+
+def _step_scaling(rows: list[dict], sizes: list[int]) -> list[str]:
+    """The batches' decode steps alone (compiled recipes): what sharing a step's weight reads
+    between rows gives, before the prompt pass, decoder and vocoder, whose work grows with rows."""
+    timed = [(r["name"], rates) for r in rows
+             if all(rates := [b.get("row_steps_per_s") for b in r["call_shapes"]["batches"]])]
+    if not timed:
+        return []
+    return ["The same batches' decode steps alone (compiled decoding times them apart), in rows "
+            "times steps a second:", "",
+            _table(["recipe", *[f"batch {b} steps/s" for b in sizes], "batch max / batch 1"],
+                   [[name, *[_f(x, ".0f") for x in rates], _f(rates[-1] / rates[0], ".2f") + "x"]
+                    for name, rates in timed]), ""]
 
 
 def plot_throughput(doc: dict, path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from quantkit.compile import compiled_decoding
 from quantkit.synth import SAMPLE_RATE, SAMPLES_PER_STEP, fixed_speaker
 
 
@@ -67,13 +68,23 @@ def measure_call_shapes(chat, texts: list[str], s: ShapeSettings, seed: int = 0)
     for b in s.batch_sizes:
         seconds = _timed(lambda: _infer(chat, pick[:b], _code(chat, seed, s.batch_steps)))
         out.batches.append({"batch": b, "steps": s.batch_steps, "s": seconds,
-                            "audio_s_per_s": b * audio_seconds(s.batch_steps) / seconds})
+                            "audio_s_per_s": b * audio_seconds(s.batch_steps) / seconds,
+                            "row_steps_per_s": _row_steps_per_s(chat, b)})
     refine = chat.RefineTextParams(manual_seed=seed, min_new_token=s.refine_steps,
                                    max_new_token=s.refine_steps, show_tqdm=False)
     seconds = _timed(lambda: _infer(chat, pick[:s.refine_texts], _code(chat, seed, s.batch_steps), refine))
     out.refine = {"texts": s.refine_texts, "refine_steps": s.refine_steps, "steps": s.batch_steps, "s": seconds}
     out.stream = _stream(chat, pick[0], s, seed)
     return asdict(out)
+
+
+def _row_steps_per_s(chat, rows: int) -> float | None:
+    """The last call's decode steps alone (no prompt pass, decoder or vocoder) in rows times steps
+    a second: what a batch gains where a step reads its weights once for all rows. None where
+    ChatTTS's own loop ran (not timed apart)."""
+    gen = compiled_decoding(chat)
+    timed = gen.last_steps if gen is not None else None
+    return rows * timed[0] / timed[1] if timed else None
 
 
 def _stream(chat, text: str, s: ShapeSettings, seed: int) -> dict[str, float]:

@@ -84,6 +84,23 @@ def test_a_batch_with_a_fixed_length_and_another_seed(pair):
     assert same_tokens(ref, ours) and [r.shape[0] for r in ref[0]] == [30, 30, 30]
 
 
+def test_a_batch_s_decode_steps_are_timed_apart(pair):
+    """The evaluator's steps/s of a batch: the decode steps alone (one fewer than the tokens: the
+    prompt pass gives the first), which take less than the whole call; none for ChatTTS's loop."""
+    import time
+
+    from quantkit.shapes import _row_steps_per_s
+
+    ref, ours = pair
+    t0 = time.perf_counter()
+    infer(ours, TEXTS[:3], steps=30)
+    wall = time.perf_counter() - t0
+    assert compiled_decoding(ours).last_steps[0] == 29
+    assert 3 * 29 / wall < _row_steps_per_s(ours, 3) == pytest.approx(3 * 29 / compiled_decoding(ours).last_steps[1])
+    infer(ref, TEXTS[:3], steps=30)
+    assert _row_steps_per_s(ref, 3) is None
+
+
 def test_a_smaller_batch_after_a_larger_reuses_its_cache(pair):
     """Calls alternating between batch sizes do not allocate a cache each: a smaller batch runs on
     the first rows of the larger one's (stale slots beyond its own are never read), and picks

@@ -35,7 +35,7 @@ def eval_dir(tmp_path_factory, tiny_dir):
 
 def test_eval_writes_schema_valid_results(eval_dir):
     doc = json.loads((eval_dir / "results.json").read_text())
-    assert doc["schema"] == 2 and doc["synthetic_weights"] is True and doc["model"] == "synthetic-tiny"
+    assert doc["schema"] == 3 and doc["synthetic_weights"] is True and doc["model"] == "synthetic-tiny"
     assert doc["complete"] is True
     assert {"torch", "torchao", "chattts", "transformers", "cpu", "gpu", "threads"} <= set(doc["environment"])
     assert doc["command"].startswith("python -m quantkit eval")
@@ -61,7 +61,7 @@ def test_eval_writes_schema_valid_results(eval_dir):
         assert shapes["long"]["steps"] == 40 and shapes["long"]["s"] > 0
         assert [b["batch"] for b in shapes["batches"]] == [1, 2]
         assert all(b["audio_s_per_s"] == pytest.approx(b["batch"] * b["steps"] * 512 / 24000 / b["s"])
-                   for b in shapes["batches"])
+                   and b["row_steps_per_s"] is None for b in shapes["batches"])  # ChatTTS's loop: not timed apart
         assert shapes["refine"]["texts"] == 4 and shapes["refine"]["s"] > 0
         assert 0 < shapes["stream"]["first_chunk_s"] and shapes["stream"]["ratio"] == pytest.approx(
             shapes["stream"]["first_chunk_s"] / shapes["stream"]["whole_s"])
@@ -99,6 +99,25 @@ def test_report_rebuild_is_identical(eval_dir):
     proc = run_cli("report", str(eval_dir))
     assert proc.returncode == 0, proc.stderr
     assert (eval_dir / "report.md").read_text() == before
+
+
+def test_report_shows_decode_step_scaling_where_timed(eval_dir, tmp_path):
+    """A compiled recipe's batches carry their decode steps' rate: the report adds its table; a
+    schema-2 file (no such rate) still reports, without it."""
+    doc = json.loads((eval_dir / "results.json").read_text())
+    for rate, batch in zip((100.0, 180.0), doc["recipes"][1]["call_shapes"]["batches"]):
+        batch["row_steps_per_s"] = rate
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    assert run_cli_here("report", str(tmp_path)).returncode == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| bf16 | 100 | 180 | 1.80x |" in report and "| fp32 | —" not in report
+    doc["schema"] = 2
+    for r in doc["recipes"][:2]:  # the third failed: no call shapes
+        for batch in r["call_shapes"]["batches"]:
+            batch.pop("row_steps_per_s")
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    assert run_cli_here("report", str(tmp_path)).returncode == 0
+    assert "steps/s" not in (tmp_path / "report.md").read_text()
 
 
 def test_report_on_a_missing_or_broken_results_file(tmp_path):
