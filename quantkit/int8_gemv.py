@@ -396,11 +396,11 @@ std::tuple<at::Tensor, at::Tensor> sort_rows(const at::Tensor& x_in) {
   TORCH_CHECK(n < (int64_t{1} << 31), "x: rows of fewer than 2^31 values");
   auto values = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto indices = at::empty(x.sizes(), x.options().dtype(at::kLong));
+  const bool radix = n > 0 && n <= kRadixMax;
   at::parallel_for(0, x.size(0), 1, [&](int64_t r0, int64_t r1) {
     std::vector<uint32_t> keys;
     std::vector<int32_t> order;
     for (int64_t r = r0; r < r1; r++) {
-      const bool radix = n > 0 && n <= kRadixMax;
       if (radix && radix_row(x.data_ptr<float>() + r * n, n, values.data_ptr<float>() + r * n,
                              indices.data_ptr<int64_t>() + r * n, keys, order))
         continue;
