@@ -136,6 +136,13 @@ def compiled_decoding(chat) -> CompiledGenerate | None:
     return gen if isinstance(gen, CompiledGenerate) else None
 
 
+def last_decode_steps(chat) -> tuple[int, float] | None:
+    """(decode steps, seconds) of ``chat``'s last call, the steps alone (no prompt pass), where
+    compiled decoding ran it; None where ChatTTS's own loop did."""
+    gen = compiled_decoding(chat)
+    return gen.last_steps if gen is not None else None
+
+
 def enable_compiled_decoding(chat, settings: CompileSettings, compile_step: bool = True) -> CompiledGenerate:
     """Route ChatTTS's code generation through the static-cache path (compiled unless told not),
     and bound the decoder's work per streamed hand-over."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from quantkit.compile import compiled_decoding
+from quantkit.compile import last_decode_steps
 from quantkit.synth import SAMPLE_RATE, SAMPLES_PER_STEP, fixed_speaker
 
 
@@ -82,8 +82,7 @@ def _row_steps_per_s(chat, rows: int) -> float | None:
     """The last call's decode steps alone (no prompt pass, decoder or vocoder) in rows times steps
     a second: what a batch gains where a step reads its weights once for all rows. None where
     ChatTTS's own loop ran (not timed apart)."""
-    gen = compiled_decoding(chat)
-    timed = gen.last_steps if gen is not None else None
+    timed = last_decode_steps(chat)
     return rows * timed[0] / timed[1] if timed else None
 
 

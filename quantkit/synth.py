@@ -11,7 +11,7 @@ import torch
 
 from quantkit import chattts
 from quantkit.chattts import SAMPLE_RATE, SAMPLES_PER_STEP
-from quantkit.compile import compiled_decoding
+from quantkit.compile import compiled_decoding, last_decode_steps
 
 
 def expected_samples(steps: int) -> int:
@@ -78,8 +78,7 @@ def synthesize(chat, text: str, seed: int = 0, steps: int | None = None,
     wav = chattts.decode(chat, result.hiddens)[0]
     _sync(chat)
     t2 = time.perf_counter()
-    gen = compiled_decoding(chat)
-    timed = gen.last_steps if gen is not None else None  # compiled decoding times its steps alone
+    timed = last_decode_steps(chat)
     return Synthesis(wav=np.asarray(wav, dtype=np.float32), tokens=tokens, steps=int(tokens.shape[0]),
                      gpt_s=t1 - t0, decode_s=t2 - t1, step_s=timed[1] / timed[0] if timed else None)
 
