@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from quantkit.atomic import atomic_path, write_text
 from quantkit.errors import QuantkitError
@@ -163,7 +163,7 @@ def render_markdown(doc: dict) -> str:
                      " / ".join(f"{x:.3f}" for x in f["per_codebook"]), _f(f["kl"], ".2e"),
                      _f(f["mel_distance"], ".2e")] for r in ok if (f := r.get("fidelity"))]), ""]
     out += _quality_section(doc, [r for r in ok if r.get("dnsmos")])
-    out += _call_shapes_section([r for r in ok if r.get("call_shapes")], stock)
+    out += _call_shapes_section(ok)
     failed = [r for r in recipes if r["status"] != "ok"]
     if failed:
         out += ["## Failed recipes", ""] + [f"- **{r['name']}**: {r['error']}" for r in failed] + [""]
@@ -200,49 +200,72 @@ def _quality_section(doc: dict, rows: list[dict]) -> list[str]:
     return out
 
 
-def _call_shapes_section(rows: list[dict], stock: dict | None) -> list[str]:
-    """The calls users make, through Chat.infer: long utterance, batches, refinement, streaming."""
+# One recipe's row in a table that report.md and report.html both render: (value, template) per column.
+Cells = list[tuple[Any, str]]
+Table = tuple[str, list[str], list[tuple[str, Cells]]]  # lead-in, header (after "recipe"), rows
+
+
+def cell(value, template: str = "{:.3g}") -> str:
+    return "—" if value is None else template.format(value)
+
+
+def _call_shape_columns(sizes: list[int], base: dict | None) -> list[tuple[str, Callable[[dict], Any], str]]:
+    """Header, value from one recipe's call_shapes, template; speed-ups against base (stock's)."""
+    def vs(get: Callable[[dict], float]) -> Callable[[dict], float | None]:
+        return lambda c: get(base) / get(c) if base else None
+
+    def batch(i: int) -> Callable[[dict], float]:
+        return lambda c: c["batches"][i]["audio_s_per_s"]
+
+    long_s, refine_s = (lambda c: c["long"]["s"]), (lambda c: c["refine"]["s"])
+    return [("long s", long_s, "{:.3g}"), ("long vs stock", vs(long_s), "{:.2f}x"),
+            *[(f"batch {b} audio s/s", batch(i), "{:.3g}") for i, b in enumerate(sizes)],
+            ("batch max / batch 1", lambda c: batch(-1)(c) / batch(0)(c), "{:.2f}x"),
+            ("refine s", refine_s, "{:.3g}"), ("refine vs stock", vs(refine_s), "{:.2f}x"),
+            ("first chunk s", lambda c: c["stream"]["first_chunk_s"], "{:.3g}"),
+            ("whole call s", lambda c: c["stream"]["whole_s"], "{:.3g}"),
+            ("first chunk / whole", lambda c: c["stream"]["ratio"], "{:.2f}")]
+
+
+def call_shapes_tables(ok: list[dict]) -> list[Table]:
+    """What users get through Chat.infer (long utterance, batches, refinement, streaming), then,
+    where compiled decoding timed them apart, the batches' decode steps alone: what sharing a
+    step's weight reads between rows gives, before the prompt pass, decoder and vocoder."""
+    rows = [r for r in ok if r.get("call_shapes")]
     if not rows:
         return []
-    base = (stock or {}).get("call_shapes")
-    vs = lambda r, get: (_f(get(base) / get(r["call_shapes"]), ".2f") + "x") if base else "—"  # noqa: E731
-    sizes = [b["batch"] for b in rows[0]["call_shapes"]["batches"]]
     first = rows[0]["call_shapes"]
-    out = ["## What users get: Chat.infer", "",
-           f"Through ChatTTS's own `Chat.infer`, fixed lengths, each timed warm: one utterance of "
-           f"{first['long']['steps']} steps; batches of {', '.join(map(str, sizes))} texts of "
-           f"{first['batches'][0]['steps']} steps (throughput in audio seconds per wall second); "
-           f"{first['refine']['texts']} texts with text refinement on ({first['refine']['refine_steps']} "
-           f"refinement steps, then {first['refine']['steps']} code steps); `stream=True` with "
-           f"`stream_batch` {first['stream']['stream_batch']} and no hand-over skipped, "
-           f"{first['stream']['steps']} steps: time to the first chunk against the whole call "
-           "unstreamed. Speed-ups are against stock's same call.", "",
-           _table(["recipe", "long s", "long vs stock", *[f"batch {b} audio s/s" for b in sizes],
-                   "batch max / batch 1", "refine s", "refine vs stock", "first chunk s", "whole call s",
-                   "first chunk / whole"],
-                  [[r["name"], _f(c["long"]["s"]), vs(r, lambda x: x["long"]["s"]),
-                    *[_f(b["audio_s_per_s"]) for b in c["batches"]],
-                    _f(c["batches"][-1]["audio_s_per_s"] / c["batches"][0]["audio_s_per_s"], ".2f") + "x",
-                    _f(c["refine"]["s"]), vs(r, lambda x: x["refine"]["s"]),
-                    _f(c["stream"]["first_chunk_s"]), _f(c["stream"]["whole_s"]), _f(c["stream"]["ratio"], ".2f")]
-                   for r in rows if (c := r["call_shapes"])]), "",
-           *_step_scaling(rows, sizes),
-           "![throughput versus batch size](throughput.png)", ""]
-    return out
-
-
-def _step_scaling(rows: list[dict], sizes: list[int]) -> list[str]:
-    """The batches' decode steps alone (compiled recipes): what sharing a step's weight reads
-    between rows gives, before the prompt pass, decoder and vocoder, whose work grows with rows."""
+    sizes = [b["batch"] for b in first["batches"]]
+    stock = next((r["call_shapes"] for r in rows if r["name"] == "stock"), None)
+    columns = _call_shape_columns(sizes, stock)
+    lead = (f"Through ChatTTS's own `Chat.infer`, fixed lengths, each timed warm: one utterance of "
+            f"{first['long']['steps']} steps; batches of {', '.join(map(str, sizes))} texts of "
+            f"{first['batches'][0]['steps']} steps (throughput in audio seconds per wall second); "
+            f"{first['refine']['texts']} texts with text refinement on ({first['refine']['refine_steps']} "
+            f"refinement steps, then {first['refine']['steps']} code steps); `stream=True` with "
+            f"`stream_batch` {first['stream']['stream_batch']} and no hand-over skipped, "
+            f"{first['stream']['steps']} steps: time to the first chunk against the whole call "
+            "unstreamed. Speed-ups are against stock's same call.")
+    tables = [(lead, [h for h, _, _ in columns],
+               [(r["name"], [(get(r["call_shapes"]), t) for _, get, t in columns]) for r in rows])]
     timed = [(r["name"], rates) for r in rows
              if all(rates := [b.get("row_steps_per_s") for b in r["call_shapes"]["batches"]])]
-    if not timed:
+    if timed:
+        tables.append(("The same batches' decode steps alone (compiled decoding times them apart), in rows "
+                       "times steps a second:", [*[f"batch {b} steps/s" for b in sizes], "batch max / batch 1"],
+                       [(name, [*[(x, "{:.0f}") for x in rates], (rates[-1] / rates[0], "{:.2f}x")])
+                        for name, rates in timed]))
+    return tables
+
+
+def _call_shapes_section(ok: list[dict]) -> list[str]:
+    tables = call_shapes_tables(ok)
+    if not tables:
         return []
-    return ["The same batches' decode steps alone (compiled decoding times them apart), in rows "
-            "times steps a second:", "",
-            _table(["recipe", *[f"batch {b} steps/s" for b in sizes], "batch max / batch 1"],
-                   [[name, *[_f(x, ".0f") for x in rates], _f(rates[-1] / rates[0], ".2f") + "x"]
-                    for name, rates in timed]), ""]
+    out = ["## What users get: Chat.infer", ""]
+    for lead, header, rows in tables:
+        out += [lead, "", _table(["recipe", *header], [[name, *[cell(v, t) for v, t in cells]] for name, cells in rows]), ""]
+    return out + ["![throughput versus batch size](throughput.png)", ""]
 
 
 def plot_throughput(doc: dict, path: Path) -> None:

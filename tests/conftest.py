@@ -116,3 +116,23 @@ def write_compile_cache(cache: Path, step: bytes, prefill: bytes) -> dict:
             "for": cache_key(get_recipe("fp32-compiled"), "synthetic-tiny")}
     (cache / COMPILED_INFO).write_text(json.dumps(info))
     return info
+
+
+def browser():
+    """Headless Chromium through its WebDriver (installed by `make system-deps`), browser log on."""
+    selenium = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    driver_path = shutil.which("chromedriver")
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not driver_path or not binary:
+        pytest.fail("Chromium and its driver are not installed: run `make system-deps` "
+                    "(Debian packages chromium, chromium-driver)")
+    opts = Options()
+    opts.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required",
+                 "--allow-file-access-from-files"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return selenium.Chrome(service=Service(driver_path), options=opts)

@@ -1,11 +1,12 @@
 import json
+import shutil
 import statistics
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, run_cli, run_cli_here
+from conftest import ROOT, assert_one_line_error, browser, run_cli, run_cli_here
 from quantkit.metrics import bootstrap_delta, fidelity
 from quantkit.models import load_chat
 from quantkit.report import pareto_front
@@ -118,6 +119,43 @@ def test_report_shows_decode_step_scaling_where_timed(eval_dir, tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(doc))
     assert run_cli_here("report", str(tmp_path)).returncode == 0
     assert "steps/s" not in (tmp_path / "report.md").read_text()
+
+
+def test_report_html_shows_what_users_get_in_a_real_browser(eval_dir, tmp_path):
+    """report.html carries report.md's call-shapes tables, sortable, and the throughput plot."""
+    out = tmp_path / "eval"
+    shutil.copytree(eval_dir, out)
+    doc = json.loads((out / "results.json").read_text())
+    for rate, batch in zip((100.0, 180.0), doc["recipes"][1]["call_shapes"]["batches"]):
+        batch["row_steps_per_s"] = rate  # as a compiled recipe's batches carry them
+    (out / "results.json").write_text(json.dumps(doc))
+    assert run_cli_here("report", str(out)).returncode == 0
+    driver = browser()
+    try:
+        driver.get((out / "report.html").as_uri())
+        cells = lambda table: [[td.text for td in tr.find_elements("tag name", "td")]  # noqa: E731
+                               for tr in driver.find_elements("xpath", f"//table[@id='{table}']/tbody/tr")]
+        header = [th.text for th in driver.find_elements("xpath", "//table[@id='call-shapes']//th")]
+        assert header[:4] == ["recipe", "long s", "long vs stock", "batch 1 audio s/s"]
+        rows = {row[0]: row for row in cells("call-shapes")}
+        assert set(rows) == {"fp32", "bf16"}  # the failed recipe has none
+        for r in doc["recipes"][:2]:
+            batch2 = r["call_shapes"]["batches"][1]["audio_s_per_s"]
+            assert rows[r["name"]][header.index("batch 2 audio s/s")] == f"{batch2:.3g}"
+            assert rows[r["name"]][header.index("long vs stock")] == "—"  # no stock in this eval
+        assert cells("decode-steps") == [["bf16", "100", "180", "1.80x"]]  # fp32 ran ChatTTS's loop
+        long_s = driver.find_element("xpath", "//table[@id='call-shapes']//th[2]")
+        long_s.click()
+        names = [row[0] for row in cells("call-shapes")]
+        seconds = {r["name"]: r["call_shapes"]["long"]["s"] for r in doc["recipes"][:2]}
+        assert names == sorted(seconds, key=seconds.get)
+        long_s.click()
+        assert [row[0] for row in cells("call-shapes")] == names[::-1]
+        plot = driver.find_element("xpath", "//img[@alt='throughput versus batch size']")
+        assert driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", plot) > 100
+        assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+    finally:
+        driver.quit()
 
 
 def test_report_on_a_missing_or_broken_results_file(tmp_path):

@@ -2,13 +2,12 @@
 report.html in a real browser (headless Chromium through its WebDriver)."""
 
 import json
-import shutil
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import add_white_noise, assert_one_line_error, run_cli, run_cli_here, speak
+from conftest import add_white_noise, assert_one_line_error, browser, run_cli, run_cli_here, speak
 
 from quantkit.audio import read_wav
 from quantkit.quality import dnsmos, similarity, speaker_embedding
@@ -116,30 +115,11 @@ def test_eval_reports_naturalness_and_similarity(evaluated):
     assert "## Naturalness and speaker similarity" in report and "uncapped" in report
 
 
-def _browser():
-    selenium = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    driver_path = shutil.which("chromedriver")
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not driver_path or not browser:
-        pytest.fail("Chromium and its driver are not installed: run `make system-deps` "
-                    "(Debian packages chromium, chromium-driver)")
-    opts = Options()
-    opts.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required",
-                 "--allow-file-access-from-files"):
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return selenium.Chrome(service=Service(driver_path), options=opts)
-
-
 def test_report_html_in_a_real_browser(evaluated, tmp_path):
     page = evaluated / "report.html"
     html = page.read_text()
     assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html  # no network
-    driver = _browser()
+    driver = browser()
     try:
         driver.get(page.as_uri())
         driver.save_screenshot(str(tmp_path / "report.png"))
