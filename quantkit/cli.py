@@ -204,7 +204,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if (args.recipe is None) == (args.best is None):
         raise QuantkitError("give either a RECIPE or --best DIR")
     info = export_variant(args.out, recipe=args.recipe, best=args.best, model=args.model,
-                          device=args.device, force=args.force)
+                          device=args.device, force=args.force, batches=args.batches)
     print(f"wrote {info['out']}: recipe {info['recipe']}, {info['total_bytes'] / 2**20:.1f} MiB on disk "
           f"(GPT {info['gpt_bytes'] / 2**20:.1f} MiB)"
           + (", compile artifacts included" if info["compile_artifacts"] else ""))
@@ -302,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--out", required=True, help="the variant directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
+    p.add_argument("--batches", type=_sizes, default=[1],
+                   help="compiled recipes: the batch sizes (texts per Chat.infer call) whose compiled step "
+                        "the variant carries, each as its power-of-two bucket (default 1; others compile "
+                        "at their first call)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("synth", help="synthesize with an exported variant")

@@ -10,12 +10,12 @@ import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from quantkit.atomic import write_bytes
-from quantkit.generate import decode_step, decode_text_step, prefill, prompt_inputs
+from quantkit.generate import bucket, decode_step, decode_text_step, prefill, prompt_inputs
 from quantkit.inductor import compile_kwargs
 from quantkit.recipes import CompileSettings
 from quantkit.sampling import Sampling
@@ -161,30 +161,32 @@ def _aot(compile_fn: Callable, settings: CompileSettings, example: tuple):
         return compile_fn(settings).aot_compile((example, {}))
 
 
-def save_compiled(fns: CompiledFunctions, folder: str | Path) -> dict:
+def save_compiled(fns: CompiledFunctions, folder: str | Path, batches: Sequence[int] = (1,)) -> dict:
     """What this process compiled for ``fns``, into ``folder``: the decode step (ChatTTS's default
-    sampling) and the prompt pass compiled ahead of time, or, where that fails (Inductor freezing
-    in torch 2.11), Inductor's cache artifacts, which spare code generation but not tracing
-    -> a description for load_compiled (file names relative to ``folder``). On CUDA, which
-    compiles just in time (CompiledFunctions.ahead), always Inductor's cache artifacts."""
+    sampling) and the prompt pass compiled ahead of time for the batch buckets of ``batches``, or,
+    where that fails (Inductor freezing in torch 2.11), Inductor's cache artifacts, which spare code
+    generation but not tracing -> a description for load_compiled (file names relative to
+    ``folder``). On CUDA, which compiles just in time (CompiledFunctions.ahead), always Inductor's
+    cache artifacts."""
     folder = Path(folder)
     if fns.ahead:
         try:
-            sampling = save_precompiled(fns, folder / PRECOMPILED_STEP, folder / PRECOMPILED_PREFILL)
-            _build_kernels(folder)
+            sampling, buckets = save_precompiled(fns, folder, batches)
+            _build_kernels(folder, [folder / f for b in buckets for f in (b["file"], b["prefill"])])
             return {"kind": "aot", "file": PRECOMPILED_STEP, "prefill": PRECOMPILED_PREFILL, "sampling": sampling,
-                    "kernels": KERNELS}
+                    "kernels": KERNELS, "batch_buckets": buckets[1:]}
         except Exception as exc:  # noqa: BLE001 - an experimental API: any failure means "not here"
             log.warning("ahead-of-time compilation unavailable for this recipe (%s: %s); saving "
                         "Inductor cache artifacts instead", type(exc).__name__, str(exc)[:120])
-            for name in (PRECOMPILED_STEP, PRECOMPILED_PREFILL):
-                (folder / name).unlink(missing_ok=True)
+            for rows in _buckets(batches):
+                for name in _files(rows):
+                    (folder / name).unlink(missing_ok=True)
     save_compile_cache(folder)
     return {"kind": "inductor-cache", "file": INDUCTOR_CACHE}
 
 
-def _build_kernels(folder: Path) -> None:
-    """Build the saved functions' C++ kernels into ``folder/KERNELS`` by loading them once with
+def _build_kernels(folder: Path, saved: list[Path]) -> None:
+    """Build the ``saved`` functions' C++ kernels into ``folder/KERNELS`` by loading them once with
     that as Inductor's cache: a saved function carries its kernels' sources, which a fresh
     process would otherwise compile on load (seconds of a cold start).
 
@@ -197,8 +199,8 @@ def _build_kernels(folder: Path) -> None:
     kernels = folder / KERNELS
     seeded = _copy_libraries(kernels)
     with temporary_cache_dir(str(kernels)):
-        for name in (PRECOMPILED_STEP, PRECOMPILED_PREFILL):
-            _load_aot(folder / name)
+        for path in saved:
+            _load_aot(path)
     for lib in seeded:
         if not lib.with_suffix(".cpp").exists():
             lib.unlink()
@@ -241,7 +243,8 @@ def load_compiled(fns: CompiledFunctions, folder: str | Path, info: dict) -> Non
             from torch._inductor.runtime.cache_dir_utils import cache_dir
 
             shutil.copytree(folder / info["kernels"], cache_dir(), dirs_exist_ok=True)
-        load_precompiled(fns, folder / info["file"], folder / info["prefill"], info["sampling"])
+        buckets = [{"rows": 1, "file": info["file"], "prefill": info["prefill"]}, *info.get("batch_buckets", [])]
+        load_precompiled(fns, folder, buckets, info["sampling"])
     else:
         load_compile_cache(folder)
 
@@ -257,28 +260,45 @@ def save_compile_cache(directory: str | Path) -> Path | None:
     return path
 
 
-def save_precompiled(fns: CompiledFunctions, step_path: str | Path, prefill_path: str | Path) -> dict:
+def save_precompiled(fns: CompiledFunctions, folder: Path, batches: Sequence[int] = (1,)) -> tuple[dict, list[dict]]:
     """Save the decode step (for ChatTTS's default sampling) and the prompt pass compiled ahead
-    of time for the cache shape a fresh process starts with, one row at the recipe's capacity
-    (compiling them if this process has not): a fresh process then skips tracing and code
-    generation entirely. -> the sampling constants the step bakes in. Raises where
-    ahead-of-time compilation fails."""
-    s = fns.default
-    fns.model.reserve(1, 1, fresh=True)  # a batch or a long call may have left another shape
-    fns.step_for(s).current().save(step_path)
-    fns.prefill_fn().current().save(prefill_path)
-    return asdict(s)
+    of time for each batch bucket of ``batches`` (one row always) at the recipe's capacity, the
+    shapes a fresh process's calls start on (compiling them if this process has not): such calls
+    then skip tracing and code generation entirely. -> the sampling constants the step bakes in,
+    and per bucket its rows and files (one row's first). Raises where ahead-of-time compilation
+    fails."""
+    s, saved = fns.default, []
+    for rows in _buckets(batches):
+        fns.model.reserve(rows, 1, fresh=True)
+        names = _files(rows)
+        fns.step_for(s).current().save(folder / names[0])
+        fns.prefill_fn().current().save(folder / names[1])
+        saved.append({"rows": rows, "file": names[0], "prefill": names[1]})
+    fns.model.reserve(1, 1, fresh=True)
+    return asdict(s), saved
 
 
-def load_precompiled(fns: CompiledFunctions, step_path: str | Path, prefill_path: str | Path,
-                     sampling: dict) -> None:
-    """Use a saved ahead-of-time step, for the shape it was saved for (one row at the recipe's
-    capacity), for calls whose sampling constants are the saved ones (others compile as usual:
-    the loaded function does not check them itself), and the saved prompt pass."""
+def _buckets(batches: Sequence[int]) -> list[int]:
+    return sorted({1, *map(bucket, batches)})
+
+
+def _files(rows: int) -> tuple[str, str]:
+    """The saved decode step's and prompt pass's file names for a batch bucket."""
+    if rows == 1:
+        return PRECOMPILED_STEP, PRECOMPILED_PREFILL
+    return f"decode_step-{rows}.aot", f"prefill-{rows}.aot"
+
+
+def load_precompiled(fns: CompiledFunctions, folder: Path, buckets: list[dict], sampling: dict) -> None:
+    """Use the saved ahead-of-time steps and prompt passes, each for the shape it was saved for
+    (its rows at the recipe's capacity), the steps for calls whose sampling constants are the
+    saved ones (others compile as usual: the loaded function does not check them itself)."""
     fns.model.reserve(1, 1, fresh=True)
     step, first = fns.step_for(Sampling(**sampling)), fns.prefill_fn()
-    step.by_shape[step.shape()] = Precompiled(_load_aot(step_path), fns.step)
-    first.by_shape[first.shape()] = Precompiled(_load_aot(prefill_path), fns.prefill)
+    for b in buckets:
+        shape = (b["rows"], fns.model.capacity)
+        step.by_shape[shape] = Precompiled(_load_aot(folder / b["file"]), fns.step)
+        first.by_shape[shape] = Precompiled(_load_aot(folder / b["prefill"]), fns.prefill)
 
 
 def _load_aot(path: str | Path) -> Callable:

@@ -33,7 +33,7 @@ import tempfile
 import types
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -132,16 +132,16 @@ def _copy_assets(src: Path, dst: Path) -> None:
         shutil.copy2(src / OVERRIDES_FILE, dst / OVERRIDES_FILE)
 
 
-def _compile_artifacts(chat, folder: Path) -> dict:
-    """The compiled step and prompt pass (quantkit.compile_artifacts.save_compiled), compiled here by a
-    first call, and the int8 kernel they call."""
+def _compile_artifacts(chat, folder: Path, batches: Sequence[int]) -> dict:
+    """The compiled step and prompt pass (quantkit.compile_artifacts.save_compiled) for the batch
+    buckets of ``batches``, compiled here after a first call, and the int8 kernel they call."""
     from quantkit.compile import compiled_decoding
     from quantkit.compile_artifacts import save_compiled
     from quantkit.synth import synthesize
 
     synthesize(chat, "Compile.", seed=0, steps=4)
     gen = compiled_decoding(chat)
-    return {**save_compiled(gen.functions, folder), "kernel": _copy_kernel(gen.model, folder)}
+    return {**save_compiled(gen.functions, folder, batches), "kernel": _copy_kernel(gen.model, folder)}
 
 
 KERNEL = "kernels/int8_gemv.so"
@@ -185,8 +185,11 @@ def _recipe_and_metrics(recipe: str | None, best: str | None) -> tuple[Any, dict
 
 
 def export_variant(out: str | Path, recipe: str | None = None, best: str | None = None,
-                   model: str = "synthetic", device: str = "cpu", force: bool = False) -> dict[str, Any]:
-    """Write a variant directory: into a temporary sibling, renamed into place at the very end."""
+                   model: str = "synthetic", device: str = "cpu", force: bool = False,
+                   batches: Sequence[int] = (1,)) -> dict[str, Any]:
+    """Write a variant directory: into a temporary sibling, renamed into place at the very end.
+    A compiled recipe's variant carries its decode step and prompt pass for one row and for the
+    batch buckets of ``batches``: calls of those sizes compile nothing in a fresh process."""
     from quantkit.apply import apply_recipe, check_runnable, weight_bytes
     from quantkit.models import load_chat, resolve_device, resolve_source
 
@@ -205,6 +208,9 @@ def export_variant(out: str | Path, recipe: str | None = None, best: str | None 
     if method is not None and method.not_exportable:
         raise QuantkitError(f"recipe '{rec.name}': {method.not_exportable}")
     check_runnable(rec, resolve_device(device))
+    if set(batches) - {1} and not rec.compile.enabled:
+        raise QuantkitError(f"recipe '{rec.name}' is not compiled: its variant carries no compiled "
+                            "step, for batches or otherwise")
     src = resolve_source(model)
     chat = load_chat(model, device)
     apply_recipe(chat, rec)
@@ -214,7 +220,7 @@ def export_variant(out: str | Path, recipe: str | None = None, best: str | None 
     try:
         _copy_assets(src, tmp)
         gpt_file = _write_gpt(chat, tmp)
-        compiled = _compile_artifacts(chat, tmp) if rec.compile.enabled else None
+        compiled = _compile_artifacts(chat, tmp, batches) if rec.compile.enabled else None
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         manifest = {
             "schema": SCHEMA, "recipe": rec.to_dict(),
@@ -410,8 +416,12 @@ def _named_files(manifest: dict) -> list[str]:
     artifacts = manifest.get("compile_artifacts") or {}
     if not isinstance(weights, dict) or not isinstance(weights.get("file"), str) or not isinstance(artifacts, dict):
         raise QuantkitError("the variant's manifest is malformed (gpt_weights, compile_artifacts)")
+    buckets = artifacts.get("batch_buckets", [])
+    if not isinstance(buckets, list) or not all(isinstance(b, dict) and isinstance(b.get("rows"), int)
+                                                for b in buckets):
+        raise QuantkitError("the variant's manifest is malformed (compile_artifacts.batch_buckets)")
     named = [weights["file"]] + [artifacts[k] for k in ("file", "prefill", "kernel", "kernels")
-                                 if artifacts.get(k) is not None]
+                                 if artifacts.get(k) is not None] + [b.get(k) for b in buckets for k in ("file", "prefill")]
     if not all(isinstance(n, str) for n in named):
         raise QuantkitError("the variant's manifest is malformed (file names must be strings)")
     return named

@@ -520,7 +520,8 @@ def test_the_saved_step_is_for_a_fresh_processs_cache_shape(compiled, tmp_path, 
     assert fns.model.rows == 2 and (2, fns.model.base) in step.by_shape
     saved = []
     monkeypatch.setattr(Precompiled, "save", lambda self, path: saved.append(self))
-    save_precompiled(fns, tmp_path / "step.aot", tmp_path / "prefill.aot")
+    _, buckets = save_precompiled(fns, tmp_path)
     one_row = (1, fns.model.base)
     assert saved == [step.by_shape[one_row], first.by_shape[one_row]]
+    assert buckets == [{"rows": 1, "file": "decode_step.aot", "prefill": "prefill.aot"}]
     assert (fns.model.rows, fns.model.capacity) == one_row

@@ -10,14 +10,14 @@ import torch
 from pathlib import Path
 
 import quantkit
-from conftest import assert_one_line_error, run_cli, run_cli_here
+from conftest import TEXTS, assert_one_line_error, run_cli, run_cli_here
 from quantkit import export as export_mod, int8_gemv
 from quantkit.apply import apply_recipe
 from quantkit.errors import QuantkitError
 from quantkit.export import SCHEMA, export_variant, load_variant
 from quantkit.models import load_chat
 from quantkit.recipes import get_recipe
-from quantkit.synth import synthesize
+from quantkit.synth import fixed_speaker, synthesize
 
 TEXT = "Glue the sheet to the dark blue background."
 
@@ -171,19 +171,61 @@ def test_export_best_from_an_eval_directory(tiny_dir, tmp_path):
                           "either a RECIPE or --best")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["fp32-compiled", "int8-dynamic-compiled"])
-def test_compiled_variant_starts_without_compiling(recipe, tiny_dir, tmp_path):
-    info = export_variant(tmp_path / "v", recipe=recipe, model="synthetic-tiny")
-    assert info["compile_artifacts"] and all((tmp_path / "v" / f).stat().st_size > 0
-                                             for f in ("decode_step.aot", "prefill.aot"))
+# A fresh process: the variant's one-row call, then a batch of three texts, with the graphs it
+# traced or compiled (none, where the variant carries both shapes) and the tokens each decoded.
+FRESH = """
+import json, sys, torch, quantkit
+from quantkit.compile import compiled_decoding
+from quantkit.synth import fixed_speaker, synthesize
+c = quantkit.load_variant(sys.argv[1], trust_compiled=True)
+one = synthesize(c, sys.argv[2], seed=0, steps=12).tokens.tolist()
+compiled, seen, inner = compiled_decoding(c), [], c.gpt.generate
+def generate(*args, **kwargs):
+    for out in inner(*args, **kwargs):
+        seen.append([ids.tolist() for ids in out.ids])
+        yield out
+c.gpt.generate = generate
+code = c.InferCodeParams(spk_emb=fixed_speaker(c, 3), manual_seed=5, max_new_token=10, min_new_token=10,
+                         show_tqdm=False)
+c.infer(json.loads(sys.argv[3]), skip_refine_text=True, params_infer_code=code, do_text_normalization=False,
+        split_text=False)
+steps = compiled.last_steps[0]
+print(json.dumps([torch._dynamo.utils.counters["stats"]["unique_graphs"], one, seen[-1], steps]))
+"""
+
+
+def _eager_tokens(recipe: str) -> tuple[list, list]:
+    """The recipe's tokens for FRESH's two calls, decoded by its uncompiled step."""
     applied = load_chat("synthetic-tiny")
     apply_recipe(applied, get_recipe(recipe), compile_step=False)
-    expected = synthesize(applied, TEXT, seed=0, steps=12).tokens.tolist()
-    code = ("import json, sys, torch, quantkit; from quantkit.synth import synthesize;"
-            "c = quantkit.load_variant(sys.argv[1], trust_compiled=True);"
-            "t = synthesize(c, sys.argv[2], seed=0, steps=12);"
-            "print(json.dumps([torch._dynamo.utils.counters['stats']['unique_graphs'], t.tokens.tolist()]))")
+    one = synthesize(applied, TEXT, seed=0, steps=12).tokens.tolist()
+    code = applied.InferCodeParams(spk_emb=fixed_speaker(applied, 3), manual_seed=5, max_new_token=10,
+                                   min_new_token=10, show_tqdm=False)
+    seen, inner = [], applied.gpt.generate
+
+    def generate(*args, **kwargs):
+        for out in inner(*args, **kwargs):
+            seen.append([ids.tolist() for ids in out.ids])
+            yield out
+
+    applied.gpt.generate = generate
+    applied.infer(TEXTS, skip_refine_text=True, params_infer_code=code, do_text_normalization=False, split_text=False)
+    return one, seen[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,batches", [("fp32-compiled", [1]), ("int8-dynamic-compiled", [1, 3])])
+def test_compiled_variant_starts_without_compiling(recipe, batches, tiny_dir, tmp_path):
+    """A batch of three runs in the bucket of four rows: a variant exported for it carries that
+    bucket's step and prompt pass too, and a fresh process compiles nothing for either call."""
+    info = export_variant(tmp_path / "v", recipe=recipe, model="synthetic-tiny", batches=batches)
+    manifest = json.loads((tmp_path / "v" / "manifest.json").read_text())["compile_artifacts"]
+    carried = [1] + [b["rows"] for b in manifest["batch_buckets"]]
+    assert carried == ([1, 4] if 3 in batches else [1])
+    assert info["compile_artifacts"] and all(
+        (tmp_path / "v" / f).stat().st_size > 0 for b in [manifest, *manifest["batch_buckets"]]
+        for f in (b["file"], b["prefill"]))
+    expected = _eager_tokens(recipe)
     # The graphs' C++ kernels (*.main.so) shipped are this process's own builds, copied, not built
     # again for the variant.
     kernels = tmp_path / "v" / "inductor"
@@ -194,22 +236,32 @@ def test_compiled_variant_starts_without_compiling(recipe, tiny_dir, tmp_path):
     loaded = {Path(f[5]).name: Path(f[5]) for f in maps if len(f) == 6 and f[5].endswith(".so")}
     for lib in libs:  # the very libraries this process loaded, wherever from (copy2 keeps mtimes)
         assert loaded[lib.name].stat().st_mtime == shipped[lib.name], lib.name
-    kernel = json.loads((tmp_path / "v" / "manifest.json").read_text())["compile_artifacts"]["kernel"]
-    assert (kernel is not None) == (recipe == "int8-dynamic-compiled" and int8_gemv.cpu_supported())
+    assert (manifest["kernel"] is not None) == (recipe == "int8-dynamic-compiled" and int8_gemv.cpu_supported())
     # Empty caches: neither Inductor's nor a built int8 kernel to fall back on (nor the record
     # that this machine exported the variant: hence trust_compiled).
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "fresh"),
            "QUANTKIT_CACHE": str(tmp_path / "fresh-quantkit")}
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "v"), TEXT], capture_output=True,
-                          text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", FRESH, str(tmp_path / "v"), TEXT, json.dumps(TEXTS)],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    graphs, tokens = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert graphs == 0  # nothing traced or compiled in the fresh process
-    # The fresh process used the variant's kernels, none rebuilt (a rebuilt one is newer;
-    # Inductor's one-line ISA checks are built per machine).
-    assert {p.name: p.stat().st_mtime for p in (tmp_path / "fresh").rglob("*.main.so")} == shipped
+    graphs, one, batch, steps = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert steps == 9  # the batch ran on the compiled path (the prompt pass gives the first token)
+    # nothing traced or compiled in the fresh process, unless the variant lacks the batch's bucket
+    assert (graphs == 0) == (3 in batches)
+    if graphs == 0:
+        # The fresh process used the variant's kernels, none rebuilt (a rebuilt one is newer;
+        # Inductor's one-line ISA checks are built per machine).
+        assert {p.name: p.stat().st_mtime for p in (tmp_path / "fresh").rglob("*.main.so")} == shipped
     assert not (tmp_path / "fresh-quantkit" / "kernels").exists()  # the variant's kernel, not rebuilt
-    assert tokens == expected
+    assert [one, batch] == list(expected)
+
+
+def test_batches_need_a_compiled_recipe(tmp_path):
+    assert_one_line_error(run_cli_here("export", "int8-dynamic", "--model", "synthetic-tiny", "--batches", "1,8",
+                                       "--out", str(tmp_path / "v")), "is not compiled")
+    assert_one_line_error(run_cli_here("export", "int8-dynamic-compiled", "--model", "synthetic-tiny",
+                                       "--batches", "0", "--out", str(tmp_path / "v")), "--batches")
+    assert not (tmp_path / "v").exists()
 
 
 @pytest.mark.parametrize("recipe,fragment", [
