@@ -16,8 +16,10 @@ $(UV): tools/uv-requirements.txt
 	.tools/bin/python -m pip install -q --no-cache-dir --require-hashes -r tools/uv-requirements.txt
 	touch $@
 
+# Bytecode compiled at install: a process that cannot write it (PYTHONDONTWRITEBYTECODE, a
+# read-only install) would otherwise compile torch's and ChatTTS's sources at every start.
 $(BIN)/.installed: pyproject.toml uv.lock $(UV)
-	$(UV) sync --frozen --extra test --python $(PYTHON)
+	$(UV) sync --frozen --extra test --compile-bytecode --python $(PYTHON)
 	touch $@
 
 install: $(BIN)/.installed

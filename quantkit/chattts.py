@@ -5,6 +5,8 @@ one breaks this module alone. The rest of quantkit gets plain modules and tensor
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -242,6 +244,19 @@ def probe(chat, name: str, dtype: torch.dtype) -> None:
 def normalize(chat, text: str) -> str:
     """ChatTTS's text normalization, as ``infer`` applies it by default."""
     return chat.normalizer(text, True, True, None)
+
+
+def warm_normalizer(chat) -> None:
+    """Have ChatTTS's normalizer JIT-compile its numba functions now (seconds), not at a user's
+    first call: a plain text compiles only some; characters it rejects (digits, for one) and
+    tags such as [uv_break] reach the others."""
+    logger = chat.normalizer.logger
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # the warm-up's rejected digit is not the user's
+    try:
+        chat.normalizer("Ready [uv_break] 1.", True, True, None)
+    finally:
+        logger.setLevel(level)
 
 
 def infer_code(chat, texts: list[str], params):

@@ -505,7 +505,7 @@ def load_variant(folder: str | Path, device: str = "cpu", trust_compiled: bool =
         from quantkit.compile_artifacts import load_compiled
 
         load_compiled(compiled_decoding(chat).functions, folder, artifacts)
-    # ChatTTS's text normalizer JIT-compiles a numba function on its first text (as long as an
+    # ChatTTS's text normalizer JIT-compiles numba functions on its first texts (as long as an
     # int8 variant's whole first synthesis): a loaded variant is ready.
-    chattts.normalize(chat, "Ready.")
+    chattts.warm_normalizer(chat)
     return chat
