@@ -421,7 +421,8 @@ def _named_files(manifest: dict) -> list[str]:
                                                 for b in buckets):
         raise QuantkitError("the variant's manifest is malformed (compile_artifacts.batch_buckets)")
     named = [weights["file"]] + [artifacts[k] for k in ("file", "prefill", "kernel", "kernels")
-                                 if artifacts.get(k) is not None] + [b.get(k) for b in buckets for k in ("file", "prefill")]
+                                 if artifacts.get(k) is not None]
+    named += [b.get(k) for b in buckets for k in ("file", "prefill")]
     if not all(isinstance(n, str) for n in named):
         raise QuantkitError("the variant's manifest is malformed (file names must be strings)")
     return named

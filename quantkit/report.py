@@ -264,7 +264,8 @@ def _call_shapes_section(ok: list[dict]) -> list[str]:
         return []
     out = ["## What users get: Chat.infer", ""]
     for lead, header, rows in tables:
-        out += [lead, "", _table(["recipe", *header], [[name, *[cell(v, t) for v, t in cells]] for name, cells in rows]), ""]
+        body = [[name, *[cell(v, t) for v, t in cells]] for name, cells in rows]
+        out += [lead, "", _table(["recipe", *header], body), ""]
     return out + ["![throughput versus batch size](throughput.png)", ""]
 
 
