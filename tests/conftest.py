@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,20 @@ def browser():
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return selenium.Chrome(service=Service(driver_path), options=opts)
+
+
+@contextmanager
+def recording(chat):
+    """Every GenerationOutputs the chat's generate yields (tokens, cloned), while in the block."""
+    seen, inner = [], chat.gpt.generate
+
+    def generate(*args, **kwargs):
+        for out in inner(*args, **kwargs):
+            seen.append([ids.clone() for ids in out.ids])
+            yield out
+
+    chat.gpt.generate = generate
+    try:
+        yield seen
+    finally:
+        chat.gpt.generate = inner

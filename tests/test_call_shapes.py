@@ -4,12 +4,11 @@ stop at different steps, text refinement, streaming, lengths beyond the recipe's
 
 import logging
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
-from conftest import TEXTS
+from conftest import TEXTS, recording
 
 from quantkit import chattts, int8_gemv
 from quantkit.apply import apply_recipe
@@ -20,23 +19,6 @@ from quantkit.models import load_chat
 from quantkit.recipes import get_recipe, recipe_names
 from quantkit.shapes import _row_steps_per_s
 from quantkit.synth import fixed_speaker
-
-
-@contextmanager
-def recording(chat):
-    """Every GenerationOutputs the chat's generate yields (tokens, cloned), while in the block."""
-    seen, inner = [], chat.gpt.generate
-
-    def generate(*args, **kwargs):
-        for out in inner(*args, **kwargs):
-            seen.append([ids.clone() for ids in out.ids])
-            yield out
-
-    chat.gpt.generate = generate
-    try:
-        yield seen
-    finally:
-        chat.gpt.generate = inner
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from pathlib import Path
 
 import quantkit
-from conftest import TEXTS, assert_one_line_error, run_cli, run_cli_here
+from conftest import TEXTS, assert_one_line_error, recording, run_cli, run_cli_here
 from quantkit import export as export_mod, int8_gemv
 from quantkit.apply import apply_recipe
 from quantkit.errors import QuantkitError
@@ -201,16 +201,10 @@ def _eager_tokens(recipe: str) -> tuple[list, list]:
     one = synthesize(applied, TEXT, seed=0, steps=12).tokens.tolist()
     code = applied.InferCodeParams(spk_emb=fixed_speaker(applied, 3), manual_seed=5, max_new_token=10,
                                    min_new_token=10, show_tqdm=False)
-    seen, inner = [], applied.gpt.generate
-
-    def generate(*args, **kwargs):
-        for out in inner(*args, **kwargs):
-            seen.append([ids.tolist() for ids in out.ids])
-            yield out
-
-    applied.gpt.generate = generate
-    applied.infer(TEXTS, skip_refine_text=True, params_infer_code=code, do_text_normalization=False, split_text=False)
-    return one, seen[-1]
+    with recording(applied) as seen:
+        applied.infer(TEXTS, skip_refine_text=True, params_infer_code=code, do_text_normalization=False,
+                      split_text=False)
+    return one, [ids.tolist() for ids in seen[-1]]
 
 
 @pytest.mark.slow
