@@ -293,6 +293,8 @@ def load_precompiled(fns: CompiledFunctions, folder: Path, buckets: list[dict], 
     """Use the saved ahead-of-time steps and prompt passes, each for the shape it was saved for
     (its rows at the recipe's capacity), the steps for calls whose sampling constants are the
     saved ones (others compile as usual: the loaded function does not check them itself)."""
+    # The largest bucket's cache made now, not at its first call; smaller calls use its first rows
+    fns.model.reserve(max(b["rows"] for b in buckets), 1, fresh=True)
     fns.model.reserve(1, 1, fresh=True)
     step, first = fns.step_for(Sampling(**sampling)), fns.prefill_fn()
     for b in buckets:
