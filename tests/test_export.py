@@ -178,8 +178,9 @@ import json, sys, torch, quantkit
 from quantkit.compile import compiled_decoding
 from quantkit.synth import fixed_speaker, synthesize
 c = quantkit.load_variant(sys.argv[1], trust_compiled=True)
-one = synthesize(c, sys.argv[2], seed=0, steps=12).tokens.tolist()
 compiled, seen, inner = compiled_decoding(c), [], c.gpt.generate
+cache_rows = compiled.model.layers[0].k_cache.shape[0], compiled.model._held[0].shape[0]
+one = synthesize(c, sys.argv[2], seed=0, steps=12).tokens.tolist()
 def generate(*args, **kwargs):
     for out in inner(*args, **kwargs):
         seen.append([ids.tolist() for ids in out.ids])
@@ -190,7 +191,7 @@ code = c.InferCodeParams(spk_emb=fixed_speaker(c, 3), manual_seed=5, max_new_tok
 c.infer(json.loads(sys.argv[3]), skip_refine_text=True, params_infer_code=code, do_text_normalization=False,
         split_text=False)
 steps = compiled.last_steps[0]
-print(json.dumps([torch._dynamo.utils.counters["stats"]["unique_graphs"], one, seen[-1], steps]))
+print(json.dumps([torch._dynamo.utils.counters["stats"]["unique_graphs"], one, seen[-1], steps, cache_rows]))
 """
 
 
@@ -238,8 +239,10 @@ def test_compiled_variant_starts_without_compiling(recipe, batches, tiny_dir, tm
     proc = subprocess.run([sys.executable, "-c", FRESH, str(tmp_path / "v"), TEXT, json.dumps(TEXTS)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    graphs, one, batch, steps = json.loads(proc.stdout.strip().splitlines()[-1])
+    graphs, one, batch, steps, cache_rows = json.loads(proc.stdout.strip().splitlines()[-1])
     assert steps == 9  # the batch ran on the compiled path (the prompt pass gives the first token)
+    # loaded at one row, in the first rows of the largest carried bucket's cache, made at load
+    assert cache_rows == [1, max(carried)]
     # nothing traced or compiled in the fresh process, unless the variant lacks the batch's bucket
     assert (graphs == 0) == (3 in batches)
     if graphs == 0:
