@@ -51,6 +51,12 @@ def _infer(chat, texts: list[str], code, refine=None, stream: bool = False):
     return chat.infer(texts, **kwargs)
 
 
+def infer_fixed(chat, texts: list[str], steps: int, seed: int = 0):
+    """``Chat.infer`` on ``texts`` with refinement skipped and exactly ``steps`` code steps a text
+    (equal work whatever the weights) -> ChatTTS's waveforms."""
+    return _infer(chat, texts, _code(chat, seed, steps))
+
+
 def _timed(fn) -> float:
     fn()  # warm: what this shape compiles, it compiles here
     t0 = time.perf_counter()
@@ -63,10 +69,10 @@ def measure_call_shapes(chat, texts: list[str], s: ShapeSettings, seed: int = 0)
     """The call shapes, each timed once warm -> results.json's ``call_shapes``."""
     pick = [texts[i % len(texts)] for i in range(max(max(s.batch_sizes), s.refine_texts))]
     out = CallShapes()
-    seconds = _timed(lambda: _infer(chat, pick[:1], _code(chat, seed, s.long_steps)))
+    seconds = _timed(lambda: infer_fixed(chat, pick[:1], s.long_steps, seed))
     out.long = {"steps": s.long_steps, "s": seconds, "rtf": seconds / audio_seconds(s.long_steps)}
     for b in s.batch_sizes:
-        seconds = _timed(lambda: _infer(chat, pick[:b], _code(chat, seed, s.batch_steps)))
+        seconds = _timed(lambda: infer_fixed(chat, pick[:b], s.batch_steps, seed))
         out.batches.append({"batch": b, "steps": s.batch_steps, "s": seconds,
                             "audio_s_per_s": b * audio_seconds(s.batch_steps) / seconds,
                             "row_steps_per_s": _row_steps_per_s(chat, b)})

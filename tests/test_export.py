@@ -253,6 +253,26 @@ def test_compiled_variant_starts_without_compiling(recipe, batches, tiny_dir, tm
     assert [one, batch] == list(expected)
 
 
+@pytest.mark.slow
+def test_batches_without_ahead_of_time_steps_come_from_inductors_cache(tiny_dir, tmp_path):
+    """Where a step cannot be compiled ahead of time (Inductor freezing here, CUDA always), a
+    variant carries Inductor's cache of what export ran: export runs each named batch bucket
+    once, so that a fresh process's batch finds every kernel there."""
+    frozen = str(Path(__file__).parent / "data" / "recipes" / "fp32-frozen.toml")
+    export_variant(tmp_path / "v", recipe=frozen, model="synthetic-tiny", batches=[2])
+    assert json.loads((tmp_path / "v" / "manifest.json").read_text())["compile_artifacts"]["kind"] == "inductor-cache"
+    code = ("import json, sys, torch, quantkit; from quantkit.shapes import infer_fixed;"
+            "c = quantkit.load_variant(sys.argv[1], trust_compiled=True); infer_fixed(c, ['Hi.', 'Hello there.'], 6);"
+            "n = torch._dynamo.utils.counters['inductor'];"
+            "print(json.dumps([n['fxgraph_cache_hit'], n['fxgraph_cache_miss']]))")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "fresh")}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "v")], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hits, misses = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert hits >= 1 and misses == 0
+
+
 def test_batches_need_a_compiled_recipe(tmp_path):
     assert_one_line_error(run_cli_here("export", "int8-dynamic", "--model", "synthetic-tiny", "--batches", "1,8",
                                        "--out", str(tmp_path / "v")), "is not compiled")

@@ -32,7 +32,7 @@ def main() -> None:
     texts = [f"The quick brown fox jumps over the lazy dog, number {i}." for i in range(max(sizes))]
 
     def call(b: int) -> None:
-        shapes._infer(chat, texts[:b], shapes._code(chat, 0, args.steps))
+        shapes.infer_fixed(chat, texts[:b], args.steps)
 
     for b in sizes:  # warm: what each batch bucket compiles, it compiles here
         call(b)

@@ -31,7 +31,7 @@ def main() -> None:
     seconds = []
     for _ in range(args.calls):
         t = time.perf_counter()
-        shapes._infer(chat, texts, shapes._code(chat, 0, args.steps))
+        shapes.infer_fixed(chat, texts, args.steps)
         seconds.append(time.perf_counter() - t)
     print(json.dumps({"variant": args.variant, "batch": args.batch, "start_to_loaded_s": loaded,
                       "first_s": seconds[0], "warm_s": seconds[1:], "start_to_first_audio_s": loaded + seconds[0],
