@@ -171,14 +171,14 @@ def save_compiled(fns: CompiledFunctions, folder: str | Path, batches: Sequence[
     folder = Path(folder)
     if fns.ahead:
         try:
-            sampling, buckets = save_precompiled(fns, folder, batches)
-            _build_kernels(folder, [folder / f for b in buckets for f in (b["file"], b["prefill"])])
+            sampling, saved = save_precompiled(fns, folder, batches)
+            _build_kernels(folder, [folder / f for b in saved for f in (b["file"], b["prefill"])])
             return {"kind": "aot", "file": PRECOMPILED_STEP, "prefill": PRECOMPILED_PREFILL, "sampling": sampling,
-                    "kernels": KERNELS, "batch_buckets": buckets[1:]}
+                    "kernels": KERNELS, "batch_buckets": saved[1:]}
         except Exception as exc:  # noqa: BLE001 - an experimental API: any failure means "not here"
             log.warning("ahead-of-time compilation unavailable for this recipe (%s: %s); saving "
                         "Inductor cache artifacts instead", type(exc).__name__, str(exc)[:120])
-            for rows in _buckets(batches):
+            for rows in buckets(batches):
                 for name in _files(rows):
                     (folder / name).unlink(missing_ok=True)
     save_compile_cache(folder)
@@ -243,8 +243,8 @@ def load_compiled(fns: CompiledFunctions, folder: str | Path, info: dict) -> Non
             from torch._inductor.runtime.cache_dir_utils import cache_dir
 
             shutil.copytree(folder / info["kernels"], cache_dir(), dirs_exist_ok=True)
-        buckets = [{"rows": 1, "file": info["file"], "prefill": info["prefill"]}, *info.get("batch_buckets", [])]
-        load_precompiled(fns, folder, buckets, info["sampling"])
+        saved = [{"rows": 1, "file": info["file"], "prefill": info["prefill"]}, *info.get("batch_buckets", [])]
+        load_precompiled(fns, folder, saved, info["sampling"])
     else:
         load_compile_cache(folder)
 
@@ -268,7 +268,7 @@ def save_precompiled(fns: CompiledFunctions, folder: Path, batches: Sequence[int
     and per bucket its rows and files (one row's first). Raises where ahead-of-time compilation
     fails."""
     s, saved = fns.default, []
-    for rows in _buckets(batches):
+    for rows in buckets(batches):
         fns.model.reserve(rows, 1, fresh=True)
         names = _files(rows)
         fns.step_for(s).current().save(folder / names[0])
@@ -278,7 +278,8 @@ def save_precompiled(fns: CompiledFunctions, folder: Path, batches: Sequence[int
     return asdict(s), saved
 
 
-def _buckets(batches: Sequence[int]) -> list[int]:
+def buckets(batches: Sequence[int]) -> list[int]:
+    """The batch buckets (rows) that calls of these batch sizes run in, one row always."""
     return sorted({1, *map(bucket, batches)})
 
 
@@ -289,15 +290,15 @@ def _files(rows: int) -> tuple[str, str]:
     return f"decode_step-{rows}.aot", f"prefill-{rows}.aot"
 
 
-def load_precompiled(fns: CompiledFunctions, folder: Path, buckets: list[dict], sampling: dict) -> None:
+def load_precompiled(fns: CompiledFunctions, folder: Path, saved: list[dict], sampling: dict) -> None:
     """Use the saved ahead-of-time steps and prompt passes, each for the shape it was saved for
     (its rows at the recipe's capacity), the steps for calls whose sampling constants are the
     saved ones (others compile as usual: the loaded function does not check them itself)."""
     # The largest bucket's cache made now, not at its first call; smaller calls use its first rows
-    fns.model.reserve(max(b["rows"] for b in buckets), 1, fresh=True)
+    fns.model.reserve(max(b["rows"] for b in saved), 1, fresh=True)
     fns.model.reserve(1, 1, fresh=True)
     step, first = fns.step_for(Sampling(**sampling)), fns.prefill_fn()
-    for b in buckets:
+    for b in saved:
         shape = (b["rows"], fns.model.capacity)
         step.by_shape[shape] = Precompiled(_load_aot(folder / b["file"]), fns.step)
         first.by_shape[shape] = Precompiled(_load_aot(folder / b["prefill"]), fns.prefill)

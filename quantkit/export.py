@@ -136,17 +136,18 @@ def _compile_artifacts(chat, folder: Path, batches: Sequence[int]) -> dict:
     """The compiled step and prompt pass (quantkit.compile_artifacts.save_compiled) for the batch
     buckets of ``batches``, compiled here after a first call, and the int8 kernel they call."""
     from quantkit.compile import compiled_decoding
-    from quantkit.compile_artifacts import INDUCTOR_CACHE, save_compile_cache, save_compiled
+    from quantkit.compile_artifacts import buckets, save_compile_cache, save_compiled
     from quantkit.shapes import infer_fixed
     from quantkit.synth import synthesize
 
     synthesize(chat, "Compile.", seed=0, steps=4)
     gen = compiled_decoding(chat)
     info = save_compiled(gen.functions, folder, batches)
-    if info["file"] == INDUCTOR_CACHE and set(batches) - {1}:
+    more = buckets(batches)[1:]
+    if info["kind"] == "inductor-cache" and more:
         # Inductor's cache artifacts hold what this process compiled: each bucket, run once
-        for b in sorted(set(batches) - {1}):
-            infer_fixed(chat, ["Compile."] * b, steps=4)
+        for rows in more:
+            infer_fixed(chat, ["Compile."] * rows, steps=4)
         save_compile_cache(folder)
     return {**info, "kernel": _copy_kernel(gen.model, folder)}
 
