@@ -16,7 +16,7 @@ import torch
 
 from quantkit.atomic import write_bytes
 from quantkit.generate import bucket, decode_step, decode_text_step, prefill, prompt_inputs
-from quantkit.inductor import compile_kwargs
+from quantkit.inductor import compile_kwargs, holds_torchao_weights
 from quantkit.recipes import CompileSettings
 from quantkit.sampling import Sampling
 
@@ -26,15 +26,16 @@ PRECOMPILED_STEP, PRECOMPILED_PREFILL, INDUCTOR_CACHE = "decode_step.aot", "pref
 KERNELS = "inductor"  # the saved functions' C++ kernels, built
 
 
-def compile_decode_step(settings: CompileSettings, step: Callable = decode_step) -> Callable:
-    return torch.compile(step, fullgraph=True, dynamic=False, **compile_kwargs(settings))
+def compile_decode_step(settings: CompileSettings, step: Callable = decode_step, torchao: bool = False) -> Callable:
+    return torch.compile(step, fullgraph=True, dynamic=False, **compile_kwargs(settings, torchao=torchao))
 
 
-def compile_prefill(settings: CompileSettings) -> Callable:
+def compile_prefill(settings: CompileSettings, torchao: bool = False) -> Callable:
     """The prompt pass, compiled: eagerly, its ~30 small operations per layer around the int8
     products cost more than the products. Never as CUDA graphs: one graph would be recorded per
     prompt length."""
-    return torch.compile(prefill, fullgraph=True, dynamic=False, **compile_kwargs(settings, cuda_graphs=False))
+    kwargs = compile_kwargs(settings, cuda_graphs=False, torchao=torchao)
+    return torch.compile(prefill, fullgraph=True, dynamic=False, **kwargs)
 
 
 class CompiledFunctions:
@@ -46,9 +47,10 @@ class CompiledFunctions:
 
     def __init__(self, model, settings: CompileSettings, default: Sampling, compile_step: bool = True):
         self.model, self.settings, self.default = model, settings, default
-        self.step = compile_decode_step(settings) if compile_step else decode_step
-        self.text_step = compile_decode_step(settings, decode_text_step) if compile_step else decode_text_step
-        self.prefill = compile_prefill(settings) if compile_step else prefill
+        self.torchao = holds_torchao_weights(model)
+        self.step = self.compile_step() if compile_step else decode_step
+        self.text_step = self.compile_step(decode_text_step) if compile_step else decode_text_step
+        self.prefill = self.compile_prefill() if compile_step else prefill
         self.ahead = compile_step and model.slots.device.type == "cpu"
         self.precompiled: dict[Sampling, Callable] = {}  # ahead-of-time decode steps
         self.precompiled_prefill: PerCacheShape | None = None
@@ -69,12 +71,18 @@ class CompiledFunctions:
     def precompile_step(self, s: Sampling) -> "Precompiled":
         """The decode step for sampling ``s`` compiled ahead of time for the cache's current shape
         (raises where that fails)."""
-        return Precompiled(_aot(compile_decode_step, self.settings, self.example_inputs(s)), self.step)
+        return Precompiled(_aot(self.compile_step, self.example_inputs(s)), self.step)
 
     def precompile_prefill(self) -> "Precompiled":
         """The prompt pass compiled ahead of time for the cache's current shape (raises where that
         fails)."""
-        return Precompiled(_aot(compile_prefill, self.settings, self.example_prompt()), self.prefill)
+        return Precompiled(_aot(self.compile_prefill, self.example_prompt()), self.prefill)
+
+    def compile_step(self, step: Callable = decode_step) -> Callable:
+        return compile_decode_step(self.settings, step, self.torchao)
+
+    def compile_prefill(self) -> Callable:
+        return compile_prefill(self.settings, self.torchao)
 
     def example_inputs(self, s: Sampling) -> tuple:
         """decode_step's arguments for compiling it ahead of time: the cache's current rows."""
@@ -155,10 +163,10 @@ def _or_just_in_time(precompile: Callable[[], Precompiled], fallback: Callable) 
         return fallback
 
 
-def _aot(compile_fn: Callable, settings: CompileSettings, example: tuple):
+def _aot(compile_fn: Callable[[], Callable], example: tuple):
     # Scoped: left on, the setting changes what later just-in-time compilations cache.
     with torch._dynamo.config.patch(enable_aot_compile=True), torch.no_grad():
-        return compile_fn(settings).aot_compile((example, {}))
+        return compile_fn().aot_compile((example, {}))
 
 
 def save_compiled(fns: CompiledFunctions, folder: str | Path, batches: Sequence[int] = (1,)) -> dict:

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import platform
+import sys
 
 import torch
 
@@ -30,9 +31,18 @@ def uses_cuda_graphs(settings: CompileSettings, device: torch.device) -> bool:
     return device.type == "cuda" and bool(list_mode_options(settings.mode).get("triton.cudagraphs"))
 
 
-def compile_kwargs(settings: CompileSettings, cuda_graphs: bool = True) -> dict:
+# What torchao's quantize_ sets process-wide by default (its configs' set_inductor_config), set
+# here per compile instead: a process that loads the quantized weights (an exported variant)
+# then compiles with the same options, so Inductor's saved cache keys match, and the options do
+# not leak into other recipes' compiles in the same process.
+TORCHAO_OPTIONS = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True,
+                   "force_fuse_int_mm_with_mul": True, "triton.unique_kernel_names": True}
+
+
+def compile_kwargs(settings: CompileSettings, cuda_graphs: bool = True, torchao: bool = False) -> dict:
     """torch.compile's Inductor options: the recipe's mode (less CUDA graphs if not
-    ``cuda_graphs``) and freezing, and no size asserts.
+    ``cuda_graphs``) and freezing, torchao's recommended options for a model holding its
+    quantized weights (``torchao``), and no size asserts.
 
     Inductor's generated code asserts every input's sizes and strides in Python on each call
     (hundreds of inputs in the int8 step); Dynamo's guards have checked the same before the
@@ -40,7 +50,17 @@ def compile_kwargs(settings: CompileSettings, cuda_graphs: bool = True) -> dict:
     from torch._inductor import list_mode_options
 
     mode = {k: v for k, v in list_mode_options(settings.mode).items() if cuda_graphs or k != "triton.cudagraphs"}
-    return {"options": {**mode, "freezing": settings.freezing, "size_asserts": False}}
+    extra = TORCHAO_OPTIONS if torchao else {}
+    return {"options": {**mode, **extra, "freezing": settings.freezing, "size_asserts": False}}
+
+
+def holds_torchao_weights(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has parameters quantized by torchao (its tensor subclasses)."""
+    if "torchao" not in sys.modules:  # nothing can be torchao's then; spare its import
+        return False
+    from torchao.utils import TorchAOBaseTensor
+
+    return any(isinstance(p, TorchAOBaseTensor) for p in model.parameters())
 
 
 def skip_vec_isa_probe() -> None:

@@ -10,7 +10,8 @@ list of methods comes from here.
 - ``fp8-weight-only``: torchao ``Float8WeightOnlyConfig`` (per-row float8 e4m3 weights, matmul in
   the activations' dtype).
 
-torch is imported inside the handlers: listing recipes needs none of it.
+torch is imported inside the handlers: listing recipes needs none of it. torchao's configs are told
+not to set Inductor's options process-wide; quantkit.inductor sets them per compile.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _linear_filter(module, _fqn: str) -> bool:
 def _torchao_weight_only(module, device) -> None:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    quantize_(module, Int8WeightOnlyConfig(), filter_fn=_linear_filter)
+    quantize_(module, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=_linear_filter)
 
 
 def _eager_int8_dynamic_on_cuda(device, compiled: bool) -> str | None:
@@ -77,14 +78,14 @@ def _eager_int8_dynamic_on_cuda(device, compiled: bool) -> str | None:
 def _torchao_dynamic(module, device) -> None:
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-    quantize_(module, Int8DynamicActivationInt8WeightConfig(), filter_fn=_linear_filter)
+    quantize_(module, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False), filter_fn=_linear_filter)
 
 
 @register("fp8-weight-only")
 def _torchao_fp8_weight_only(module, device) -> None:
     from torchao.quantization import Float8WeightOnlyConfig, quantize_
 
-    quantize_(module, Float8WeightOnlyConfig(), filter_fn=_linear_filter)
+    quantize_(module, Float8WeightOnlyConfig(set_inductor_config=False), filter_fn=_linear_filter)
 
 
 def _fbgemm_skeleton(model) -> None:

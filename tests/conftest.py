@@ -27,18 +27,6 @@ def _quantkit_cache(tmp_path_factory):
     yield
 
 
-@pytest.fixture(autouse=True)
-def _inductor_config():
-    """torchao sets Inductor options globally when it quantizes (force_fuse_int_mm_with_mul,
-    coordinate-descent tuning); they would change the cache keys of later tests' compilations
-    in this process, so a test's result would depend on the order tests run in."""
-    import torch._inductor.config
-
-    saved = torch._inductor.config.save_config()
-    yield
-    torch._inductor.config.load_config(saved)
-
-
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "quantkit", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})

@@ -217,6 +217,29 @@ def test_damaged_compile_cache_is_one_clear_error(tiny_dir, tmp_path):
     assert (cache / COMPILED_INFO).read_text() == json.dumps(info)  # nothing overwritten
 
 
+def test_torchao_recipes_leave_inductors_settings_alone(tiny_dir):
+    """torchao's quantize_ sets Inductor options process-wide by default, which changed what
+    later compiles of other recipes in the process cached; quantkit gives them to its own
+    compiles of a model holding torchao's weights instead."""
+    from quantkit.inductor import TORCHAO_OPTIONS
+
+    with torch._inductor.config.patch({k: False for k in TORCHAO_OPTIONS}):
+        before = torch._inductor.config.get_config_copy()
+        chat = load_chat("synthetic-tiny")
+        apply_recipe(chat, get_recipe("int8-weight-only-compiled"))
+        after = torch._inductor.config.get_config_copy()
+    changed = {k for k in before if before[k] != after[k]} - {"cpp.vec_isa_ok"}  # quantkit's own probe skip
+    assert not changed
+    assert compiled_decoding(chat).functions.torchao
+    assert not compiled_decoding(_fp32_compiled()).functions.torchao
+
+
+def _fp32_compiled():
+    chat = load_chat("synthetic-tiny")
+    apply_recipe(chat, get_recipe("fp32-compiled"))
+    return chat
+
+
 @pytest.mark.parametrize("method", ["int8-dynamic", "int8-weight-only"])
 def test_plain_int8_twin_computes_exactly_what_torchao_does(method):
     from torch import nn

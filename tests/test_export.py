@@ -258,10 +258,10 @@ def test_compiled_variant_starts_without_compiling(recipe, batches, tiny_dir, tm
 def test_batches_without_ahead_of_time_steps_come_from_inductors_cache(tiny_dir, tmp_path):
     """Where a step cannot be compiled ahead of time (Inductor freezing here, CUDA always), a
     variant carries Inductor's cache of what export ran: export runs each named batch bucket
-    once, so that a fresh process's batch finds every kernel there."""
-    frozen = str(Path(__file__).parent / "data" / "recipes" / "fp32-frozen.toml")
-    # In a process of its own: torchao's global Inductor settings, left by this module's int8
-    # variants, would enter the saved cache's keys and miss in a fresh process
+    once, so that a fresh process's batch finds every kernel there. With torchao's weights, the
+    fresh process (which loads them, not quantizes) compiles with the options torchao's
+    quantize_ would have set process-wide: otherwise every key misses."""
+    frozen = str(Path(__file__).parent / "data" / "recipes" / "int8-weight-only-frozen.toml")
     proc = run_cli("export", frozen, "--model", "synthetic-tiny", "--batches", "2", "--out", str(tmp_path / "v"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "v" / "manifest.json").read_text())["compile_artifacts"]["kind"] == "inductor-cache"
