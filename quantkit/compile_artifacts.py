@@ -26,18 +26,6 @@ PRECOMPILED_STEP, PRECOMPILED_PREFILL, INDUCTOR_CACHE = "decode_step.aot", "pref
 KERNELS = "inductor"  # the saved functions' C++ kernels, built
 
 
-def compile_decode_step(settings: CompileSettings, step: Callable = decode_step, torchao: bool = False) -> Callable:
-    return torch.compile(step, fullgraph=True, dynamic=False, **compile_kwargs(settings, torchao=torchao))
-
-
-def compile_prefill(settings: CompileSettings, torchao: bool = False) -> Callable:
-    """The prompt pass, compiled: eagerly, its ~30 small operations per layer around the int8
-    products cost more than the products. Never as CUDA graphs: one graph would be recorded per
-    prompt length."""
-    kwargs = compile_kwargs(settings, cuda_graphs=False, torchao=torchao)
-    return torch.compile(prefill, fullgraph=True, dynamic=False, **kwargs)
-
-
 class CompiledFunctions:
     """The functions ``quantkit.generate`` runs for one StaticCacheGPT: just-in-time compiled (or
     eager, with ``compile_step`` off), and on CPU the decode step (per Sampling) and prompt pass
@@ -79,10 +67,15 @@ class CompiledFunctions:
         return Precompiled(_aot(self.compile_prefill, self.example_prompt()), self.prefill)
 
     def compile_step(self, step: Callable = decode_step) -> Callable:
-        return compile_decode_step(self.settings, step, self.torchao)
+        kwargs = compile_kwargs(self.settings, torchao=self.torchao)
+        return torch.compile(step, fullgraph=True, dynamic=False, **kwargs)
 
     def compile_prefill(self) -> Callable:
-        return compile_prefill(self.settings, self.torchao)
+        """The prompt pass, compiled: eagerly, its ~30 small operations per layer around the int8
+        products cost more than the products. Never as CUDA graphs: one graph would be recorded
+        per prompt length."""
+        kwargs = compile_kwargs(self.settings, cuda_graphs=False, torchao=self.torchao)
+        return torch.compile(prefill, fullgraph=True, dynamic=False, **kwargs)
 
     def example_inputs(self, s: Sampling) -> tuple:
         """decode_step's arguments for compiling it ahead of time: the cache's current rows."""
