@@ -1,7 +1,8 @@
 """Timing the calls users make, through ChatTTS's own ``Chat.infer``: a long utterance, batches,
 text refinement, and streaming's time to the first chunk. Fixed lengths (min = max new tokens)
 make every recipe do the same work; each shape is timed warm (after one call of the same shape,
-which compiles what a compiled recipe needs for it)."""
+which compiles what a compiled recipe needs for it), with its speaker drawn before the clock
+starts, as a user draws one once."""
 
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ def audio_seconds(steps: int) -> float:
     return steps * SAMPLES_PER_STEP / SAMPLE_RATE
 
 
-def _code(chat, seed: int, steps: int, **extra):
-    return chat.InferCodeParams(spk_emb=fixed_speaker(chat, seed), manual_seed=seed, min_new_token=steps,
-                                max_new_token=steps, show_tqdm=False, **extra)
+def _code(chat, seed: int, steps: int, speaker: str | None = None, **extra):
+    spk = speaker if speaker is not None else fixed_speaker(chat, seed)  # drawing one takes ~40 ms
+    return chat.InferCodeParams(spk_emb=spk, manual_seed=seed, min_new_token=steps, max_new_token=steps,
+                                show_tqdm=False, **extra)
 
 
 def _infer(chat, texts: list[str], code, refine=None, stream: bool = False):
@@ -51,10 +53,11 @@ def _infer(chat, texts: list[str], code, refine=None, stream: bool = False):
     return chat.infer(texts, **kwargs)
 
 
-def infer_fixed(chat, texts: list[str], steps: int, seed: int = 0):
+def infer_fixed(chat, texts: list[str], steps: int, seed: int = 0, speaker: str | None = None):
     """``Chat.infer`` on ``texts`` with refinement skipped and exactly ``steps`` code steps a text
-    (equal work whatever the weights) -> ChatTTS's waveforms."""
-    return _infer(chat, texts, _code(chat, seed, steps))
+    (equal work whatever the weights), as ``speaker`` (default: synth.fixed_speaker's for
+    ``seed``, drawn for this call) -> ChatTTS's waveforms."""
+    return _infer(chat, texts, _code(chat, seed, steps, speaker))
 
 
 def _timed(fn) -> float:
@@ -68,19 +71,19 @@ def _timed(fn) -> float:
 def measure_call_shapes(chat, texts: list[str], s: ShapeSettings, seed: int = 0) -> dict[str, Any]:
     """The call shapes, each timed once warm -> results.json's ``call_shapes``."""
     pick = [texts[i % len(texts)] for i in range(max(max(s.batch_sizes), s.refine_texts))]
-    out = CallShapes()
-    seconds = _timed(lambda: infer_fixed(chat, pick[:1], s.long_steps, seed))
+    out, spk = CallShapes(), fixed_speaker(chat, seed)
+    seconds = _timed(lambda: infer_fixed(chat, pick[:1], s.long_steps, seed, spk))
     out.long = {"steps": s.long_steps, "s": seconds, "rtf": seconds / audio_seconds(s.long_steps)}
     for b in s.batch_sizes:
-        seconds = _timed(lambda: infer_fixed(chat, pick[:b], s.batch_steps, seed))
+        seconds = _timed(lambda: infer_fixed(chat, pick[:b], s.batch_steps, seed, spk))
         out.batches.append({"batch": b, "steps": s.batch_steps, "s": seconds,
                             "audio_s_per_s": b * audio_seconds(s.batch_steps) / seconds,
                             "row_steps_per_s": _row_steps_per_s(chat, b)})
     refine = chat.RefineTextParams(manual_seed=seed, min_new_token=s.refine_steps,
                                    max_new_token=s.refine_steps, show_tqdm=False)
-    seconds = _timed(lambda: _infer(chat, pick[:s.refine_texts], _code(chat, seed, s.batch_steps), refine))
+    seconds = _timed(lambda: _infer(chat, pick[:s.refine_texts], _code(chat, seed, s.batch_steps, spk), refine))
     out.refine = {"texts": s.refine_texts, "refine_steps": s.refine_steps, "steps": s.batch_steps, "s": seconds}
-    out.stream = _stream(chat, pick[0], s, seed)
+    out.stream = _stream(chat, pick[0], s, seed, spk)
     return asdict(out)
 
 
@@ -92,9 +95,9 @@ def _row_steps_per_s(chat, rows: int) -> float | None:
     return rows * timed[0] / timed[1] if timed else None
 
 
-def _stream(chat, text: str, s: ShapeSettings, seed: int) -> dict[str, float]:
+def _stream(chat, text: str, s: ShapeSettings, seed: int, speaker: str) -> dict[str, float]:
     """Time to the first streamed chunk (no hand-over skipped) against the whole call unstreamed."""
-    code = _code(chat, seed, s.stream_steps, stream_batch=s.stream_batch, pass_first_n_batches=0)
+    code = _code(chat, seed, s.stream_steps, speaker, stream_batch=s.stream_batch, pass_first_n_batches=0)
     whole = _timed(lambda: _infer(chat, [text], code))
     first = []
     for _ in range(2):  # the first pass warms up
