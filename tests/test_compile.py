@@ -231,13 +231,9 @@ def test_torchao_recipes_leave_inductors_settings_alone(tiny_dir):
     changed = {k for k in before if before[k] != after[k]} - {"cpp.vec_isa_ok"}  # quantkit's own probe skip
     assert not changed
     assert compiled_decoding(chat).functions.torchao
-    assert not compiled_decoding(_fp32_compiled()).functions.torchao
-
-
-def _fp32_compiled():
-    chat = load_chat("synthetic-tiny")
-    apply_recipe(chat, get_recipe("fp32-compiled"))
-    return chat
+    fp32 = load_chat("synthetic-tiny")
+    apply_recipe(fp32, get_recipe("fp32-compiled"))
+    assert not compiled_decoding(fp32).functions.torchao
 
 
 @pytest.mark.parametrize("method", ["int8-dynamic", "int8-weight-only"])
