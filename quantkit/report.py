@@ -23,8 +23,8 @@ def load_results(out: Path) -> dict[str, Any]:
         raise QuantkitError(f"{path} does not exist (run `python -m quantkit eval --out {out}` first)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise QuantkitError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("schema") not in (1, 2, 3) or not isinstance(doc.get("recipes"), list):
-        raise QuantkitError(f"{path} is not a quantkit results file (schema 1 to 3)")
+    if not isinstance(doc, dict) or doc.get("schema") not in (1, 2, 3, 4) or not isinstance(doc.get("recipes"), list):
+        raise QuantkitError(f"{path} is not a quantkit results file (schema 1 to 4)")
     for r in doc["recipes"]:
         if not isinstance(r, dict) or not isinstance(r.get("name"), str) or r.get("status") not in ("ok", "failed"):
             raise QuantkitError(f"{path}: malformed recipe entry {str(r)[:80]}")

@@ -2,10 +2,12 @@
 text refinement, and streaming's time to the first chunk. Fixed lengths (min = max new tokens)
 make every recipe do the same work; each shape is timed warm (after one call of the same shape,
 which compiles what a compiled recipe needs for it), with its speaker drawn before the clock
-starts, as a user draws one once."""
+starts, as a user draws one once. Batches are the median of a few calls, the others one call:
+a long or streamed call of a slow recipe takes a minute."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,6 +23,7 @@ class ShapeSettings:
     long_steps: int = 1100  # beyond a 1024-slot cache, as ChatTTS's defaults allow
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
     batch_steps: int = 64
+    batch_runs: int = 3  # warm calls a batch size, in rounds over the sizes: their median
     refine_texts: int = 4
     refine_steps: int = 32
     stream_steps: int = 96
@@ -69,22 +72,42 @@ def _timed(fn) -> float:
 
 @torch.no_grad()
 def measure_call_shapes(chat, texts: list[str], s: ShapeSettings, seed: int = 0) -> dict[str, Any]:
-    """The call shapes, each timed once warm -> results.json's ``call_shapes``."""
+    """The call shapes, timed warm -> results.json's ``call_shapes``."""
     pick = [texts[i % len(texts)] for i in range(max(max(s.batch_sizes), s.refine_texts))]
     out, spk = CallShapes(), fixed_speaker(chat, seed)
     seconds = _timed(lambda: infer_fixed(chat, pick[:1], s.long_steps, seed, spk))
     out.long = {"steps": s.long_steps, "s": seconds, "rtf": seconds / audio_seconds(s.long_steps)}
-    for b in s.batch_sizes:
-        seconds = _timed(lambda: infer_fixed(chat, pick[:b], s.batch_steps, seed, spk))
-        out.batches.append({"batch": b, "steps": s.batch_steps, "s": seconds,
-                            "audio_s_per_s": b * audio_seconds(s.batch_steps) / seconds,
-                            "row_steps_per_s": _row_steps_per_s(chat, b)})
+    out.batches = measure_batches(chat, pick, s, seed, spk)
     refine = chat.RefineTextParams(manual_seed=seed, min_new_token=s.refine_steps,
                                    max_new_token=s.refine_steps, show_tqdm=False)
     seconds = _timed(lambda: _infer(chat, pick[:s.refine_texts], _code(chat, seed, s.batch_steps, spk), refine))
     out.refine = {"texts": s.refine_texts, "refine_steps": s.refine_steps, "steps": s.batch_steps, "s": seconds}
     out.stream = _stream(chat, pick[0], s, seed, spk)
     return asdict(out)
+
+
+def measure_batches(chat, texts: list[str], s: ShapeSettings, seed: int, speaker: str) -> list[dict[str, Any]]:
+    """Batches of the first ``texts`` at ``s.batch_sizes``: each size warm, then ``s.batch_runs`` rounds of one call per size: a ratio between
+    sizes compares calls made moments apart, not in different phases of a noisy machine."""
+    calls = {b: (lambda b=b: infer_fixed(chat, texts[:b], s.batch_steps, seed, speaker)) for b in s.batch_sizes}
+    for call in calls.values():
+        call()  # what each batch bucket compiles, it compiles here
+    seconds: dict[int, list[float]] = {b: [] for b in calls}
+    rates: dict[int, list[float | None]] = {b: [] for b in calls}
+    for _ in range(s.batch_runs):
+        for b, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            seconds[b].append(time.perf_counter() - t0)
+            rates[b].append(_row_steps_per_s(chat, b))
+    return [_batch_record(b, s.batch_steps, seconds[b], rates[b]) for b in calls]
+
+
+def _batch_record(rows: int, steps: int, seconds: list[float], rates: list[float | None]) -> dict[str, Any]:
+    median = statistics.median(seconds)
+    return {"batch": rows, "steps": steps, "s": median, "runs_s": seconds,
+            "audio_s_per_s": rows * audio_seconds(steps) / median,
+            "row_steps_per_s": None if None in rates else statistics.median(rates)}
 
 
 def _row_steps_per_s(chat, rows: int) -> float | None:

@@ -3,6 +3,7 @@ and picks exactly the tokens of ChatTTS's own loop: batches of mixed prompt leng
 stop at different steps, text refinement, streaming, lengths beyond the recipe's cache."""
 
 import logging
+import statistics
 import time
 
 import numpy as np
@@ -17,7 +18,7 @@ from quantkit.compile_artifacts import Precompiled
 from quantkit.linears import RowsLinear
 from quantkit.models import load_chat
 from quantkit.recipes import get_recipe, recipe_names
-from quantkit.shapes import _row_steps_per_s
+from quantkit.shapes import ShapeSettings, _row_steps_per_s, measure_batches
 from quantkit.synth import fixed_speaker
 
 
@@ -80,6 +81,16 @@ def test_a_batch_decode_steps_are_timed_apart(pair):
     assert steps == 29 and rate == pytest.approx(3 * 29 / seconds) and rate > 3 * 29 / wall
     infer(ref, TEXTS[:3], steps=30)
     assert _row_steps_per_s(ref, 3) is None
+
+
+def test_batches_are_timed_as_medians_of_alternating_calls(pair):
+    """The evaluator's batches: each size's seconds and decode-step rate are medians of its calls."""
+    settings = ShapeSettings(batch_sizes=(1, 3), batch_steps=12, batch_runs=3)
+    one, three = measure_batches(pair[1], TEXTS, settings, 0, fixed_speaker(pair[1], 0))
+    assert [one["batch"], three["batch"]] == [1, 3]
+    for b in (one, three):
+        assert len(b["runs_s"]) == 3 and b["s"] == statistics.median(b["runs_s"])
+        assert b["row_steps_per_s"] > b["batch"] * 11 / b["s"]  # the steps alone: faster than the call
 
 
 def test_a_smaller_batch_after_a_larger_reuses_its_cache(pair):

@@ -36,7 +36,7 @@ def eval_dir(tmp_path_factory, tiny_dir):
 
 def test_eval_writes_schema_valid_results(eval_dir):
     doc = json.loads((eval_dir / "results.json").read_text())
-    assert doc["schema"] == 3 and doc["synthetic_weights"] is True and doc["model"] == "synthetic-tiny"
+    assert doc["schema"] == 4 and doc["synthetic_weights"] is True and doc["model"] == "synthetic-tiny"
     assert doc["complete"] is True
     assert {"torch", "torchao", "chattts", "transformers", "cpu", "gpu", "threads"} <= set(doc["environment"])
     assert doc["command"].startswith("python -m quantkit eval")
@@ -61,8 +61,10 @@ def test_eval_writes_schema_valid_results(eval_dir):
         shapes = r["call_shapes"]
         assert shapes["long"]["steps"] == 40 and shapes["long"]["s"] > 0
         assert [b["batch"] for b in shapes["batches"]] == [1, 2]
-        assert all(b["audio_s_per_s"] == pytest.approx(b["batch"] * b["steps"] * 512 / 24000 / b["s"])
-                   and b["row_steps_per_s"] is None for b in shapes["batches"])  # ChatTTS's loop: not timed apart
+        for b in shapes["batches"]:  # the median of --runs calls; ChatTTS's loop: steps not timed apart
+            assert len(b["runs_s"]) == 2 and b["s"] == statistics.median(b["runs_s"]) and min(b["runs_s"]) > 0
+            assert b["audio_s_per_s"] == pytest.approx(b["batch"] * b["steps"] * 512 / 24000 / b["s"])
+            assert b["row_steps_per_s"] is None
         assert shapes["refine"]["texts"] == 4 and shapes["refine"]["s"] > 0
         assert 0 < shapes["stream"]["first_chunk_s"] and shapes["stream"]["ratio"] == pytest.approx(
             shapes["stream"]["first_chunk_s"] / shapes["stream"]["whole_s"])

@@ -9,8 +9,6 @@ For comparing two commits side by side, alternate processes, each importing its 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -32,24 +30,14 @@ def main() -> None:
     quantkit.apply_recipe(chat, args.recipe)
     texts = [f"The quick brown fox jumps over the lazy dog, number {i}." for i in range(max(sizes))]
 
-    speaker = fixed_speaker(chat, 0)  # drawn once, as a user does: not part of a call
-
-    def call(b: int) -> None:
-        shapes.infer_fixed(chat, texts[:b], args.steps, speaker=speaker)
-
-    for b in sizes:  # warm: what each batch bucket compiles, it compiles here
-        call(b)
-    seconds: dict[int, list[float]] = {b: [] for b in sizes}
-    with torch.no_grad():
-        for _ in range(args.rounds):
-            for b in sizes:
-                t0 = time.perf_counter()
-                call(b)
-                seconds[b].append(time.perf_counter() - t0)
-    base = statistics.median(seconds[sizes[0]]) / sizes[0]
-    for b in sizes:
-        med = statistics.median(seconds[b])
-        print(f"{quantkit.__file__}: batch {b}: {med:.3f} s, throughput {b * base / med:.2f}x batch {sizes[0]}")
+    settings = shapes.ShapeSettings(batch_sizes=tuple(sizes), batch_steps=args.steps, batch_runs=args.rounds)
+    with torch.no_grad():  # the speaker drawn once, as a user does: not part of a call
+        batches = shapes.measure_batches(chat, texts, settings, 0, fixed_speaker(chat, 0))
+    base, steps = batches[0]["audio_s_per_s"], batches[0]["row_steps_per_s"]
+    for b in batches:
+        scaling = f", decode steps {b['row_steps_per_s'] / steps:.2f}x" if steps else ""
+        print(f"{quantkit.__file__}: batch {b['batch']}: {b['s']:.3f} s, "
+              f"throughput {b['audio_s_per_s'] / base:.2f}x batch {sizes[0]}{scaling}")
 
 
 if __name__ == "__main__":
