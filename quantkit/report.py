@@ -240,7 +240,7 @@ def call_shapes_tables(ok: list[dict]) -> list[Table]:
     columns = _call_shape_columns(sizes, stock)
     lead = (f"Through ChatTTS's own `Chat.infer`, fixed lengths, each timed warm: one utterance of "
             f"{first['long']['steps']} steps; batches of {', '.join(map(str, sizes))} texts of "
-            f"{first['batches'][0]['steps']} steps (throughput in audio seconds per wall second); "
+            f"{first['batches'][0]['steps']} steps (throughput in audio seconds per wall second{_median_of(first)}); "
             f"{first['refine']['texts']} texts with text refinement on ({first['refine']['refine_steps']} "
             f"refinement steps, then {first['refine']['steps']} code steps); `stream=True` with "
             f"`stream_batch` {first['stream']['stream_batch']} and no hand-over skipped, "
@@ -256,6 +256,11 @@ def call_shapes_tables(ok: list[dict]) -> list[Table]:
                        [(name, [*[(x, "{:.0f}") for x in rates], (rates[-1] / rates[0], "{:.2f}x")])
                         for name, rates in timed]))
     return tables
+
+
+def _median_of(shapes: dict) -> str:
+    runs = shapes["batches"][0].get("runs_s")  # schema 4
+    return f"; each size the median of {len(runs)} calls in alternating rounds" if runs else ""
 
 
 def _call_shapes_section(ok: list[dict]) -> list[str]:

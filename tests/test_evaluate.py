@@ -88,6 +88,7 @@ def test_eval_outputs_report_plot_csv_and_audio(eval_dir):
         png = (eval_dir / plot).read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert "## What users get: Chat.infer" in report and "batch 2 audio s/s" in report
+    assert "each size the median of 2 calls" in report
     rows = (eval_dir / "utterances.csv").read_text().splitlines()
     assert rows[0].startswith("recipe,id,steps,wav,text,transcript,error") and len(rows) == 1 + 2 * 2
     assert len(list((eval_dir / "audio" / "bf16").glob("*.wav"))) == 2
