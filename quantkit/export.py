@@ -42,6 +42,7 @@ from quantkit import chattts, trust
 from quantkit.atomic import write_error
 from quantkit.errors import QuantkitError
 from quantkit.quantize import METHODS
+from quantkit.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -198,27 +199,13 @@ def export_variant(out: str | Path, recipe: str | None = None, best: str | None 
     """Write a variant directory: into a temporary sibling, renamed into place at the very end.
     A compiled recipe's variant carries its decode step and prompt pass for one row and for the
     batch buckets of ``batches``: calls of those sizes compile nothing in a fresh process."""
-    from quantkit.apply import apply_recipe, check_runnable, weight_bytes
+    from quantkit.apply import apply_recipe, weight_bytes
     from quantkit.models import load_chat, resolve_device, resolve_source
 
     out = Path(out).absolute()
     check_export_target(out, force)
     rec, metrics = _recipe_and_metrics(recipe, best)
-    if rec.baseline:
-        raise QuantkitError("the 'stock' baseline changes nothing: export fp32 or a quantized recipe")
-    others = [c for c in ("heads", "decoder", "vocos") if rec.component(c).quantize != "none"]
-    if others:
-        # only the GPT's applied state is stored; the rest is re-applied from ChatTTS's assets,
-        # which for a cast is exact and cheap but for quantization would redo it from fp32
-        raise QuantkitError(f"recipe '{rec.name}': exporting quantized {', '.join(others)} is not "
-                            "supported (only the GPT's quantized weights are stored)")
-    method = METHODS.get(rec.gpt.quantize)
-    if method is not None and method.not_exportable:
-        raise QuantkitError(f"recipe '{rec.name}': {method.not_exportable}")
-    check_runnable(rec, resolve_device(device))
-    if set(batches) - {1} and not rec.compile.enabled:
-        raise QuantkitError(f"recipe '{rec.name}' is not compiled: its variant carries no compiled "
-                            "step, for batches or otherwise")
+    _check_exportable(rec, resolve_device(device), batches)
     src = resolve_source(model)
     chat = load_chat(model, device)
     apply_recipe(chat, rec)
@@ -250,6 +237,27 @@ def export_variant(out: str | Path, recipe: str | None = None, best: str | None 
     sizes = {"total_bytes": sum((out / f).stat().st_size for f in files),
              "gpt_bytes": (out / gpt_file).stat().st_size}
     return {"out": str(out), "recipe": rec.name, **sizes, "compile_artifacts": bool(compiled)}
+
+
+def _check_exportable(rec: Recipe, device: torch.device, batches: Sequence[int]) -> None:
+    """Refuse, before loading anything, a recipe whose variant could not hold what it applies."""
+    from quantkit.apply import check_runnable
+
+    if rec.baseline:
+        raise QuantkitError("the 'stock' baseline changes nothing: export fp32 or a quantized recipe")
+    others = [c for c in ("heads", "decoder", "vocos") if rec.component(c).quantize != "none"]
+    if others:
+        # only the GPT's applied state is stored; the rest is re-applied from ChatTTS's assets,
+        # which for a cast is exact and cheap but for quantization would redo it from fp32
+        raise QuantkitError(f"recipe '{rec.name}': exporting quantized {', '.join(others)} is not "
+                            "supported (only the GPT's quantized weights are stored)")
+    method = METHODS.get(rec.gpt.quantize)
+    if method is not None and method.not_exportable:
+        raise QuantkitError(f"recipe '{rec.name}': {method.not_exportable}")
+    check_runnable(rec, device)
+    if set(batches) - {1} and not rec.compile.enabled:
+        raise QuantkitError(f"recipe '{rec.name}' is not compiled: its variant carries no compiled "
+                            "step, for batches or otherwise")
 
 
 def check_export_target(out: Path, force: bool) -> None:
