@@ -104,17 +104,27 @@ def plot_pareto(doc: dict, path: Path) -> None:
 def render_markdown(doc: dict) -> str:
     recipes = doc["recipes"]
     ok = [r for r in recipes if r["status"] == "ok"]
-    stock = next((r for r in ok if r["name"] == "stock"), None)
-    env = doc.get("environment", {})
     out = [f"# quantkit evaluation: {doc['model']} on {doc['device']}", ""]
     if doc.get("synthetic_weights"):
         out += [SYNTHETIC_NOTE, ""]
     rec = doc.get("recommendation") or {}
     out += ["## Recommendation", "",
             f"**{rec.get('name') or 'none'}** — {rec.get('reason', '')}", ""]
+    out += _latency_section(doc, ok) + _memory_section(ok) + _intelligibility_section(doc, ok)
+    out += _fidelity_section(ok)
+    out += _quality_section(doc, [r for r in ok if r.get("dnsmos")])
+    out += _call_shapes_section(ok)
+    failed = [r for r in recipes if r["status"] != "ok"]
+    if failed:
+        out += ["## Failed recipes", ""] + [f"- **{r['name']}**: {r['error']}" for r in failed] + [""]
+    out += ["![latency versus error](pareto.png)", ""] + _environment_section(doc)
+    return "\n".join(out)
 
+
+def _latency_section(doc: dict, ok: list[dict]) -> list[str]:
+    stock = next((r for r in ok if r["name"] == "stock"), None)
     speed = lambda r: _f(stock["ms_per_step"] / r["ms_per_step"], ".2f") + "x" if stock else "—"  # noqa: E731
-    out += ["## Latency", "",
+    return ["## Latency", "",
             f"Fixed {doc.get('max_new_tokens')} GPT steps per call, warm figures over {doc.get('runs')} runs; "
             "ms/step is GPT time (embedding, prefill, decode, sampling) over the step count; "
             "decode step ms (compiled decoding only) is one decode step alone, prompt pass excluded; "
@@ -125,7 +135,10 @@ def render_markdown(doc: dict) -> str:
                      _f(r["warm_s_median"]), _f(r["warm_s_p90"]), _f(r["ms_per_step"]),
                      _f(r.get("step_ms_median")), _f(r.get("decode_s_median")), _f(r["rtf"]), speed(r)]
                     for r in ok]), ""]
-    out += ["## Memory and size", "",
+
+
+def _memory_section(ok: list[dict]) -> list[str]:
+    return ["## Memory and size", "",
             "Peak memory is the process's peak RSS on CPU (load included) or "
             "`torch.cuda.max_memory_allocated` on CUDA. Bandwidth = bytes read per GPT step "
             "(transformer and code heads; the code embeddings are looked up, not streamed) x steps per "
@@ -141,20 +154,27 @@ def render_markdown(doc: dict) -> str:
                      _f(r.get("read_bandwidth_gbs")), _f(r.get("bandwidth_fraction"), ".0%"),
                      _f(r.get("step_bandwidth_gbs")), _f(r.get("step_bandwidth_fraction"), ".0%")]
                     for r in ok]), ""]
-    if any(r.get("error_rate") for r in ok):
-        metric = next(r["error_rate"]["metric"] for r in ok if r.get("error_rate")).upper()
-        out += ["## Intelligibility", "",
-                f"Whisper at temperature 0, language forced; {metric} per utterance capped at 1; "
-                "delta is the paired mean difference to fp32 with a 95% bootstrap interval.", ""]
-        if doc.get("synthetic_weights"):
-            out += ["*Synthetic weights: these numbers only show that the pipeline runs.*", ""]
-        out += [_table(["recipe", f"{metric} mean", f"{metric} uncapped mean (Seed-TTS-eval)",
-                        f"{metric} corpus", "delta vs fp32", "95% CI"],
-                       [[r["name"], _f(e["mean"], ".3f"), _f(e.get("uncapped_mean"), ".3f"), _f(e["corpus"], ".3f"),
-                         _f(e["delta_vs_fp32"], "+.3f"),
-                         f"[{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]" if e.get("ci95") else "—"]
-                        for r in ok if (e := r.get("error_rate"))]), ""]
-    out += ["## Fidelity to fp32", "",
+
+
+def _intelligibility_section(doc: dict, ok: list[dict]) -> list[str]:
+    if not any(r.get("error_rate") for r in ok):
+        return []
+    metric = next(r["error_rate"]["metric"] for r in ok if r.get("error_rate")).upper()
+    out = ["## Intelligibility", "",
+           f"Whisper at temperature 0, language forced; {metric} per utterance capped at 1; "
+           "delta is the paired mean difference to fp32 with a 95% bootstrap interval.", ""]
+    if doc.get("synthetic_weights"):
+        out += ["*Synthetic weights: these numbers only show that the pipeline runs.*", ""]
+    return out + [_table(["recipe", f"{metric} mean", f"{metric} uncapped mean (Seed-TTS-eval)",
+                          f"{metric} corpus", "delta vs fp32", "95% CI"],
+                         [[r["name"], _f(e["mean"], ".3f"), _f(e.get("uncapped_mean"), ".3f"),
+                           _f(e["corpus"], ".3f"), _f(e["delta_vs_fp32"], "+.3f"),
+                           f"[{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]" if e.get("ci95") else "—"]
+                          for r in ok if (e := r.get("error_rate"))]), ""]
+
+
+def _fidelity_section(ok: list[dict]) -> list[str]:
+    return ["## Fidelity to fp32", "",
             "Teacher-forced on fp32's own token sequences: top-1 agreement of next-token "
             "predictions (all codebooks, then per codebook), mean KL(fp32 || variant) in nats, and "
             "mean absolute log-mel difference of decoder+vocoder output on the same tokens.", "",
@@ -162,12 +182,11 @@ def render_markdown(doc: dict) -> str:
                    [[r["name"], _f(f["token_agreement"], ".4f"),
                      " / ".join(f"{x:.3f}" for x in f["per_codebook"]), _f(f["kl"], ".2e"),
                      _f(f["mel_distance"], ".2e")] for r in ok if (f := r.get("fidelity"))]), ""]
-    out += _quality_section(doc, [r for r in ok if r.get("dnsmos")])
-    out += _call_shapes_section(ok)
-    failed = [r for r in recipes if r["status"] != "ok"]
-    if failed:
-        out += ["## Failed recipes", ""] + [f"- **{r['name']}**: {r['error']}" for r in failed] + [""]
-    out += ["![latency versus error](pareto.png)", "", "## Environment and reproduction", "",
+
+
+def _environment_section(doc: dict) -> list[str]:
+    env = doc.get("environment", {})
+    return ["## Environment and reproduction", "",
             f"- machine: {env.get('cpu')}, {env.get('threads')} threads"
             + (f", measured read bandwidth {env['read_bandwidth_gbs']:.1f} GB/s"
                if env.get("read_bandwidth_gbs") else "")
@@ -177,7 +196,6 @@ def render_markdown(doc: dict) -> str:
                                        if env.get(k)),
             f"- texts: {doc.get('texts')} ({doc.get('utterances')} utterances, {doc.get('language')})",
             "", "```", doc.get("command", ""), "```", ""]
-    return "\n".join(out)
 
 
 def _quality_section(doc: dict, rows: list[dict]) -> list[str]:
