@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive, default=None, help="use only the first N texts")
     p.add_argument("--asr-model", default=None,
                    help="Whisper name or checkpoint path (default: bundled tiny.en / base)")
-    p.add_argument("--runs", type=_positive, default=3, help="warm timing runs per recipe (also the calls each batch size is timed over)")
+    p.add_argument("--runs", type=_positive, default=3,
+                   help="warm timing runs per recipe (and calls per batch size in the call shapes)")
     p.add_argument("--max-new-tokens", type=_positive, default=96,
                    help="GPT steps of the timing utterance (fixed) and cap for the others")
     p.add_argument("--skip-asr", action="store_true", help="no Whisper, no WER/CER")

@@ -178,7 +178,8 @@ def worker(spec_path: str) -> int:
     if cfg.call_shapes:
         from quantkit.shapes import ShapeSettings, measure_call_shapes
 
-        settings = ShapeSettings(long_steps=cfg.long_steps, batch_sizes=tuple(cfg.batch_sizes), batch_runs=cfg.runs)
+        settings = ShapeSettings(long_steps=cfg.long_steps, batch_sizes=tuple(cfg.batch_sizes),
+                                 batch_runs=cfg.runs)
         shapes = measure_call_shapes(chat, list(texts.values()), settings, cfg.seed)
     # fp32's token sequences, log-probabilities and log-mels: tensors only
     reference = torch.load(spec.reference, weights_only=True) if spec.reference else None

@@ -87,8 +87,9 @@ def measure_call_shapes(chat, texts: list[str], s: ShapeSettings, seed: int = 0)
 
 
 def measure_batches(chat, texts: list[str], s: ShapeSettings, seed: int, speaker: str) -> list[dict[str, Any]]:
-    """Batches of the first ``texts`` at ``s.batch_sizes``: each size warm, then ``s.batch_runs`` rounds of one call per size: a ratio between
-    sizes compares calls made moments apart, not in different phases of a noisy machine."""
+    """Batches of the first ``texts`` at ``s.batch_sizes``: each size warm, then ``s.batch_runs``
+    rounds of one call per size, medians. A ratio between sizes then compares calls made moments
+    apart, not in different phases of a noisy machine."""
     calls = {b: (lambda b=b: infer_fixed(chat, texts[:b], s.batch_steps, seed, speaker)) for b in s.batch_sizes}
     for call in calls.values():
         call()  # what each batch bucket compiles, it compiles here
