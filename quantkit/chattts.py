@@ -115,6 +115,7 @@ def new_chat(overrides: dict, speaker_stat: str | None = None):
 
     import ChatTTS
 
+    _quiet_chattts_deprecations()
     chat = ChatTTS.Chat(logging.getLogger("ChatTTS"))
     # Config's defaults are shared class-level instances: copy before editing.
     chat.config = copy.deepcopy(chat.config)
@@ -122,6 +123,22 @@ def new_chat(overrides: dict, speaker_stat: str | None = None):
     if speaker_stat is not None:
         chat.config.spk_stat = speaker_stat
     return chat
+
+
+class _PastKeyValuesNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "past_key_values" not in record.getMessage()
+
+
+def _quiet_chattts_deprecations() -> None:
+    """ChatTTS 0.2.5 passes ``past_key_values`` to transformers' Llama, which warns twice a
+    process: a notice meant for ChatTTS's authors, not for a user who can do nothing about it."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
+    generic = logging.getLogger("transformers.utils.generic")
+    if not any(isinstance(f, _PastKeyValuesNotice) for f in generic.filters):
+        generic.addFilter(_PastKeyValuesNotice())
 
 
 def _apply_overrides(obj, overrides: dict) -> None:
