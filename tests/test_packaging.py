@@ -28,3 +28,14 @@ def test_wheel_installs_with_every_shipped_recipe(tmp_path):
                             capture_output=True, text=True).stdout.splitlines()
     shipped = sorted(p.stem for p in (ROOT / "recipes").glob("*.toml"))
     assert [line.split()[0] for line in listed] == shipped and len(shipped) >= 6
+
+
+def test_readme_and_methodology_name_the_results_schema_eval_writes():
+    import re
+
+    from quantkit.evaluate import SCHEMA
+
+    readme = (ROOT / "README.md").read_text()
+    assert re.findall(r"\[schema\s+(\d+)\]\(docs/methodology\.md#resultsjson\)", readme) == [str(SCHEMA)]
+    methodology = (ROOT / "docs" / "methodology.md").read_text()
+    assert re.search(r"## results\.json\s+Schema (\d+) ", methodology).group(1) == str(SCHEMA)
