@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.utils.parametrize as P
@@ -15,10 +16,13 @@ from quantkit.precision import cast_module, float_dtype
 from quantkit.quantize import module_weight_bytes, quantize_module, unavailable
 from quantkit.recipes import COMPONENTS, Recipe
 
+if TYPE_CHECKING:
+    from ChatTTS import Chat
+
 log = logging.getLogger(__name__)
 
 
-def component_module(chat, name: str) -> nn.Module:
+def component_module(chat: Chat, name: str) -> nn.Module:
     """The module a recipe's component table acts on (quantkit.chattts.components)."""
     return chattts.components(chat)[name]
 
@@ -35,7 +39,7 @@ class WeightBytes:
     decode: int  # the weights one GPT step streams: transformer and code heads
 
 
-def weight_bytes(chat) -> WeightBytes:
+def weight_bytes(chat: Chat) -> WeightBytes:
     groups = {role: sum(module_weight_bytes(m) for m in mods) for role, mods in chattts.weight_groups(chat).items()}
     # A step looks up one row of each code embedding (4 x 3 KB), it does not stream the tables.
     return WeightBytes(total=sum(groups.values()), decode=groups["gpt"] + groups["heads"])
@@ -59,7 +63,7 @@ def check_runnable(recipe: Recipe, device: torch.device) -> None:
         raise QuantkitError(reason)
 
 
-def apply_recipe(chat, recipe: Recipe, compile_step: bool = True,
+def apply_recipe(chat: Chat, recipe: Recipe, compile_step: bool = True,
                  preapplied: tuple[str, ...] = ()) -> None:
     """Modify ``chat`` in place as ``recipe`` says. A component the device cannot run raises
     QuantkitError naming the recipe, the component and the reason. ``compile_step=False`` keeps
@@ -102,6 +106,6 @@ def apply_recipe(chat, recipe: Recipe, compile_step: bool = True,
         enable_compiled_decoding(chat, recipe.compile, compile_step=compile_step)
 
 
-def component_dtype(chat, name: str) -> torch.dtype:
+def component_dtype(chat: Chat, name: str) -> torch.dtype:
     return float_dtype(component_module(chat, name))
 

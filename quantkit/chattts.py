@@ -6,6 +6,7 @@ one breaks this module alone. The rest of quantkit gets plain modules and tensor
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -13,11 +14,14 @@ from torch import nn
 from quantkit.generate import Progress
 from quantkit.sampling import Sampling
 
+if TYPE_CHECKING:
+    from ChatTTS import Chat
+
 SAMPLE_RATE = 24000
 SAMPLES_PER_STEP = 512  # each GPT step becomes 2 mel frames of 256 samples
 
 
-def static_model(chat, capacity: int, cache_dtype: torch.dtype | None = None):
+def static_model(chat: Chat, capacity: int, cache_dtype: torch.dtype | None = None):
     """ChatTTS's GPT as a quantkit.static_cache.StaticCacheGPT: its Llama, code and text
     embeddings and heads, on its GPT device."""
     from quantkit.static_cache import StaticCacheGPT
@@ -27,16 +31,16 @@ def static_model(chat, capacity: int, cache_dtype: torch.dtype | None = None):
                           torch.device(chat.device_gpt), capacity, cache_dtype)
 
 
-def num_audio_tokens(chat) -> int:
+def num_audio_tokens(chat: Chat) -> int:
     return int(chat.config.gpt.num_audio_tokens)
 
 
-def generator(chat) -> torch.Generator:
+def generator(chat: Chat) -> torch.Generator:
     """The generator ChatTTS's loop re-seeds with ``manual_seed`` for every draw."""
     return chat.gpt.generator
 
 
-def default_sampling(chat) -> Sampling:
+def default_sampling(chat: Chat) -> Sampling:
     """The Sampling that ChatTTS's default InferCodeParams give."""
     from ChatTTS.model import gen_logits
 
@@ -81,25 +85,25 @@ def generation_outputs(progress: Progress, dtype: torch.dtype, text: bool):
     return GPT.GenerationOutputs(ids=ids, attentions=[], hiddens=hiddens)
 
 
-def install_generate(chat, generate) -> None:
+def install_generate(chat: Chat, generate) -> None:
     """Route ChatTTS's code generation and text refinement through ``generate``, a callable with
     ``GPT.generate``'s signature."""
     chat.gpt.generate = generate
 
 
-def installed_generate(chat):
+def installed_generate(chat: Chat):
     """What ``chat`` generates with: quantkit's CompiledGenerate where installed."""
     return chat.gpt.generate
 
 
-def rebind_heads(chat) -> None:
+def rebind_heads(chat: Chat) -> None:
     """ChatTTS's GPT keeps bound ``__call__`` methods of the embedding heads from construction
     time; quantizers that swap modules would otherwise leave it calling the old ones."""
     chat.gpt.head_code = [hc.__call__ for hc in chat.embed.head_code]
     chat.gpt.emb_code = [ec.__call__ for ec in chat.embed.emb_code]
 
 
-def components(chat) -> dict[str, nn.Module]:
+def components(chat: Chat) -> dict[str, nn.Module]:
     """The modules a recipe's component tables act on. heads: the four audio-code heads (the
     text head only serves text refinement). vocos: its backbone; the ISTFT head needs fp32."""
     return {"gpt": chat.gpt.gpt, "heads": chat.embed.head_code, "decoder": chat.decoder,
@@ -108,7 +112,7 @@ def components(chat) -> dict[str, nn.Module]:
 
 # ---------------------------------------------------------------- creating and loading
 
-def new_chat(overrides: dict, speaker_stat: str | None = None):
+def new_chat(overrides: dict, speaker_stat: str | None = None) -> Chat:
     """A ChatTTS ``Chat`` whose Config (a copy) has ``overrides`` applied, before loading."""
     import copy
     import logging
@@ -152,12 +156,12 @@ def _apply_overrides(obj, overrides: dict) -> None:
             setattr(obj, key, tuple(value) if isinstance(value, list) else value)
 
 
-def config(chat):
+def config(chat: Chat):
     """ChatTTS's Config of this chat (sizes of every component)."""
     return chat.config
 
 
-def load(chat, root, device: torch.device, compile: bool = False) -> bool:
+def load(chat: Chat, root, device: torch.device, compile: bool = False) -> bool:
     """ChatTTS's own ``Chat._load`` on an asset directory ``root``; False where a component is
     missing. ``compile``: ChatTTS's own ``compile=True`` (it compiles the GPT on CUDA only)."""
     from dataclasses import asdict
@@ -167,7 +171,7 @@ def load(chat, root, device: torch.device, compile: bool = False) -> bool:
     return bool(chat._load(device=device, compile=compile, **paths))
 
 
-def random_components(chat) -> dict[str, nn.Module]:
+def random_components(chat: Chat) -> dict[str, nn.Module]:
     """Every component but the GPT, built from ChatTTS's own classes for ``chat``'s Config with
     the current random state: asset file stem -> module."""
     from dataclasses import asdict
@@ -190,7 +194,7 @@ def random_components(chat) -> dict[str, nn.Module]:
     }
 
 
-def llama_config(chat) -> dict:
+def llama_config(chat: Chat) -> dict:
     """The Llama configuration ChatTTS builds its GPT from (its own keys left out)."""
     from dataclasses import asdict
 
@@ -220,16 +224,16 @@ class StoredGPT:
 
 # ---------------------------------------------------------------- components
 
-def gpt(chat) -> nn.Module:
+def gpt(chat: Chat) -> nn.Module:
     """The GPT's transformer (a transformers LlamaModel)."""
     return chat.gpt.gpt
 
 
-def gpt_device(chat) -> torch.device:
+def gpt_device(chat: Chat) -> torch.device:
     return torch.device(chat.device_gpt)
 
 
-def weight_groups(chat) -> dict[str, list[nn.Module]]:
+def weight_groups(chat: Chat) -> dict[str, list[nn.Module]]:
     """Modules by role in a decode step: streamed every step (transformer, code heads), looked
     up (code embeddings), and the rest."""
     e = chat.embed
@@ -237,12 +241,12 @@ def weight_groups(chat) -> dict[str, list[nn.Module]]:
             "rest": [e.emb_text, e.head_text, chat.decoder, chat.vocos]}
 
 
-def all_modules(chat) -> list[nn.Module]:
+def all_modules(chat: Chat) -> list[nn.Module]:
     return [chat.gpt.gpt, chat.embed, chat.decoder, chat.vocos]
 
 
 @torch.inference_mode()
-def probe(chat, name: str, dtype: torch.dtype) -> None:
+def probe(chat: Chat, name: str, dtype: torch.dtype) -> None:
     """One tiny forward through a component (``dtype``: the GPT's), so that a kernel the device
     lacks fails at once, naming the component."""
     hidden, dev = chat.config.gpt.hidden_size, chat.device
@@ -258,12 +262,12 @@ def probe(chat, name: str, dtype: torch.dtype) -> None:
 
 # ---------------------------------------------------------------- synthesis
 
-def normalize(chat, text: str) -> str:
+def normalize(chat: Chat, text: str) -> str:
     """ChatTTS's text normalization, as ``infer`` applies it by default."""
     return chat.normalizer(text, True, True, None)
 
 
-def warm_normalizer(chat) -> None:
+def warm_normalizer(chat: Chat) -> None:
     """Have ChatTTS's normalizer JIT-compile its numba functions now (seconds), not at a user's
     first call: a plain text compiles only some; characters it rejects (digits, for one) and
     tags such as [uv_break] reach the others."""
@@ -276,12 +280,12 @@ def warm_normalizer(chat) -> None:
         logger.setLevel(level)
 
 
-def infer_code(chat, texts: list[str], params):
+def infer_code(chat: Chat, texts: list[str], params):
     """ChatTTS's code generation for already normalized texts -> GenerationOutputs (hiddens too)."""
     return next(chat._infer_code(texts, False, chat.device, True, params))
 
 
-def install_chunked_stream_decode(chat) -> None:
+def install_chunked_stream_decode(chat: Chat) -> None:
     """Bound the decoder and vocoder's work per streamed hand-over (quantkit.streaming): ChatTTS's
     ``_infer`` decodes through ``_decode_to_wavs`` at every hand-over."""
     from quantkit.streaming import ChunkedDecode
@@ -290,12 +294,12 @@ def install_chunked_stream_decode(chat) -> None:
         chat._decode_to_wavs = ChunkedDecode(chat._decode_to_wavs, SAMPLES_PER_STEP)
 
 
-def decode(chat, hiddens: list[torch.Tensor]) -> list:
+def decode(chat: Chat, hiddens: list[torch.Tensor]) -> list:
     """ChatTTS's decoder and vocoder on GPT hidden states -> one waveform each."""
     return chat._decode_to_wavs(hiddens, True)
 
 
-def prompt_embeddings(chat, text: str, params) -> torch.Tensor:
+def prompt_embeddings(chat: Chat, text: str, params) -> torch.Tensor:
     """The GPT's input embeddings for one normalized text's code prompt (speaker applied)."""
     prompts = chat.speaker.decorate_code_prompts([text], params.prompt, params.txt_smp, params.spk_emb)
     input_ids, _mask, text_mask = chat.tokenizer.encode(prompts, chat.config.gpt.num_vq, device=chat.device_gpt)
@@ -304,7 +308,7 @@ def prompt_embeddings(chat, text: str, params) -> torch.Tensor:
     return emb
 
 
-def eager_hidden(chat, emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def eager_hidden(chat: Chat, emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """ChatTTS's GPT run once over prompt ``emb`` (1, L, H) and ``tokens`` (n, num_vq) -> the n
     hidden states (n, H), fp32, row i being what predicts token i."""
     from quantkit.precision import float_dtype
@@ -315,6 +319,6 @@ def eager_hidden(chat, emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return out.last_hidden_state[0, emb.shape[1] - 1:].float()
 
 
-def head_logits(chat, hidden: torch.Tensor) -> torch.Tensor:
+def head_logits(chat: Chat, hidden: torch.Tensor) -> torch.Tensor:
     """The code heads' logits for hidden states (n, H) -> (n, num_vq, vocab), fp32."""
     return torch.stack([head(hidden) for head in chat.gpt.head_code], 1).float()

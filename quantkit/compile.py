@@ -8,6 +8,7 @@ so torch.compile would recompile at every step.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from quantkit.recipes import CompileSettings
 from quantkit.sampling import ExpNoise, Sampling
 from quantkit.static_cache import MAX_CAPACITY
 
+if TYPE_CHECKING:
+    from ChatTTS import Chat
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +33,7 @@ class CompiledGenerate:
     refinement, streaming and any length up to MAX_CAPACITY slots. What it does not cover goes
     to ChatTTS's own loop, with a warning naming the reason (once per reason)."""
 
-    def __init__(self, chat, settings: CompileSettings, compile_step: bool = True):
+    def __init__(self, chat: Chat, settings: CompileSettings, compile_step: bool = True):
         self.fallback = chattts.installed_generate(chat)
         self.generator = chattts.generator(chat)
         device = chattts.gpt_device(chat)
@@ -130,20 +134,20 @@ def left_padding(mask: torch.Tensor | None, shape: tuple[int, int], device) -> t
     return pad.long() if bool(torch.equal(valid, expected)) else None
 
 
-def compiled_decoding(chat) -> CompiledGenerate | None:
+def compiled_decoding(chat: Chat) -> CompiledGenerate | None:
     """The CompiledGenerate ``chat`` decodes with, or None where it runs ChatTTS's own loop."""
     gen = chattts.installed_generate(chat)
     return gen if isinstance(gen, CompiledGenerate) else None
 
 
-def last_decode_steps(chat) -> tuple[int, float] | None:
+def last_decode_steps(chat: Chat) -> tuple[int, float] | None:
     """(decode steps, seconds) of ``chat``'s last call, the steps alone (no prompt pass), where
     compiled decoding ran it; None where ChatTTS's own loop did."""
     gen = compiled_decoding(chat)
     return gen.last_steps if gen is not None else None
 
 
-def enable_compiled_decoding(chat, settings: CompileSettings, compile_step: bool = True) -> CompiledGenerate:
+def enable_compiled_decoding(chat: Chat, settings: CompileSettings, compile_step: bool = True) -> CompiledGenerate:
     """Route ChatTTS's code generation through the static-cache path (compiled unless told not),
     and bound the decoder's work per streamed hand-over."""
     if compile_step:

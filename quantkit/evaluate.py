@@ -31,6 +31,7 @@ from quantkit.records import FAILED, Measurement, RecipeResult, Timing, Utteranc
 
 if TYPE_CHECKING:
     import torch
+    from ChatTTS import Chat
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class EvalConfig:
 
 # ---------------------------------------------------------------- the per-recipe process
 
-def measure(chat, cfg: EvalConfig, bench_text: str) -> tuple[Timing, int]:
+def measure(chat: Chat, cfg: EvalConfig, bench_text: str) -> tuple[Timing, int]:
     """First call, then ``cfg.runs`` warm calls. Each warm call sits between two sums over a
     256 MiB buffer on the model's device: a shared machine's read bandwidth swings within
     seconds as neighbours come and go, so each call's achieved bandwidth is taken
@@ -115,7 +116,7 @@ def _median_fraction(runs: list[dict], key: str) -> float:
     return float(np.median([r[key] / r["read_gbs"] for r in runs]))
 
 
-def _utterances(chat, cfg: EvalConfig, texts: dict[str, str], audio_dir: Path, name: str,
+def _utterances(chat: Chat, cfg: EvalConfig, texts: dict[str, str], audio_dir: Path, name: str,
                 reference: dict | None) -> tuple[list[Utterance], dict | None, dict | None]:
     """Synthesize every text into ``audio_dir``; teacher-force on the fp32 tokens (or record
     them, for fp32)."""

@@ -33,7 +33,7 @@ import tempfile
 import types
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -43,6 +43,9 @@ from quantkit.atomic import write_error
 from quantkit.errors import QuantkitError
 from quantkit.quantize import METHODS
 from quantkit.recipes import Recipe
+
+if TYPE_CHECKING:
+    from ChatTTS import Chat
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ def _is_plain(state: dict) -> bool:
     return all(type(v) in (torch.Tensor, nn.Parameter) and not v.is_quantized for v in state.values())
 
 
-def _write_gpt(chat, folder: Path) -> str:
+def _write_gpt(chat: Chat, folder: Path) -> str:
     """The applied GPT's state: safetensors for plain tensors, torch's format otherwise."""
     full = chattts.gpt(chat).state_dict()
     state = type(full)((k, v) for k, v in full.items() if not k.startswith("embed_tokens"))
@@ -133,7 +136,7 @@ def _copy_assets(src: Path, dst: Path) -> None:
         shutil.copy2(src / OVERRIDES_FILE, dst / OVERRIDES_FILE)
 
 
-def _compile_artifacts(chat, folder: Path, batches: Sequence[int]) -> dict:
+def _compile_artifacts(chat: Chat, folder: Path, batches: Sequence[int]) -> dict:
     """The compiled step and prompt pass (quantkit.compile_artifacts.save_compiled) for the batch
     buckets of ``batches``, compiled here after a first call, and the int8 kernel they call."""
     from quantkit.compile import compiled_decoding
@@ -481,7 +484,7 @@ def _stored_gpt(folder: Path, manifest: dict):
         yield
 
 
-def load_variant(folder: str | Path, device: str = "cpu", trust_compiled: bool = False):
+def load_variant(folder: str | Path, device: str = "cpu", trust_compiled: bool = False) -> Chat:
     """A ready ChatTTS ``Chat`` from an exported variant (checked, not re-quantized). Its
     compiled code loads only if this machine exported it or ``trust_compiled``; otherwise the
     recipe compiles just in time."""

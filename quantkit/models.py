@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ import torch
 from quantkit.atomic import write_error
 from quantkit.cache import cache_dir
 from quantkit.errors import QuantkitError
+
+if TYPE_CHECKING:
+    from ChatTTS import Chat
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ def resolve_device(device: str) -> torch.device:
     raise QuantkitError(f"unknown device '{device}' (allowed: cpu, cuda, auto)")
 
 
-def new_chat(overrides: dict[str, Any]):
+def new_chat(overrides: dict[str, Any]) -> Chat:
     """A ChatTTS ``Chat`` with a synthetic source's Config overrides (before loading)."""
     from quantkit import chattts
 
@@ -241,7 +244,7 @@ def read_overrides(root: Path) -> dict[str, Any]:
     return config
 
 
-def load_chat(model: str = "synthetic-tiny", device: str = "cpu", chattts_compile: bool = False):
+def load_chat(model: str = "synthetic-tiny", device: str = "cpu", chattts_compile: bool = False) -> Chat:
     """Load ChatTTS through its own ``Chat._load`` from any model source (``chattts_compile``:
     with ChatTTS's own ``compile=True``, as the stock baseline users start from)."""
     from quantkit import chattts

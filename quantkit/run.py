@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quantkit import trust
 from quantkit.apply import apply_recipe, check_runnable, weight_bytes
@@ -18,6 +18,9 @@ from quantkit.machine import process_seconds
 from quantkit.models import load_chat, resolve_device
 from quantkit.recipes import get_recipe
 from quantkit.synth import SAMPLE_RATE, synthesize
+
+if TYPE_CHECKING:
+    from ChatTTS import Chat
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +96,7 @@ def cache_key(recipe, model: str) -> dict:
     return json.loads(json.dumps({"recipe": recipe.to_dict(), "model": model, "schema": SCHEMA}))
 
 
-def _load_compiled(chat, key: dict, folder: Path, trust_compiled: bool) -> bool:
+def _load_compiled(chat: Chat, key: dict, folder: Path, trust_compiled: bool) -> bool:
     """Load what an earlier run saved in ``folder`` for the same recipe and model; False if
     there is none, or it is not trusted (then the recipe compiles just in time)."""
     from quantkit.compile import compiled_decoding
@@ -125,7 +128,7 @@ def _load_compiled(chat, key: dict, folder: Path, trust_compiled: bool) -> bool:
     return True
 
 
-def _save_compiled(chat, key: dict, folder: Path) -> None:
+def _save_compiled(chat: Chat, key: dict, folder: Path) -> None:
     from quantkit.compile import compiled_decoding
     from quantkit.compile_artifacts import save_compiled
     from quantkit.export import sha256

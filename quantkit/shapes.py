@@ -10,12 +10,15 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from quantkit.compile import last_decode_steps
 from quantkit.synth import SAMPLE_RATE, SAMPLES_PER_STEP, fixed_speaker
+
+if TYPE_CHECKING:
+    from ChatTTS import Chat
 
 
 @dataclass
@@ -42,13 +45,13 @@ def audio_seconds(steps: int) -> float:
     return steps * SAMPLES_PER_STEP / SAMPLE_RATE
 
 
-def _code(chat, seed: int, steps: int, speaker: str | None = None, **extra):
+def _code(chat: Chat, seed: int, steps: int, speaker: str | None = None, **extra):
     spk = speaker if speaker is not None else fixed_speaker(chat, seed)  # drawing one takes ~40 ms
     return chat.InferCodeParams(spk_emb=spk, manual_seed=seed, min_new_token=steps, max_new_token=steps,
                                 show_tqdm=False, **extra)
 
 
-def _infer(chat, texts: list[str], code, refine=None, stream: bool = False):
+def _infer(chat: Chat, texts: list[str], code, refine=None, stream: bool = False):
     kwargs = dict(skip_refine_text=refine is None, params_infer_code=code, stream=stream,
                   do_text_normalization=False, split_text=False)
     if refine is not None:
@@ -56,7 +59,7 @@ def _infer(chat, texts: list[str], code, refine=None, stream: bool = False):
     return chat.infer(texts, **kwargs)
 
 
-def infer_fixed(chat, texts: list[str], steps: int, seed: int = 0, speaker: str | None = None):
+def infer_fixed(chat: Chat, texts: list[str], steps: int, seed: int = 0, speaker: str | None = None):
     """``Chat.infer`` on ``texts`` with refinement skipped and exactly ``steps`` code steps a text
     (equal work whatever the weights), as ``speaker`` (default: synth.fixed_speaker's for
     ``seed``, drawn for this call) -> ChatTTS's waveforms."""
@@ -71,7 +74,7 @@ def _timed(fn) -> float:
 
 
 @torch.no_grad()
-def measure_call_shapes(chat, texts: list[str], s: ShapeSettings, seed: int = 0) -> dict[str, Any]:
+def measure_call_shapes(chat: Chat, texts: list[str], s: ShapeSettings, seed: int = 0) -> dict[str, Any]:
     """The call shapes, timed warm -> results.json's ``call_shapes``."""
     pick = [texts[i % len(texts)] for i in range(max(max(s.batch_sizes), s.refine_texts))]
     out, spk = CallShapes(), fixed_speaker(chat, seed)
@@ -86,7 +89,7 @@ def measure_call_shapes(chat, texts: list[str], s: ShapeSettings, seed: int = 0)
     return asdict(out)
 
 
-def measure_batches(chat, texts: list[str], s: ShapeSettings, seed: int, speaker: str) -> list[dict[str, Any]]:
+def measure_batches(chat: Chat, texts: list[str], s: ShapeSettings, seed: int, speaker: str) -> list[dict[str, Any]]:
     """Batches of the first ``texts`` at ``s.batch_sizes``: each size warm, then ``s.batch_runs``
     rounds of one call per size, medians. A ratio between sizes then compares calls made moments
     apart, not in different phases of a noisy machine."""
@@ -111,7 +114,7 @@ def _batch_record(rows: int, steps: int, seconds: list[float], rates: list[float
             "row_steps_per_s": None if None in rates else statistics.median(rates)}
 
 
-def _row_steps_per_s(chat, rows: int) -> float | None:
+def _row_steps_per_s(chat: Chat, rows: int) -> float | None:
     """The last call's decode steps alone (no prompt pass, decoder or vocoder) in rows times steps
     a second: what a batch gains where a step reads its weights once for all rows. None where
     ChatTTS's own loop ran (not timed apart)."""
@@ -119,7 +122,7 @@ def _row_steps_per_s(chat, rows: int) -> float | None:
     return rows * timed[0] / timed[1] if timed else None
 
 
-def _stream(chat, text: str, s: ShapeSettings, seed: int, speaker: str) -> dict[str, float]:
+def _stream(chat: Chat, text: str, s: ShapeSettings, seed: int, speaker: str) -> dict[str, float]:
     """Time to the first streamed chunk (no hand-over skipped) against the whole call unstreamed."""
     code = _code(chat, seed, s.stream_steps, speaker, stream_batch=s.stream_batch, pass_first_n_batches=0)
     whole = _timed(lambda: _infer(chat, [text], code))

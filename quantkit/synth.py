@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,6 +13,9 @@ import torch
 from quantkit import chattts
 from quantkit.chattts import SAMPLE_RATE, SAMPLES_PER_STEP
 from quantkit.compile import compiled_decoding, last_decode_steps
+
+if TYPE_CHECKING:
+    from ChatTTS import Chat
 
 
 def expected_samples(steps: int) -> int:
@@ -37,7 +41,7 @@ class Synthesis:
         return self.steps * SAMPLES_PER_STEP / SAMPLE_RATE
 
 
-def fixed_speaker(chat, seed: int) -> str:
+def fixed_speaker(chat: Chat, seed: int) -> str:
     """A speaker embedding drawn from ChatTTS's own speaker statistics with a fixed seed."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -47,12 +51,12 @@ def fixed_speaker(chat, seed: int) -> str:
         torch.random.set_rng_state(state)
 
 
-def _sync(chat) -> None:
+def _sync(chat: Chat) -> None:
     if "cuda" in str(chat.device):
         torch.cuda.synchronize()
 
 
-def infer_params(chat, seed: int, steps: int | None, max_new_tokens: int, speaker: str | None):
+def infer_params(chat: Chat, seed: int, steps: int | None, max_new_tokens: int, speaker: str | None):
     return chat.InferCodeParams(
         spk_emb=speaker if speaker is not None else fixed_speaker(chat, seed),
         manual_seed=seed,
@@ -64,7 +68,7 @@ def infer_params(chat, seed: int, steps: int | None, max_new_tokens: int, speake
 
 
 @torch.no_grad()
-def synthesize(chat, text: str, seed: int = 0, steps: int | None = None,
+def synthesize(chat: Chat, text: str, seed: int = 0, steps: int | None = None,
                max_new_tokens: int = 2048, speaker: str | None = None) -> Synthesis:
     """Same chat, text, seed and steps -> the same audio, bit for bit."""
     params = infer_params(chat, seed, steps, max_new_tokens, speaker)
@@ -90,7 +94,7 @@ class TeacherForced:
 
 
 @torch.no_grad()
-def teacher_forced(chat, text: str, tokens: torch.Tensor, seed: int = 0,
+def teacher_forced(chat: Chat, text: str, tokens: torch.Tensor, seed: int = 0,
                    speaker: str | None = None) -> TeacherForced:
     """Run the GPT once over prompt + reference tokens (no sampling) and decode the hidden
     states: what this variant predicts and sounds like on someone else's token sequence."""
