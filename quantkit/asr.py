@@ -13,6 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from quantkit.atomic import atomic_path, write_text
 from quantkit.audio import resample
 from quantkit.errors import QuantkitError
 from quantkit.cache import cache_dir
+
+if TYPE_CHECKING:
+    import whisper
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +213,7 @@ def _set_alignment_heads(model, heads: list[list[int]]) -> None:
     model.register_buffer("alignment_heads", mask.to_sparse(), persistent=False)
 
 
-def load_asr(name_or_path: str, device: str = "cpu"):
+def load_asr(name_or_path: str, device: str = "cpu") -> whisper.Whisper:
     """openai-whisper model from a bundled name, a checkpoint path or openai-whisper's own cache."""
     import whisper
 
@@ -244,7 +248,7 @@ def load_asr(name_or_path: str, device: str = "cpu"):
                             ) from None
 
 
-def transcribe(model, audio: np.ndarray, sample_rate: int, language: str) -> str:
+def transcribe(model: whisper.Whisper, audio: np.ndarray, sample_rate: int, language: str) -> str:
     """Greedy (temperature 0) transcription with the language forced."""
     audio16 = resample(audio, sample_rate, WHISPER_SR)
     if not model.is_multilingual and language != "en":

@@ -15,13 +15,20 @@ from quantkit.generate import Progress
 from quantkit.sampling import Sampling
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from pathlib import Path
+
     from ChatTTS import Chat
+    from ChatTTS.config import Config
+    from ChatTTS.model.gpt import GPT
+
+    from quantkit.static_cache import StaticCacheGPT
 
 SAMPLE_RATE = 24000
 SAMPLES_PER_STEP = 512  # each GPT step becomes 2 mel frames of 256 samples
 
 
-def static_model(chat: Chat, capacity: int, cache_dtype: torch.dtype | None = None):
+def static_model(chat: Chat, capacity: int, cache_dtype: torch.dtype | None = None) -> StaticCacheGPT:
     """ChatTTS's GPT as a quantkit.static_cache.StaticCacheGPT: its Llama, code and text
     embeddings and heads, on its GPT device."""
     from quantkit.static_cache import StaticCacheGPT
@@ -51,7 +58,7 @@ def default_sampling(chat: Chat) -> Sampling:
     return sampling_from((*processors, *warpers), num_code)
 
 
-def sampling_from(processors, eos: int) -> Sampling | None:
+def sampling_from(processors: Sequence, eos: int) -> Sampling | None:
     """ChatTTS's logits processors and warpers, read into a Sampling; None if one is of a kind
     the static-cache path does not know."""
     from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
@@ -71,7 +78,7 @@ def sampling_from(processors, eos: int) -> Sampling | None:
     return Sampling(penalty, window, top_p, keep, top_k, int(eos))
 
 
-def generation_outputs(progress: Progress, dtype: torch.dtype, text: bool):
+def generation_outputs(progress: Progress, dtype: torch.dtype, text: bool) -> GPT.GenerationOutputs:
     """ChatTTS's ``GPT.GenerationOutputs`` for the decode loop's progress: each row's tokens and
     hidden states up to its EOS (text refinement: one token a step, not num_vq)."""
     from ChatTTS.model.gpt import GPT
@@ -85,13 +92,13 @@ def generation_outputs(progress: Progress, dtype: torch.dtype, text: bool):
     return GPT.GenerationOutputs(ids=ids, attentions=[], hiddens=hiddens)
 
 
-def install_generate(chat: Chat, generate) -> None:
+def install_generate(chat: Chat, generate: Callable) -> None:
     """Route ChatTTS's code generation and text refinement through ``generate``, a callable with
     ``GPT.generate``'s signature."""
     chat.gpt.generate = generate
 
 
-def installed_generate(chat: Chat):
+def installed_generate(chat: Chat) -> Callable:
     """What ``chat`` generates with: quantkit's CompiledGenerate where installed."""
     return chat.gpt.generate
 
@@ -156,12 +163,12 @@ def _apply_overrides(obj, overrides: dict) -> None:
             setattr(obj, key, tuple(value) if isinstance(value, list) else value)
 
 
-def config(chat: Chat):
+def config(chat: Chat) -> Config:
     """ChatTTS's Config of this chat (sizes of every component)."""
     return chat.config
 
 
-def load(chat: Chat, root, device: torch.device, compile: bool = False) -> bool:
+def load(chat: Chat, root: str | Path, device: torch.device, compile: bool = False) -> bool:
     """ChatTTS's own ``Chat._load`` on an asset directory ``root``; False where a component is
     missing. ``compile``: ChatTTS's own ``compile=True`` (it compiles the GPT on CUDA only)."""
     from dataclasses import asdict
@@ -280,7 +287,7 @@ def warm_normalizer(chat: Chat) -> None:
         logger.setLevel(level)
 
 
-def infer_code(chat: Chat, texts: list[str], params):
+def infer_code(chat: Chat, texts: list[str], params: Chat.InferCodeParams) -> GPT.GenerationOutputs:
     """ChatTTS's code generation for already normalized texts -> GenerationOutputs (hiddens too)."""
     return next(chat._infer_code(texts, False, chat.device, True, params))
 
@@ -299,7 +306,7 @@ def decode(chat: Chat, hiddens: list[torch.Tensor]) -> list:
     return chat._decode_to_wavs(hiddens, True)
 
 
-def prompt_embeddings(chat: Chat, text: str, params) -> torch.Tensor:
+def prompt_embeddings(chat: Chat, text: str, params: Chat.InferCodeParams) -> torch.Tensor:
     """The GPT's input embeddings for one normalized text's code prompt (speaker applied)."""
     prompts = chat.speaker.decorate_code_prompts([text], params.prompt, params.txt_smp, params.spk_emb)
     input_ids, _mask, text_mask = chat.tokenizer.encode(prompts, chat.config.gpt.num_vq, device=chat.device_gpt)

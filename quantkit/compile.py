@@ -123,7 +123,7 @@ def _not_covered(s: Sampling | None, infer_text: bool, return_attn: bool, pad: t
     return None
 
 
-def left_padding(mask: torch.Tensor | None, shape: tuple[int, int], device) -> torch.Tensor | None:
+def left_padding(mask: torch.Tensor | None, shape: tuple[int, int], device: torch.device | str) -> torch.Tensor | None:
     """Each row's count of leading zeros in an attention mask (B, L) that is left padding, else
     None; zeros where there is no mask."""
     if mask is None:

@@ -31,6 +31,7 @@ from quantkit.records import FAILED, Measurement, RecipeResult, Timing, Utteranc
 
 if TYPE_CHECKING:
     import torch
+    import whisper
     from ChatTTS import Chat
 
 log = logging.getLogger(__name__)
@@ -390,7 +391,7 @@ def plan_recipes(sources: list[str], device: torch.device) -> list[str]:
     return [names[REFERENCE]] + [src for n, src in names.items() if n != REFERENCE]
 
 
-def load_checked_asr(cfg: EvalConfig, language: str, device: torch.device):
+def load_checked_asr(cfg: EvalConfig, language: str, device: torch.device) -> whisper.Whisper:
     """The Whisper model the run will use, on the run's device, refused now if it cannot
     transcribe ``language``."""
     from quantkit.asr import DEFAULT_MODELS, load_asr

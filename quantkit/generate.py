@@ -13,23 +13,28 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from quantkit import int8_gemv
 from quantkit.sampling import Sampling, draw, process_logits
 
+if TYPE_CHECKING:
+    from quantkit.static_cache import StaticCacheGPT
 
-def prefill(model, emb: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+
+def prefill(model: StaticCacheGPT, emb: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
             pad: torch.Tensor) -> torch.Tensor:
     """Prompt embeddings (B, L, H) into cache ``slots`` (L,), at rotary ``positions`` (B, L), rows
     left-padded by ``pad`` (B,) -> the last hidden state of each row (B, H)."""
     return model(emb, slots, positions, slots, pad)[:, -1]
 
 
-def decode_step(model, ids: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+def decode_step(model: StaticCacheGPT, ids: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                 pad: torch.Tensor, window: torch.Tensor, temperature: torch.Tensor,
-                mask_eos: torch.Tensor, noise: torch.Tensor, s: Sampling, slot: torch.Tensor | None = None):
+                mask_eos: torch.Tensor, noise: torch.Tensor, s: Sampling,
+                slot: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One audio-code step for every row: the last tokens ``ids`` (B, num_vq), fed into cache
     slot ``slot`` (default ``keys[-1:]``) at rotary ``positions`` (B, 1), attending to the slots
     ``keys``, sampled with the constants ``s`` -> (hidden (B, H), next tokens (B, num_vq), the
@@ -43,10 +48,10 @@ def decode_step(model, ids: torch.Tensor, keys: torch.Tensor, positions: torch.T
     return hidden, nxt, window, nxt.eq(s.eos).any(1)
 
 
-def decode_text_step(model, ids: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+def decode_text_step(model: StaticCacheGPT, ids: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                      pad: torch.Tensor, window: torch.Tensor, temperature: torch.Tensor,
                      mask_eos: torch.Tensor, noise: torch.Tensor, s: Sampling,
-                     slot: torch.Tensor | None = None):
+                     slot: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """decode_step for text refinement: text tokens ``ids`` (B, 1) through the text embedding and
     the text head."""
     rows = ids.shape[0]
@@ -58,19 +63,19 @@ def decode_text_step(model, ids: torch.Tensor, keys: torch.Tensor, positions: to
     return hidden, nxt, window, nxt.eq(s.eos).any(1)
 
 
-def sort_of(model) -> Callable:
+def sort_of(model: StaticCacheGPT) -> Callable:
     """Top-p's sort: a batch's rows shared between the threads where the model runs on
     quantkit's CPU kernels (the same result as torch.sort)."""
     return int8_gemv.sort_rows if model.kernels else torch.sort
 
 
-def code_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+def code_logits(model: StaticCacheGPT, hidden: torch.Tensor) -> torch.Tensor:
     """Hidden (B, H) -> the code heads' logits (B * num_vq, vocab), fp32, rows in ChatTTS's order
     (row b * num_vq + q is row b's codebook q)."""
     return torch.stack(model.heads_code(hidden), 1).float().flatten(0, 1)
 
 
-def text_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+def text_logits(model: StaticCacheGPT, hidden: torch.Tensor) -> torch.Tensor:
     """Hidden (B, H) -> the text head's logits (B, vocab), fp32."""
     return model.head_text(hidden).float()
 
@@ -198,8 +203,8 @@ class _Output:
         return Progress(tokens=torch.stack(self.tokens, 1), hiddens=hiddens, ends=self.ends.clone(), final=final)
 
 
-def advance(dec: Decoder, s: Sampling, ids: torch.Tensor, slot: int, pad: torch.Tensor, window, temp,
-            mask_eos, noise):
+def advance(dec: Decoder, s: Sampling, ids: torch.Tensor, slot: int, pad: torch.Tensor, window: torch.Tensor,
+            temp: torch.Tensor, mask_eos: torch.Tensor, noise: torch.Tensor) -> tuple:
     """Run the decode step for tokens ``ids`` (rows, width) fed into cache slot ``slot``."""
     model = dec.model
     model.reserve(ids.shape[0], slot + 1)
@@ -234,7 +239,8 @@ def teacher_force(dec: Decoder, s: Sampling, emb: torch.Tensor, tokens: torch.Te
     return torch.cat(hiddens).float()
 
 
-def prompt_inputs(model, emb: torch.Tensor, pad: torch.Tensor, mark: Callable = torch._dynamo.maybe_mark_dynamic):
+def prompt_inputs(model: StaticCacheGPT, emb: torch.Tensor, pad: torch.Tensor,
+                  mark: Callable = torch._dynamo.maybe_mark_dynamic) -> tuple:
     """``prefill``'s arguments for prompt embeddings ``emb`` (B, L, H) left-padded by ``pad`` (B,),
     the prompt length marked dynamic (one graph for every length)."""
     length = emb.shape[1]

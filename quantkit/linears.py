@@ -42,7 +42,7 @@ class PlainInt8Linear(nn.Module):
             self.register_buffer("qdata_t", qdata.t(), persistent=False)
 
     @classmethod
-    def of(cls, weight, use_kernel: bool = True) -> "PlainInt8Linear":
+    def of(cls, weight: torch.Tensor, use_kernel: bool = True) -> "PlainInt8Linear":
         """The twin of one torchao Int8Tensor weight (its buffers are views of torchao's)."""
         return cls(weight.qdata, weight.scale, weight.act_quant_kwargs is not None, use_kernel)
 

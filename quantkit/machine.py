@@ -8,12 +8,15 @@ import platform
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 
-def peak_memory(device) -> int:
+def peak_memory(device: torch.device | str) -> int:
     """Peak memory of this process in bytes: CUDA's allocated peak, or on CPU the resident peak."""
     if "cuda" in str(device):
         import torch
@@ -33,7 +36,7 @@ def process_seconds() -> float:
     return time.time() - psutil.Process().create_time()
 
 
-def reset_peak(device) -> None:
+def reset_peak(device: torch.device | str) -> None:
     """Restart the peak from now (CUDA's allocated peak, or on Linux the resident peak), so a
     freed probe buffer does not count."""
     if "cuda" in str(device):
@@ -70,7 +73,7 @@ def environment(device: str) -> dict[str, Any]:
             "read_bandwidth_gbs": read_bandwidth_gbs(device=device)}
 
 
-def probe_buffer(nbytes: int = PROBE_BYTES, device="cpu"):
+def probe_buffer(nbytes: int = PROBE_BYTES, device: torch.device | str = "cpu") -> torch.Tensor:
     """A buffer of ``nbytes`` for read_bandwidth_gbs, kept across repeated probes: on CPU on
     huge pages, on a GPU in its memory (256 MiB is 5x an H100's L2)."""
     import torch
@@ -82,7 +85,8 @@ def probe_buffer(nbytes: int = PROBE_BYTES, device="cpu"):
     return hugepages.empty((nbytes // 4,), torch.float32).fill_(1.0)
 
 
-def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, buffer=None, device="cpu") -> float:
+def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, buffer: torch.Tensor | None = None,
+                      device: torch.device | str = "cpu") -> float:
     """The device's memory read bandwidth (best of a few sums over a buffer far beyond cache,
     ``buffer`` or a new one of ``gib`` on ``device``): the ceiling for a memory-bound decode
     step. On CPU the buffer is on huge pages, as the compiled steps' weights are (faster than

@@ -12,11 +12,15 @@ import functools
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import jiwer
 import numpy as np
 
 from quantkit.errors import QuantkitError
+
+if TYPE_CHECKING:
+    import torch
 
 METRIC = {"en": "wer", "zh": "cer"}
 
@@ -120,7 +124,8 @@ class Fidelity:
     mel_distance: float  # mean |log-mel difference| of decoder+vocoder output
 
 
-def fidelity(ref_logprobs, logprobs, ref_logmel, logmel) -> Fidelity:
+def fidelity(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, ref_logmel: torch.Tensor,
+             logmel: torch.Tensor) -> Fidelity:
     """Compare a variant's teacher-forced outputs with the fp32 reference's on the same tokens."""
     import torch
 

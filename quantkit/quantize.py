@@ -133,13 +133,13 @@ def _bnb(module, device) -> None:
             _bnb(child, device)
 
 
-def unavailable(method: str, device, compiled: bool) -> str | None:
+def unavailable(method: str, device: torch.device, compiled: bool) -> str | None:
     """Why ``method`` cannot run on ``device`` (with the compiled static-cache step or not), or None."""
     check = METHODS[method].unavailable if method in METHODS else None
     return check(device, compiled) if check else None
 
 
-def quantize_module(module, method: str, device) -> None:
+def quantize_module(module: nn.Module, method: str, device: torch.device) -> None:
     """Quantize every nn.Linear below ``module`` (its children are replaced or re-weighted)."""
     if method == "none":
         return
@@ -148,7 +148,7 @@ def quantize_module(module, method: str, device) -> None:
     METHODS[method].quantize(module, device)
 
 
-def is_quantized_linear(module) -> bool:
+def is_quantized_linear(module: nn.Module) -> bool:
     """True for a Linear whose weight is stored in 8 bits (int8 or float8), by any of the backends above."""
     import bitsandbytes as bnb
     import torch
@@ -184,7 +184,7 @@ def _inner_tensors(t) -> list:
     return [t]
 
 
-def module_weight_bytes(module) -> int:
+def module_weight_bytes(module: nn.Module) -> int:
     """Bytes of parameters and buffers as stored (int8 data and scales for quantized layers)."""
     tensors = [t for v in module.state_dict(keep_vars=True).values() for t in _inner_tensors(v)]
     # ids are unique only while the tensors live: `tensors` keeps temporaries (int_repr) alive

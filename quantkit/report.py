@@ -223,7 +223,7 @@ Cells = list[tuple[Any, str]]
 Table = tuple[str, list[str], list[tuple[str, Cells]]]  # lead-in, header (after "recipe"), rows
 
 
-def cell(value, template: str = "{:.3g}") -> str:
+def cell(value: float | None, template: str = "{:.3g}") -> str:
     return "—" if value is None else template.format(value)
 
 

@@ -16,7 +16,7 @@ from quantkit.audio import write_wav
 from quantkit.errors import QuantkitError
 from quantkit.machine import process_seconds
 from quantkit.models import load_chat, resolve_device
-from quantkit.recipes import get_recipe
+from quantkit.recipes import Recipe, get_recipe
 from quantkit.synth import SAMPLE_RATE, synthesize
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
 MAX_POSITIONS = 4096  # ChatTTS's GPT (its Config.gpt.max_position_embeddings)
 
 
-def check_length(recipe, steps: int | None) -> None:
+def check_length(recipe: Recipe, steps: int | None) -> None:
     """Refuse a fixed step count no decoding can hold (prompt included), before the load."""
     limit = recipe.compile.cache_capacity if recipe.compile.enabled else MAX_POSITIONS
     where = (f"recipe '{recipe.name}' decodes into a KV cache of {limit} slots" if recipe.compile.enabled
@@ -88,7 +88,7 @@ def check_length(recipe, steps: int | None) -> None:
 COMPILED_INFO = "compiled.json"
 
 
-def cache_key(recipe, model: str) -> dict:
+def cache_key(recipe: Recipe, model: str) -> dict:
     """What saved compilations are for: the recipe's settings, the model and the layout of what
     compiled code calls (export's schema), as JSON reads back."""
     from quantkit.export import SCHEMA

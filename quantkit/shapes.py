@@ -18,6 +18,7 @@ from quantkit.compile import last_decode_steps
 from quantkit.synth import SAMPLE_RATE, SAMPLES_PER_STEP, fixed_speaker
 
 if TYPE_CHECKING:
+    import numpy as np
     from ChatTTS import Chat
 
 
@@ -59,7 +60,8 @@ def _infer(chat: Chat, texts: list[str], code, refine=None, stream: bool = False
     return chat.infer(texts, **kwargs)
 
 
-def infer_fixed(chat: Chat, texts: list[str], steps: int, seed: int = 0, speaker: str | None = None):
+def infer_fixed(chat: Chat, texts: list[str], steps: int, seed: int = 0,
+                speaker: str | None = None) -> list[np.ndarray]:
     """``Chat.infer`` on ``texts`` with refinement skipped and exactly ``steps`` code steps a text
     (equal work whatever the weights), as ``speaker`` (default: synth.fixed_speaker's for
     ``seed``, drawn for this call) -> ChatTTS's waveforms."""

@@ -56,7 +56,8 @@ def _sync(chat: Chat) -> None:
         torch.cuda.synchronize()
 
 
-def infer_params(chat: Chat, seed: int, steps: int | None, max_new_tokens: int, speaker: str | None):
+def infer_params(chat: Chat, seed: int, steps: int | None, max_new_tokens: int,
+                 speaker: str | None) -> Chat.InferCodeParams:
     return chat.InferCodeParams(
         spk_emb=speaker if speaker is not None else fixed_speaker(chat, seed),
         manual_seed=seed,
