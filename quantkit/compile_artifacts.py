@@ -162,13 +162,15 @@ def _aot(compile_fn: Callable[[], Callable], example: tuple):
         return compile_fn().aot_compile((example, {}))
 
 
-def save_compiled(fns: CompiledFunctions, folder: str | Path, batches: Sequence[int] = (1,)) -> dict:
+def save_compiled(fns: CompiledFunctions, folder: str | Path, batches: Sequence[int] = (1,),
+                  warm: Callable[[int], object] | None = None) -> dict:
     """What this process compiled for ``fns``, into ``folder``: the decode step (ChatTTS's default
     sampling) and the prompt pass compiled ahead of time for the batch buckets of ``batches``, or,
     where that fails (Inductor freezing in torch 2.11), Inductor's cache artifacts, which spare code
     generation but not tracing -> a description for load_compiled (file names relative to
     ``folder``). On CUDA, which compiles just in time (CompiledFunctions.ahead), always Inductor's
-    cache artifacts."""
+    cache artifacts. Those hold only what this process compiled: before they are written,
+    ``warm(rows)`` runs each batch bucket beyond one row."""
     folder = Path(folder)
     if fns.ahead:
         try:
@@ -182,6 +184,9 @@ def save_compiled(fns: CompiledFunctions, folder: str | Path, batches: Sequence[
             for rows in buckets(batches):
                 for name in _files(rows):
                     (folder / name).unlink(missing_ok=True)
+    if warm is not None:
+        for rows in buckets(batches)[1:]:
+            warm(rows)
     save_compile_cache(folder)
     return {"kind": "inductor-cache", "file": INDUCTOR_CACHE}
 

@@ -140,19 +140,14 @@ def _compile_artifacts(chat: Chat, folder: Path, batches: Sequence[int]) -> dict
     """The compiled step and prompt pass (quantkit.compile_artifacts.save_compiled) for the batch
     buckets of ``batches``, compiled here after a first call, and the int8 kernel they call."""
     from quantkit.compile import compiled_decoding
-    from quantkit.compile_artifacts import buckets, save_compile_cache, save_compiled
+    from quantkit.compile_artifacts import save_compiled
     from quantkit.shapes import infer_fixed
     from quantkit.synth import synthesize
 
     synthesize(chat, "Compile.", seed=0, steps=4)
     gen = compiled_decoding(chat)
-    info = save_compiled(gen.functions, folder, batches)
-    more = buckets(batches)[1:]
-    if info["kind"] == "inductor-cache" and more:
-        # Inductor's cache artifacts hold what this process compiled: each bucket, run once
-        for rows in more:
-            infer_fixed(chat, ["Compile."] * rows, steps=4)
-        save_compile_cache(folder)
+    info = save_compiled(gen.functions, folder, batches,
+                         warm=lambda rows: infer_fixed(chat, ["Compile."] * rows, steps=4))
     return {**info, "kernel": _copy_kernel(gen.model, folder)}
 
 
