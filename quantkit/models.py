@@ -173,7 +173,9 @@ def synthetic_dir(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         write_synthetic_assets(tmp, SYNTHETIC_CONFIGS[name])
-        if target.exists():  # damaged or concurrent: replace
+        if _complete(target):  # another process finished first, and may be reading it
+            return target
+        if target.exists():  # damaged: replace
             shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     except Exception as exc:  # noqa: BLE001 - safetensors reports a full disk as its own error

@@ -8,6 +8,7 @@ only from a trusted folder or when the user says so (``trust_compiled``), as Hug
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 from pathlib import Path
@@ -37,7 +38,11 @@ def _trusted() -> set[str]:
 
 def record(manifest: Path) -> None:
     """Trust the compiled code that ``manifest`` (just written here) lists."""
-    write_text(_store(), json.dumps(sorted(_trusted() | {digest(manifest)}), indent=0))
+    store = _store()
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.with_name(store.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two exports at once: neither drops the other's entry
+        write_text(store, json.dumps(sorted(_trusted() | {digest(manifest)}), indent=0))
 
 
 def is_trusted(manifest: Path) -> bool:

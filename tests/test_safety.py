@@ -454,3 +454,21 @@ def test_truncated_cached_synthetic_asset_is_rebuilt(tmp_path):
     proc = run_cli("apply", "fp32", "--model", "synthetic-tiny", "--steps", "4", env=env)
     assert proc.returncode == 0, proc.stderr
     assert gpt.stat().st_size > 1000
+
+
+def test_exports_recorded_at_once_are_all_trusted(tmp_path, monkeypatch):
+    """Each export records its manifest in one file of trusted hashes: processes recording at once
+    must not drop each other's entries (the export would then load as a stranger's)."""
+    manifests = [tmp_path / f"m{i}.json" for i in range(4 * 40)]
+    for i, m in enumerate(manifests):
+        m.write_text(str(i))
+    code = ("import sys; from pathlib import Path; from quantkit import trust\n"
+            "for p in sys.argv[1:]: trust.record(Path(p))")
+    env = {**os.environ, "QUANTKIT_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, *map(str, manifests[k::4])], env=env, cwd=ROOT)
+             for k in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    from quantkit import trust
+
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
+    assert sum(trust.is_trusted(m) for m in manifests) == len(manifests)
