@@ -19,15 +19,11 @@ TEXTS = ["Hi.", "The birch canoe slid on the smooth planks.",
 
 @pytest.fixture(scope="session", autouse=True)
 def _quantkit_cache(tmp_path_factory):
-    """Synthetic weights, converted Whisper checkpoints and the int8 kernel go to a per-run cache,
-    so every run exercises the writing, conversion and build code, not only a warm cache;
-    Inductor's cache too, so that no test finds kernels an earlier run built. The run's xdist
-    workers share both, as concurrent eval processes do."""
-    base = tmp_path_factory.getbasetemp()
-    run = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    for var, name in (("QUANTKIT_CACHE", "quantkit-cache"), ("TORCHINDUCTOR_CACHE_DIR", "inductor-cache")):
-        (run / name).mkdir(exist_ok=True)
-        os.environ.setdefault(var, str(run / name))
+    """Synthetic weights and converted Whisper checkpoints go to a per-run cache, so every run
+    exercises the writing and conversion code, not only a warm cache; Inductor's cache too, so
+    that no test finds kernels an earlier run built."""
+    os.environ.setdefault("QUANTKIT_CACHE", str(tmp_path_factory.mktemp("quantkit-cache")))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor-cache")))
     yield
 
 
