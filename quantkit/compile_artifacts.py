@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from quantkit.atomic import write_bytes
+from quantkit.atomic import atomic_path, write_bytes
 from quantkit.generate import bucket, decode_step, decode_text_step, prefill, prompt_inputs
 from quantkit.inductor import compile_kwargs, holds_torchao_weights
 from quantkit.recipes import CompileSettings
@@ -217,6 +217,18 @@ def _build_kernels(folder: Path, saved: list[Path]) -> None:
             sub.rmdir()
 
 
+def _add_missing(src: Path, dst: Path) -> None:
+    """Copy into ``dst`` the files under ``src`` that it lacks, each renamed into place whole.
+    Inductor's cache is shared: a present library may be loaded by another process, and a copy
+    over it in place would rewrite the pages it runs from."""
+    for item in sorted(p for p in src.rglob("*") if p.is_file()):
+        target = dst / item.relative_to(src)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target) as tmp:
+                shutil.copy2(item, tmp)
+
+
 def _copy_libraries(dst: Path) -> list[Path]:
     """Copy the Inductor C++ kernel libraries (``xx/x.so`` with its source ``x.cpp`` beside it)
     that this process has loaded (Linux: its memory map; elsewhere none), from the current or an
@@ -248,7 +260,7 @@ def load_compiled(fns: CompiledFunctions, folder: str | Path, info: dict) -> Non
             # hashes do too, and it compiles them as usual).
             from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-            shutil.copytree(folder / info["kernels"], cache_dir(), dirs_exist_ok=True)
+            _add_missing(folder / info["kernels"], Path(cache_dir()))
         saved = [{"rows": 1, "file": info["file"], "prefill": info["prefill"]}, *info.get("batch_buckets", [])]
         load_precompiled(fns, folder, saved, info["sampling"])
     else:

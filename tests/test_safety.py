@@ -472,3 +472,24 @@ def test_exports_recorded_at_once_are_all_trusted(tmp_path, monkeypatch):
 
     monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
     assert sum(trust.is_trusted(m) for m in manifests) == len(manifests)
+
+
+def test_a_variants_kernels_join_inductors_cache_without_rewriting_what_is_there(tmp_path):
+    """Loading a variant copies its built kernels into Inductor's cache, which other processes
+    share and may have loaded: one already there is left as it is (a copy over it in place would
+    rewrite a library under a process running it); the others arrive whole, under their names."""
+    from quantkit.compile_artifacts import _add_missing
+
+    src, cache = tmp_path / "variant" / "kernels", tmp_path / "inductor"
+    for rel, data in (("ab/kab.so", b"variant's"), ("ab/kab.cpp", b"src"), ("cd/kcd.so", b"new")):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    (cache / "ab").mkdir(parents=True)
+    (cache / "ab" / "kab.so").write_bytes(b"loaded elsewhere")
+    inode = (cache / "ab" / "kab.so").stat().st_ino
+    _add_missing(src, cache)
+    assert (cache / "ab" / "kab.so").read_bytes() == b"loaded elsewhere"
+    assert (cache / "ab" / "kab.so").stat().st_ino == inode
+    assert (cache / "ab" / "kab.cpp").read_bytes() == b"src" and (cache / "cd" / "kcd.so").read_bytes() == b"new"
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()) == [
+        "ab/kab.cpp", "ab/kab.so", "cd/kcd.so"]
