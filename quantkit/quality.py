@@ -39,21 +39,29 @@ def dnsmos(audio: np.ndarray, rate: int) -> Mos:
                p808=float(out["p808_mos"]))
 
 
+def _resemblyzer():
+    """resemblyzer, imported without its webrtcvad's notice that pkg_resources is deprecated (a
+    dependency's packaging, nothing a user can act on)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        import resemblyzer
+    return resemblyzer
+
+
 @functools.lru_cache(maxsize=1)
 def _encoder():
     import torch
-    from resemblyzer import VoiceEncoder
 
     with torch.device("cpu"):
-        return VoiceEncoder(device="cpu", verbose=False)
+        return _resemblyzer().VoiceEncoder(device="cpu", verbose=False)
 
 
 def speaker_embedding(audio: np.ndarray, rate: int) -> np.ndarray:
     """The GE2E embedding of one utterance (unit length; silences trimmed by resemblyzer)."""
-    from resemblyzer import preprocess_wav
-
     audio16 = resample(audio, rate, RATE).astype(np.float32)
-    wav = preprocess_wav(audio16, source_sr=RATE)
+    wav = _resemblyzer().preprocess_wav(audio16, source_sr=RATE)
     if wav.size < RATE // 10:  # all silence by its voice activity detector: use the audio as it is
         wav = audio16
     return _encoder().embed_utterance(wav)

@@ -195,3 +195,15 @@ def test_row_sort_is_torch_sort(rows):
         expected = torch.sort(x)
         assert torch.equal(indices, expected.indices)
         torch.testing.assert_close(values, expected.values, rtol=0, atol=0, equal_nan=True)
+
+
+def test_the_kernel_builds_and_loads_without_a_notice_about_cuda():
+    """torch's extension builder, imported for the build, logs that a machine without CUDA has no
+    CUDA runtime: nothing a CPU kernel needs, so a user of a CPU recipe is not shown it."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "from quantkit import int8_gemv; print(int8_gemv.library())"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith(".so"), proc.stderr
+    assert "CUDA" not in proc.stderr, proc.stderr

@@ -59,6 +59,7 @@ def test_score_json_and_table(voices, tmp_path):
     proc = run_cli("score", *map(str, wavs), "--references", str(refs), "--speaker-reference",
                    str(_wavs(folder, "slt")[3]), "--json")
     assert proc.returncode == 0, proc.stderr
+    assert "pkg_resources" not in proc.stderr, proc.stderr  # resemblyzer's webrtcvad, imported quietly
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["file"] for r in rows] == [str(w) for w in wavs]
     for r in rows:
