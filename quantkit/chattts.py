@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from quantkit.generate import Progress
+from quantkit.quiet import quieted
 from quantkit.sampling import Sampling
 
 if TYPE_CHECKING:
@@ -278,13 +279,8 @@ def warm_normalizer(chat: Chat) -> None:
     """Have ChatTTS's normalizer JIT-compile its numba functions now (seconds), not at a user's
     first call: a plain text compiles only some; characters it rejects (digits, for one) and
     tags such as [uv_break] reach the others."""
-    logger = chat.normalizer.logger
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # the warm-up's rejected digit is not the user's
-    try:
+    with quieted(chat.normalizer.logger):  # the warm-up's rejected digit is not the user's
         chat.normalizer("Ready [uv_break] 1.", True, True, None)
-    finally:
-        logger.setLevel(level)
 
 
 def infer_code(chat: Chat, texts: list[str], params: Chat.InferCodeParams) -> GPT.GenerationOutputs:

@@ -14,6 +14,7 @@ import torch
 
 from quantkit.atomic import write_text
 from quantkit.cache import cache_dir
+from quantkit.quiet import import_cpp_extension
 from quantkit.recipes import CompileSettings
 
 
@@ -70,6 +71,7 @@ def skip_vec_isa_probe() -> None:
     build with those flags) are answered once per machine and remembered."""
     import torch._inductor.config
 
+    import_cpp_extension()  # Inductor's CPU code builder imports it, noisily
     if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
         torch._inductor.config.cpp.vec_isa_ok = True
         _remember_isa_checks()

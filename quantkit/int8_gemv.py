@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from quantkit.quiet import import_cpp_extension
+
 log = logging.getLogger(__name__)
 
 PANEL = 16  # outputs per packed panel: one int32 lane each
@@ -449,8 +451,8 @@ def library() -> str | None:
         return None
     if _loaded is not None:
         return _loaded
-    with _quiet_cuda_home():
-        from torch.utils.cpp_extension import load_inline
+    import_cpp_extension()
+    from torch.utils.cpp_extension import load_inline
 
     from quantkit.cache import cache_dir
 
@@ -467,19 +469,6 @@ def library() -> str | None:
                     type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
         return None
     return _registered(path)
-
-
-@contextmanager
-def _quiet_cuda_home():
-    """torch's C++ extension builder warns, on import, that a machine without CUDA has no CUDA
-    runtime: true, and nothing a CPU kernel's build needs."""
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def load_library(path: str | Path) -> bool:
