@@ -69,15 +69,10 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
 
 
 def plot_pareto(doc: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     label, value = error_axis(doc)
     points = [(r["ms_per_step"], value(r), r["name"]) for r in doc["recipes"]
               if r["status"] == "ok" and value(r) is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = _figure()
     if points:
         ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", zorder=3)
         for x, y, name in points:
@@ -95,6 +90,23 @@ def plot_pareto(doc: dict, path: Path) -> None:
     title = f"{doc['model']} on {doc['device']}"
     ax.set_title(title + (" — synthetic weights" if doc.get("synthetic_weights") else ""), fontsize=10)
     ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _figure():
+    """A report's figure and axes, drawn without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, 4.5), dpi=120)
+
+
+def _save(fig, path: Path) -> None:
+    """Write the figure whole under ``path`` (a temporary name, renamed) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp)
@@ -294,15 +306,10 @@ def _call_shapes_section(ok: list[dict]) -> list[str]:
 
 def plot_throughput(doc: dict, path: Path) -> None:
     """Audio seconds per wall second against batch size, per recipe (where measured)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in doc["recipes"] if r["status"] == "ok" and r.get("call_shapes")]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = _figure()
     for r in rows:
         batches = r["call_shapes"]["batches"]
         ax.plot([b["batch"] for b in batches], [b["audio_s_per_s"] for b in batches], marker="o", label=r["name"])
@@ -313,10 +320,7 @@ def plot_throughput(doc: dict, path: Path) -> None:
     ax.set_title(f"{doc['model']} on {doc['device']}: throughput", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_report(out: Path) -> None:
