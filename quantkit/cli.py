@@ -232,16 +232,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m quantkit",
-                     description="Precision and quantization experiments for ChatTTS.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    p = sub.add_parser("recipes", help="list the shipped recipes")
-    p.set_defaults(func=cmd_recipes)
-
-    p = sub.add_parser("apply", help="load ChatTTS, apply a recipe, synthesize, print timings")
+def _apply_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="a recipe name (see `recipes`) or a path to a .toml file")
     _add_model(p)
     p.add_argument("--text", default=DEFAULT_TEXT)
@@ -256,9 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-compiled", action="store_true",
                    help="load compiled code from a --compile-cache written on another machine")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("eval", help="measure recipes: latency, memory, size, intelligibility, fidelity")
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
     _add_model(p)
     p.add_argument("--recipes", default=None,
                    help="comma-separated recipe names or .toml paths (default: all shipped that the device runs); "
@@ -290,13 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch sizes whose throughput is timed (default 1,4,8,16)")
     p.add_argument("--resume", action="store_true",
                    help="keep recipes already measured in --out with the same configuration")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("report", help="rebuild report.md and pareto.png from DIR/results.json")
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir")
-    p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("export", help="write a deployable variant directory")
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="?", default=None, help="a recipe name or .toml path")
     p.add_argument("--best", default=None, metavar="DIR",
                    help="export the recipe an eval directory recommends")
@@ -307,9 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compiled recipes: the batch sizes (texts per Chat.infer call) whose compiled step "
                         "the variant carries, each as its power-of-two bucket (default 1; others compile "
                         "at their first call)")
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("synth", help="synthesize with an exported variant")
+
+def _synth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", required=True)
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
     p.add_argument("--text", required=True)
@@ -320,9 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-compiled", action="store_true",
                    help="load the variant's compiled code even though it was exported elsewhere "
                         "(compiled code runs on load: only for variants you trust)")
-    p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("score", help="DNSMOS, speaker similarity and WER/CER of any WAV files")
+
+def _score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("wavs", nargs="+", metavar="WAV")
     p.add_argument("--references", default=None,
                    help="TSV of id<TAB>text (id = the WAV's stem): also WER (en) or CER (zh)")
@@ -331,9 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a WAV of the reference voice: also speaker similarity to it")
     p.add_argument("--asr-model", default=None, help="Whisper name or checkpoint path (with --references)")
     p.add_argument("--json", action="store_true", help="one JSON object per file")
-    p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("transcribe", help="transcribe WAV files with Whisper; score them against references")
+
+def _transcribe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("wavs", nargs="+", metavar="WAV")
     p.add_argument("--asr-model", default=None,
                    help="Whisper name (tiny.en, base, ...) or checkpoint path "
@@ -342,7 +333,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", default=None,
                    help="TSV of id<TAB>text (id = the WAV's stem): also print WER (en) or CER (zh), "
                         "the mean of per-utterance errors capped at 1")
-    p.set_defaults(func=cmd_transcribe)
+
+
+# name, help, handler, its arguments: one row per command, in `--help`'s order
+COMMANDS = [
+    ("recipes", "list the shipped recipes", cmd_recipes, None),
+    ("apply", "load ChatTTS, apply a recipe, synthesize, print timings", cmd_apply, _apply_arguments),
+    ("eval", "measure recipes: latency, memory, size, intelligibility, fidelity", cmd_eval, _eval_arguments),
+    ("report", "rebuild report.md and pareto.png from DIR/results.json", cmd_report, _report_arguments),
+    ("export", "write a deployable variant directory", cmd_export, _export_arguments),
+    ("synth", "synthesize with an exported variant", cmd_synth, _synth_arguments),
+    ("score", "DNSMOS, speaker similarity and WER/CER of any WAV files", cmd_score, _score_arguments),
+    ("transcribe", "transcribe WAV files with Whisper; score them against references", cmd_transcribe,
+     _transcribe_arguments),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m quantkit",
+                     description="Precision and quantization experiments for ChatTTS.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, help_text, handler, arguments in COMMANDS:
+        p = sub.add_parser(name, help=help_text)
+        if arguments is not None:
+            arguments(p)
+        p.set_defaults(func=handler)
     return parser
 
 
