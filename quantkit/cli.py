@@ -19,6 +19,15 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class _Progress(logging.Formatter):
+    """Progress (INFO) as plain lines; warnings and errors with their level and source."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO:
+            return record.getMessage()
+        return super().format(record)
+
+
 def _integer(value: str, low: int, high: int, bounds: str) -> int:
     try:
         n = int(value)
@@ -365,8 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Progress("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
+    logging.getLogger("quantkit.evaluate").setLevel(logging.INFO)  # eval's progress, one line a recipe
     # ChatTTS warns on every fixed-length run ("hit max_new_token"): that is the point of it.
     logging.getLogger("ChatTTS").setLevel(logging.INFO if args.verbose else logging.ERROR)
     try:

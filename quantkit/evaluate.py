@@ -453,13 +453,13 @@ def _run_recipes(names: list[str], cfg: EvalConfig, language: str, texts: dict, 
         if key in kept:
             res, utt = kept[key]
             reference = out / REFERENCE_FILE if res.name == REFERENCE else reference
-            log.warning("[%d/%d] %s: already measured with this configuration (--resume)", i, len(names), res.name)
+            log.info("[%d/%d] %s: already measured with this configuration (--resume)", i, len(names), res.name)
         else:
-            log.warning("[%d/%d] %s", i, len(names), source)
+            log.info("[%d/%d] %s", i, len(names), source)
             t = time.perf_counter()
             res, utt = _run_worker(source, cfg, out, reference)
-            log.warning("[%d/%d] %s: %s in %.0f s%s", i, len(names), res.name, res.status,
-                        time.perf_counter() - t, f" ({res.error})" if res.error else "")
+            log.log(logging.INFO if res.ok else logging.WARNING, "[%d/%d] %s: %s in %.0f s%s", i, len(names),
+                    res.name, res.status, time.perf_counter() - t, f" ({res.error})" if res.error else "")
             res.config_key = key
             _install(out, res, utt)
             if res.name == REFERENCE and res.ok:
@@ -479,7 +479,7 @@ def _default_recipes(device: torch.device) -> list[str]:
     for name in recipe_names():
         reason = unrunnable(get_recipe(name), device)
         if reason:
-            log.warning("skipping %s", reason)
+            log.info("skipping %s", reason)
         else:
             names.append(name)
     return names

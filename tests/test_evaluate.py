@@ -31,6 +31,9 @@ def eval_dir(tmp_path_factory, tiny_dir):
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 1 of 3 recipes failed: fp16-fbgemm (") and "component gpt" in last
+    lines = proc.stderr.splitlines()  # progress as plain lines; only the failure is a warning
+    assert "[1/3] fp32" in lines and any(ln.startswith("[2/3] bf16: ok in ") for ln in lines), proc.stderr
+    assert any(ln.startswith("WARNING quantkit.evaluate: [3/3] fp16-fbgemm: failed in ") for ln in lines), proc.stderr
     return out
 
 
