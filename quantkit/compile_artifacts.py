@@ -31,7 +31,7 @@ class CompiledFunctions:
     eager, with ``compile_step`` off), and on CPU the decode step (per Sampling) and prompt pass
     compiled ahead of time at first use for each cache shape, so that what export and
     ``apply --compile-cache`` save is what ran. CUDA keeps just-in-time compilation: CUDA graphs
-    are untested ahead of time."""
+    are untested ahead of time; so do recipes with Inductor freezing."""
 
     def __init__(self, model, settings: CompileSettings, default: Sampling, compile_step: bool = True):
         self.model, self.settings, self.default = model, settings, default
@@ -39,7 +39,9 @@ class CompiledFunctions:
         self.step = self.compile_step() if compile_step else decode_step
         self.text_step = self.compile_step(decode_text_step) if compile_step else decode_text_step
         self.prefill = self.compile_prefill() if compile_step else prefill
-        self.ahead = compile_step and model.slots.device.type == "cpu"
+        # Frozen code cannot be saved ahead of time in torch 2.11 (not an OutputCode): trying
+        # would compile every shape twice, and fail
+        self.ahead = compile_step and model.slots.device.type == "cpu" and not settings.freezing
         self.precompiled: dict[Sampling, Callable] = {}  # ahead-of-time decode steps
         self.precompiled_prefill: PerCacheShape | None = None
 
@@ -150,7 +152,7 @@ def _or_just_in_time(precompile: Callable[[], Precompiled], fallback: Callable) 
     """``precompile()``, or ``fallback`` where ahead-of-time compilation fails."""
     try:
         return precompile()
-    except Exception as exc:  # noqa: BLE001 - an experimental API (Inductor freezing is refused)
+    except Exception as exc:  # noqa: BLE001 - an experimental API
         log.warning("ahead-of-time compilation failed (%s: %s); compiling just in time",
                     type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
         return fallback
@@ -166,11 +168,10 @@ def save_compiled(fns: CompiledFunctions, folder: str | Path, batches: Sequence[
                   warm: Callable[[int], object] | None = None) -> dict:
     """What this process compiled for ``fns``, into ``folder``: the decode step (ChatTTS's default
     sampling) and the prompt pass compiled ahead of time for the batch buckets of ``batches``, or,
-    where that fails (Inductor freezing in torch 2.11), Inductor's cache artifacts, which spare code
-    generation but not tracing -> a description for load_compiled (file names relative to
-    ``folder``). On CUDA, which compiles just in time (CompiledFunctions.ahead), always Inductor's
-    cache artifacts. Those hold only what this process compiled: before they are written,
-    ``warm(rows)`` runs each batch bucket beyond one row."""
+    where this process compiles just in time (CompiledFunctions.ahead: CUDA, Inductor freezing) or
+    that fails, Inductor's cache artifacts, which spare code generation but not tracing -> a
+    description for load_compiled (file names relative to ``folder``). Those hold only what this
+    process compiled: before they are written, ``warm(rows)`` runs each batch bucket beyond one row."""
     folder = Path(folder)
     if fns.ahead:
         try:

@@ -181,6 +181,7 @@ def _child(recipe: str, folder, wav, inductor_dir) -> dict:
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "CUDA" not in proc.stderr, proc.stderr  # torch's no-CUDA-runtime notice, on a CPU compile
+    assert "ahead-of-time" not in proc.stderr, proc.stderr  # frozen code is not even tried
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
