@@ -93,6 +93,27 @@ def test_batches_are_timed_as_medians_of_alternating_calls(pair):
         assert b["row_steps_per_s"] > b["batch"] * 11 / b["s"]  # the steps alone: faster than the call
 
 
+def test_split_text_batches_behind_a_sampled_speaker_match_chattts_loop(pair, caplog):
+    """ChatTTS's default ``split_text``: a list of texts runs its first text alone, takes that audio's
+    codes as the speaker prompt (``spk_smp``), then runs the texts in batches of ``max_split_batch``
+    behind that prompt. Every call stays on the compiled path and picks ChatTTS's tokens."""
+    texts = TEXTS + TEXTS[1:]
+    seen, params = {}, {}
+    with caplog.at_level(logging.WARNING, logger="quantkit.compile"):
+        for chat in pair:
+            params[id(chat)] = chat.InferCodeParams(spk_emb=fixed_speaker(chat, 3), manual_seed=5,
+                                                    max_new_token=60, show_tqdm=False)
+            with recording(chat) as seen[id(chat)]:
+                chat.infer(texts, skip_refine_text=True, params_infer_code=params[id(chat)],
+                           do_text_normalization=False)
+    ref, ours = (seen[id(c)] for c in pair)
+    assert [len(call) for call in ours] == [1, 4, 1] and same_tokens(ref, ours)
+    sample = params[id(pair[1])].spk_smp
+    assert sample is not None and sample == params[id(pair[0])].spk_smp
+    assert compiled_decoding(pair[1]).last_steps is not None  # the last batch ran the compiled steps
+    assert not [r for r in caplog.records if r.name == "quantkit.compile"]  # no call fell back
+
+
 def test_a_smaller_batch_after_a_larger_reuses_its_cache(pair):
     """Calls alternating between batch sizes do not allocate a cache each: a smaller batch runs on
     the first rows of the larger one's (stale slots beyond its own are never read), and picks
