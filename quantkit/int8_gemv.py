@@ -97,6 +97,13 @@ static void tile(const uint8_t* x, int64_t k_len, const int8_t* w, const int64_t
   }
 }
 
+// The full tile's sums are stored non-temporal: each thread writes half of every row, and the
+// next kernel reads whole rows faster from memory than from the other core's cache. y is
+// at::empty's (64-byte aligned), in rows of 64-byte panels; by_panels fences.
+__attribute__((target("avx512f"))) static inline void store_nt(int32_t* y, __m512i v) {
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(y), v);
+}
+
 // The full tile, written out: GCC 12 gives _mm512_dpbusd_epi32 only zmm0-15 for its accumulator
 // and copies each one in and out every iteration (34 moves per 16 products, a third slower);
 // the instruction as inline asm on named registers has none.
@@ -126,8 +133,8 @@ void tile<8, 2>(const uint8_t* x, int64_t k_len, const int8_t* w, const int64_t*
   }
   const __m512i c0 = _mm512_loadu_si512(comp + panel[0] * kPanel), c1 = _mm512_loadu_si512(comp + panel[1] * kPanel);
 #define QK_STORE(m)                                                                          \
-  _mm512_storeu_si512(y + m * ldy + panel[0] * kPanel, _mm512_sub_epi32(a##m##0, c0));  \
-  _mm512_storeu_si512(y + m * ldy + panel[1] * kPanel, _mm512_sub_epi32(a##m##1, c1));
+  store_nt(y + m * ldy + panel[0] * kPanel, _mm512_sub_epi32(a##m##0, c0));             \
+  store_nt(y + m * ldy + panel[1] * kPanel, _mm512_sub_epi32(a##m##1, c1));
   QK_STORE(0) QK_STORE(1) QK_STORE(2) QK_STORE(3) QK_STORE(4) QK_STORE(5) QK_STORE(6) QK_STORE(7)
 #undef QK_STORE
 }
@@ -157,6 +164,7 @@ static void by_panels(int64_t count, const Run& run) {
       const int64_t panel[1] = {p1 - 1};
       run(std::integral_constant<int, 1>{}, panel);
     }
+    _mm_sfence();  // non-temporal stores are weakly ordered: visible before the thread's share ends
   });
 }
 
