@@ -97,19 +97,18 @@ def test_split_text_batches_behind_a_sampled_speaker_match_chattts_loop(pair, ca
     """ChatTTS's default ``split_text``: a list of texts runs its first text alone, takes that audio's
     codes as the speaker prompt (``spk_smp``), then runs the texts in batches of ``max_split_batch``
     behind that prompt. Every call stays on the compiled path and picks ChatTTS's tokens."""
-    texts = TEXTS + TEXTS[1:]
-    seen, params = {}, {}
+    def split_call(chat):  # -> (tokens of each generate call, the speaker sample ChatTTS drew)
+        params = chat.InferCodeParams(spk_emb=fixed_speaker(chat, 3), manual_seed=5, max_new_token=60,
+                                      show_tqdm=False)
+        with recording(chat) as seen:
+            chat.infer(TEXTS + TEXTS[1:], skip_refine_text=True, params_infer_code=params,
+                       do_text_normalization=False)
+        return seen, params.spk_smp
+
     with caplog.at_level(logging.WARNING, logger="quantkit.compile"):
-        for chat in pair:
-            params[id(chat)] = chat.InferCodeParams(spk_emb=fixed_speaker(chat, 3), manual_seed=5,
-                                                    max_new_token=60, show_tqdm=False)
-            with recording(chat) as seen[id(chat)]:
-                chat.infer(texts, skip_refine_text=True, params_infer_code=params[id(chat)],
-                           do_text_normalization=False)
-    ref, ours = (seen[id(c)] for c in pair)
+        (ref, ref_sample), (ours, our_sample) = (split_call(chat) for chat in pair)
     assert [len(call) for call in ours] == [1, 4, 1] and same_tokens(ref, ours)
-    sample = params[id(pair[1])].spk_smp
-    assert sample is not None and sample == params[id(pair[0])].spk_smp
+    assert our_sample is not None and our_sample == ref_sample
     assert compiled_decoding(pair[1]).last_steps is not None  # the last batch ran the compiled steps
     assert not [r for r in caplog.records if r.name == "quantkit.compile"]  # no call fell back
 
