@@ -46,6 +46,12 @@ def _seed(value: str) -> int:
     return _integer(value, 0, 2**63 - 1, "0..2**63-1")  # what torch's generators take
 
 
+def _text(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("the text is empty")
+    return value
+
+
 def _positive_seconds(value: str) -> float:
     try:
         x = float(value)
@@ -106,9 +112,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     refs = read_tsv(args.references) if args.references else None
     stems = [Path(w).stem for w in args.wavs]
     if refs is not None:
-        missing = [s for s in stems if s not in refs]
-        if missing:
-            raise QuantkitError(f"no reference for {', '.join(missing)} in {args.references}")
+        _check_references(refs, stems, args)
     audio = [read_wav(w) for w in args.wavs]  # all readable before the model loads
     model = load_asr(args.asr_model or DEFAULT_MODELS[args.language])
     hyps = []
@@ -129,8 +133,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     refs = read_tsv(args.references) if args.references else None
     stems = [Path(w).stem for w in args.wavs]
-    if refs is not None and (missing := [s for s in stems if s not in refs]):
-        raise QuantkitError(f"no reference for {', '.join(missing)} in {args.references}")
+    if refs is not None:
+        _check_references(refs, stems, args)
     audio = [read_wav(w) for w in args.wavs]  # everything readable before any model loads
     speaker = read_wav(args.speaker_reference) if args.speaker_reference else None
     from quantkit.quality import dnsmos, similarity, speaker_embedding
@@ -147,6 +151,16 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not args.json:
         _print_scores(rows, "cer" if args.language == "zh" else "wer")
     return 0
+
+
+def _check_references(refs: dict[str, str], stems: list[str], args: argparse.Namespace) -> None:
+    """Each WAV has a reference with words in it, before any audio is read or model loaded."""
+    from quantkit.metrics import check_references
+
+    missing = [s for s in stems if s not in refs]
+    if missing:
+        raise QuantkitError(f"no reference for {', '.join(missing)} in {args.references}")
+    check_references({s: refs[s] for s in stems}, args.language)
 
 
 def _score_errors(args: argparse.Namespace, stems: list[str], refs: dict | None) -> dict[str, float]:
@@ -244,7 +258,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def _apply_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="a recipe name (see `recipes`) or a path to a .toml file")
     _add_model(p)
-    p.add_argument("--text", default=DEFAULT_TEXT)
+    p.add_argument("--text", type=_text, default=DEFAULT_TEXT)
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--steps", type=_positive, default=None,
                    help="generate exactly N GPT steps (N x 512 samples) for equal-work timing")
@@ -312,7 +326,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 def _synth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", required=True)
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
-    p.add_argument("--text", required=True)
+    p.add_argument("--text", type=_text, required=True)
     p.add_argument("--out-wav", required=True)
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--steps", type=_positive, default=None)

@@ -411,6 +411,7 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     are kept, not run again."""
     from quantkit.models import resolve_device
     from quantkit.report import write_report
+    from quantkit.metrics import check_references
     from quantkit.texts import load_texts
 
     device = resolve_device(cfg.device)
@@ -418,6 +419,7 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     language, texts = load_texts(cfg.texts)
     if cfg.limit:
         texts = dict(list(texts.items())[: cfg.limit])
+    check_references(texts, language)  # an utterance with nothing to say or score
     asr = None if cfg.skip_asr else load_checked_asr(cfg, language, device)
     if out.exists() and not out.is_dir():
         raise QuantkitError(f"--out {out} is not a directory")

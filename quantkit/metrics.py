@@ -86,6 +86,13 @@ def _edits(ref: str, hyp: str, language: str) -> tuple[int, int]:
     return out.substitutions + out.deletions + out.insertions, n_ref
 
 
+def check_references(references: dict[str, str], language: str) -> None:
+    """Raise, naming the id, for a reference with nothing left to score against: before the slow work."""
+    for uid, ref in references.items():
+        if not normalize(ref, language).strip():
+            raise QuantkitError(f"reference '{uid}' is empty after normalisation: nothing to score against")
+
+
 def error_rates(references: list[str], hypotheses: list[str], language: str,
                 ids: list[str] | None = None) -> ErrorRates:
     if len(references) != len(hypotheses):

@@ -35,6 +35,8 @@ def read_tsv(path: str | Path) -> dict[str, str]:
                                 "(no '/', no leading '.'): it names the utterance's audio file")
         if uid in rows:
             raise QuantkitError(f"{path}:{n}: duplicate id '{uid}'")
+        if not text.strip():
+            raise QuantkitError(f"{path}:{n}: the text of '{uid}' is empty")
         rows[uid] = text.strip()
     if not rows:
         raise QuantkitError(f"{path} holds no utterances")

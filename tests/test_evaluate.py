@@ -199,6 +199,17 @@ def test_eval_rejects_unreadable_text_set(tmp_path):
                                   "--out", str(tmp_path / "out")), "cannot read text file")
 
 
+@pytest.mark.parametrize("line, fragment", [("u2\t \n", "texts.tsv:2: the text of 'u2' is empty"),
+                                           ("u2\t?!\n", "reference 'u2' is empty after normalisation")])
+def test_eval_rejects_a_text_with_nothing_to_say_before_running(tmp_path, line, fragment):
+    tsv = tmp_path / "texts.tsv"
+    tsv.write_text("u1\tHello there.\n" + line)
+    proc = run_cli_here("eval", "--model", "synthetic-tiny", "--recipes", "stock", "--timeout", "1",
+                        "--texts", str(tsv), "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "out").exists()
+
+
 def test_fidelity_of_a_damaged_variant_is_worse(tiny_dir):
     ref = load_chat("synthetic-tiny")
     text = "Glue the sheet to the dark blue background."

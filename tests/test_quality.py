@@ -85,6 +85,9 @@ def test_score_bad_input(voices, tmp_path):
     tsv = tmp_path / "broken.tsv"
     tsv.write_text("no tab here\n")
     assert_one_line_error(run_cli_here("score", wav, "--references", str(tsv)), "expected 'id<TAB>text'")
+    tsv.write_text(f"{Path(wav).stem}\t?!\n")  # nothing left once normalised: refused before Whisper loads
+    for command in ("score", "transcribe"):
+        assert_one_line_error(run_cli_here(command, wav, "--references", str(tsv)), "empty after normalisation")
 
 
 # ---------------------------------------------------------------- report.html in a browser

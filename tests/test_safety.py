@@ -438,6 +438,9 @@ def test_malformed_results_for_report_and_export_best(tmp_path, content):
     (["eval", "--timeout", "-5"], "positive number of seconds"),
     (["apply", "fp32-compiled", "--steps", "5000"], "KV cache of 1024 slots"),
     (["apply", "fp32", "--steps", "5000"], "4096 positions"),
+    (["apply", "fp32", "--text", ""], "--text: the text is empty"),
+    (["apply", "fp32", "--text", " \n"], "--text: the text is empty"),
+    (["synth", "--variant", "no-such-variant", "--out-wav", "x.wav", "--text", ""], "--text: the text is empty"),
 ])
 def test_out_of_range_options(args, fragment):
     assert_one_line_error(run_cli_here(*args, "--model", "no-such-model"), fragment)
