@@ -241,8 +241,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from quantkit.audio import write_wav
     from quantkit.export import load_variant
     from quantkit.machine import process_seconds
-    from quantkit.synth import SAMPLE_RATE, synthesize
+    from quantkit.synth import SAMPLE_RATE, check_steps, synthesize
 
+    check_steps(args.steps)
     check_writable_target(args.out_wav)
     t0 = time.perf_counter()
     chat = load_variant(args.variant, device=args.device, trust_compiled=args.trust_compiled)

@@ -412,6 +412,7 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     from quantkit.models import resolve_device
     from quantkit.report import write_report
     from quantkit.metrics import check_references
+    from quantkit.synth import check_steps
     from quantkit.texts import load_texts
 
     device = resolve_device(cfg.device)
@@ -420,6 +421,9 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     if cfg.limit:
         texts = dict(list(texts.items())[: cfg.limit])
     check_references(texts, language)  # an utterance with nothing to say or score
+    check_steps(cfg.max_new_tokens, "--max-new-tokens")
+    if cfg.call_shapes:
+        check_steps(cfg.long_steps, "--long-steps")
     asr = None if cfg.skip_asr else load_checked_asr(cfg, language, device)
     if out.exists() and not out.is_dir():
         raise QuantkitError(f"--out {out} is not a directory")

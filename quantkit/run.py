@@ -17,7 +17,7 @@ from quantkit.errors import QuantkitError
 from quantkit.machine import process_seconds
 from quantkit.models import load_chat, resolve_device
 from quantkit.recipes import Recipe, get_recipe
-from quantkit.synth import SAMPLE_RATE, synthesize
+from quantkit.synth import SAMPLE_RATE, check_steps, synthesize
 
 if TYPE_CHECKING:
     from ChatTTS import Chat
@@ -31,7 +31,7 @@ def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
                compile_cache: str | None = None, trust_compiled: bool = False) -> dict[str, Any]:
     recipe = get_recipe(recipe_name)  # validate before the slow load
     check_runnable(recipe, resolve_device(device))
-    check_length(recipe, steps)
+    check_steps(steps)
     if out_wav:
         check_writable_target(out_wav)
     import ChatTTS  # noqa: F401 - import time (transformers, numba) is not load time
@@ -70,19 +70,6 @@ def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
         "compile_cache": cache_state,
         "first_audio_since_process_start_s": first_audio_since_start,
     }
-
-
-MAX_POSITIONS = 4096  # ChatTTS's GPT (its Config.gpt.max_position_embeddings)
-
-
-def check_length(recipe: Recipe, steps: int | None) -> None:
-    """Refuse a fixed step count no decoding can hold (prompt included), before the load."""
-    limit = recipe.compile.cache_capacity if recipe.compile.enabled else MAX_POSITIONS
-    where = (f"recipe '{recipe.name}' decodes into a KV cache of {limit} slots" if recipe.compile.enabled
-             else f"ChatTTS's GPT has {limit} positions")
-    if steps is not None and steps >= limit:
-        raise QuantkitError(f"--steps {steps} does not fit: {where}, prompt included, so --steps "
-                            f"must stay below {limit} minus the prompt's length")
 
 
 COMPILED_INFO = "compiled.json"

@@ -2,6 +2,7 @@
 and picks exactly the tokens of ChatTTS's own loop: batches of mixed prompt lengths whose rows
 stop at different steps, text refinement, streaming, lengths beyond the recipe's cache."""
 
+import json
 import logging
 import statistics
 import time
@@ -9,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import TEXTS, recording
+from conftest import TEXTS, recording, run_cli
 
 from quantkit import chattts, int8_gemv
 from quantkit.apply import apply_recipe
@@ -216,6 +217,15 @@ def test_a_length_beyond_the_recipe_cache(pair):
     ref, ours = compare(pair, [TEXTS[0]], steps=1100)
     assert ref[0][0].shape[0] == 1100 and same_tokens(ref, ours)
     assert pair[1].gpt.generate.model.capacity == 2048  # grown, not fallen back
+
+
+def test_apply_takes_steps_beyond_the_recipe_cache(tiny_dir):
+    """`apply --steps` is bounded by ChatTTS's positions, not by the cache the recipe starts with."""
+    proc = run_cli("apply", "fp32-compiled", "--model", "synthetic-tiny", "--steps", "1100", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["steps"] == 1100 and out["step_ms"] is not None  # timed apart: the compiled steps ran
+    assert "WARNING" not in proc.stderr, proc.stderr  # no fallback
 
 
 def test_uncovered_calls_fall_back_with_a_warning_naming_the_reason(pair, caplog):

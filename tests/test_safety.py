@@ -436,14 +436,25 @@ def test_malformed_results_for_report_and_export_best(tmp_path, content):
     (["apply", "fp32", "--seed", str(2**70)], "outside 0..2**63-1"),
     (["eval", "--timeout", "0"], "positive number of seconds"),
     (["eval", "--timeout", "-5"], "positive number of seconds"),
-    (["apply", "fp32-compiled", "--steps", "5000"], "KV cache of 1024 slots"),
+    (["apply", "fp32-compiled", "--steps", "4096"], "--steps 4096 does not fit: ChatTTS's GPT has 4096 positions"),
     (["apply", "fp32", "--steps", "5000"], "4096 positions"),
+    (["eval", "--long-steps", "4100"], "--long-steps 4100 does not fit"),
+    (["eval", "--max-new-tokens", "4096"], "--max-new-tokens 4096 does not fit"),
     (["apply", "fp32", "--text", ""], "--text: the text is empty"),
     (["apply", "fp32", "--text", " \n"], "--text: the text is empty"),
-    (["synth", "--variant", "no-such-variant", "--out-wav", "x.wav", "--text", ""], "--text: the text is empty"),
 ])
 def test_out_of_range_options(args, fragment):
     assert_one_line_error(run_cli_here(*args, "--model", "no-such-model"), fragment)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--text", ""], "--text: the text is empty"),
+    (["--text", "hi", "--steps", "4096"], "--steps 4096 does not fit"),
+])
+def test_synth_checks_its_options_before_loading(tmp_path, args, fragment):
+    proc = run_cli_here("synth", "--variant", str(tmp_path / "no-such-variant"), "--out-wav", str(tmp_path / "x.wav"),
+                        *args)
+    assert_one_line_error(proc, fragment)
 
 
 def test_binary_recipe_file(tmp_path):
