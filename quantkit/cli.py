@@ -102,18 +102,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from quantkit.asr import DEFAULT_MODELS, load_asr, transcribe
-    from quantkit.audio import read_wav
     from quantkit.metrics import error_rates
-    from quantkit.texts import read_tsv
 
-    refs = read_tsv(args.references) if args.references else None
-    stems = [Path(w).stem for w in args.wavs]
-    if refs is not None:
-        _check_references(refs, stems, args)
-    audio = [read_wav(w) for w in args.wavs]  # all readable before the model loads
+    refs, stems, audio = _read_inputs(args)
     model = load_asr(args.asr_model or DEFAULT_MODELS[args.language])
     hyps = []
     for stem, (wav, rate) in zip(stems, audio):
@@ -126,21 +118,14 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from quantkit.audio import read_wav
-    from quantkit.texts import read_tsv
 
-    refs = read_tsv(args.references) if args.references else None
-    stems = [Path(w).stem for w in args.wavs]
-    if refs is not None:
-        _check_references(refs, stems, args)
-    audio = [read_wav(w) for w in args.wavs]  # everything readable before any model loads
+    refs, stems, audio = _read_inputs(args)
     speaker = read_wav(args.speaker_reference) if args.speaker_reference else None
     from quantkit.quality import dnsmos, similarity, speaker_embedding
 
     ref_emb = speaker_embedding(*speaker) if speaker else None
-    errors = _score_errors(args, stems, refs)
+    errors = _score_errors(args, stems, refs, audio)
     rows = []
     for path, stem, (wav, rate) in zip(args.wavs, stems, audio):
         sim = similarity(speaker_embedding(wav, rate), ref_emb) if ref_emb is not None else None
@@ -153,26 +138,34 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_references(refs: dict[str, str], stems: list[str], args: argparse.Namespace) -> None:
-    """Each WAV has a reference with words in it, before any audio is read or model loaded."""
+def _read_inputs(args: argparse.Namespace) -> tuple[dict[str, str] | None, list[str], list]:
+    """(references or None, the WAVs' stems, their audio), every one checked before a model loads:
+    each WAV has a reference with words in it, and reads as audio."""
+    from pathlib import Path
+
+    from quantkit.audio import read_wav
     from quantkit.metrics import check_references
+    from quantkit.texts import read_tsv
 
-    missing = [s for s in stems if s not in refs]
-    if missing:
-        raise QuantkitError(f"no reference for {', '.join(missing)} in {args.references}")
-    check_references({s: refs[s] for s in stems}, args.language)
+    stems = [Path(w).stem for w in args.wavs]
+    refs = read_tsv(args.references) if args.references else None
+    if refs is not None:
+        missing = [s for s in stems if s not in refs]
+        if missing:
+            raise QuantkitError(f"no reference for {', '.join(missing)} in {args.references}")
+        check_references({s: refs[s] for s in stems}, args.language)
+    return refs, stems, [read_wav(w) for w in args.wavs]
 
 
-def _score_errors(args: argparse.Namespace, stems: list[str], refs: dict | None) -> dict[str, float]:
+def _score_errors(args: argparse.Namespace, stems: list[str], refs: dict | None, audio: list) -> dict[str, float]:
     """Per file WER or CER (uncapped) against the references; {} without them."""
     if refs is None:
         return {}
     from quantkit.asr import DEFAULT_MODELS, load_asr, transcribe
-    from quantkit.audio import read_wav
     from quantkit.metrics import error_rates
 
     model = load_asr(args.asr_model or DEFAULT_MODELS[args.language])
-    hyps = [transcribe(model, *read_wav(w), args.language) for w in args.wavs]
+    hyps = [transcribe(model, wav, rate, args.language) for wav, rate in audio]
     rates = error_rates([refs[s] for s in stems], hyps, args.language, ids=stems)
     return dict(zip(stems, rates.uncapped))
 
