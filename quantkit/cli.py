@@ -260,7 +260,8 @@ def _apply_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-wav", default=None, help="write the warm call's audio (24 kHz WAV)")
     p.add_argument("--compile-cache", default=None,
                    help="directory of saved compile artifacts (compiled recipes): load them "
-                        "before the first call and save them after it")
+                        "before the first call and save them after it (a new or empty directory, or "
+                        "one it saved into before)")
     p.add_argument("--trust-compiled", action="store_true",
                    help="load compiled code from a --compile-cache written on another machine")
     p.add_argument("--json", action="store_true", help="print one JSON object")

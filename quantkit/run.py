@@ -34,6 +34,8 @@ def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
     check_steps(steps)
     if out_wav:
         check_writable_target(out_wav)
+    if compile_cache and recipe.compile.enabled:
+        check_compile_cache(Path(compile_cache))
     import ChatTTS  # noqa: F401 - import time (transformers, numba) is not load time
 
     t0 = time.perf_counter()
@@ -83,6 +85,16 @@ def cache_key(recipe: Recipe, model: str) -> dict:
     return json.loads(json.dumps({"recipe": recipe.to_dict(), "model": model, "schema": SCHEMA}))
 
 
+def check_compile_cache(folder: Path) -> None:
+    """A compile cache is saved only into a new or empty directory, or one quantkit saved into
+    (it holds COMPILED_INFO): its files are hashed, and replaced, as quantkit's own."""
+    if folder.exists() and not folder.is_dir():
+        raise QuantkitError(f"--compile-cache {folder} is not a directory")
+    if folder.is_dir() and not (folder / COMPILED_INFO).is_file() and any(folder.iterdir()):
+        raise QuantkitError(f"--compile-cache {folder} holds files quantkit did not write (it has no "
+                            f"{COMPILED_INFO}): give a new or empty directory")
+
+
 def _load_compiled(chat: Chat, key: dict, folder: Path, trust_compiled: bool) -> bool:
     """Load what an earlier run saved in ``folder`` for the same recipe and model; False if
     there is none, or it is not trusted (then the recipe compiles just in time)."""
@@ -121,7 +133,8 @@ def _save_compiled(chat: Chat, key: dict, folder: Path) -> None:
     from quantkit.export import sha256
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / COMPILED_INFO).unlink(missing_ok=True)  # written last: never names half-written files
+    # Marks the folder quantkit's while the files are written, and names none of them until the last write.
+    write_text(folder / COMPILED_INFO, json.dumps({"saving": True}))
     info = save_compiled(compiled_decoding(chat).functions, folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPILED_INFO)
     info["files"] = {p.relative_to(folder).as_posix(): sha256(p) for p in files}

@@ -281,6 +281,26 @@ def test_a_compile_cache_from_elsewhere_is_not_loaded(tiny_dir, tmp_path):
     assert json.loads(proc.stdout)["compile_cache"] == "saved"  # compiled here, then saved
 
 
+def test_a_compile_cache_is_saved_only_where_quantkit_owns_the_folder(tiny_dir, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    for folder, fragment in [(mine, "holds files quantkit did not write"), (mine / "notes.txt", "is not a directory")]:
+        proc = run_cli_here("apply", "fp32-compiled", "--compile-cache", str(folder), "--model", "no-such-model")
+        assert_one_line_error(proc, fragment)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "precious"
+    # A save killed half-way leaves its marker: the folder is still quantkit's, and not loadable.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "compiled.json").write_text('{"saving": true}')
+    (cache / "decode_step.aot").write_bytes(b"half written")
+    proc = run_cli("apply", "fp32-compiled", "--model", "synthetic-tiny", "--steps", "4",
+                   "--compile-cache", str(cache), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["compile_cache"] == "saved"
+    assert "for" in json.loads((cache / "compiled.json").read_text())
+
+
 # ---------------------------------------------------------------- eval
 
 def test_eval_refuses_path_ids(tmp_path):
