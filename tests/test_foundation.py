@@ -265,3 +265,11 @@ def test_public_api_takes_a_name_a_path_or_a_recipe(tiny_dir):
         assert wav.ndim == 1 and wav.shape[0] > 0
     with pytest.raises(QuantkitError, match="unknown recipe"):
         quantkit.apply_recipe(quantkit.load_chat("synthetic-tiny"), "no-such-recipe")
+    # A second recipe would cast and quantize what the first left: refused, the first one kept.
+    with pytest.raises(QuantkitError, match="already has recipe 'bf16' applied"):
+        quantkit.apply_recipe(chat, "int8-dynamic")
+    assert chat.gpt.gpt.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert chat.infer(["Hello."], skip_refine_text=True, params_infer_code=params)[0].shape == wav.shape
+    stock = quantkit.load_chat("synthetic-tiny")
+    quantkit.apply_recipe(stock, "stock")  # ChatTTS as loaded: any recipe may follow
+    quantkit.apply_recipe(stock, "bf16")
