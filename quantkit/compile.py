@@ -8,6 +8,7 @@ so torch.compile would recompile at every step.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,6 +48,7 @@ class CompiledGenerate:
         self.default_sampling = chattts.default_sampling(chat)
         self.functions = CompiledFunctions(self.model, settings, self.default_sampling, compile_step)
         self._warned: set[str] = set()
+        self._cache_free = threading.Lock()  # one call at a time decodes into the one KV cache
         # (decode steps, seconds) of the last call (None where it ran ChatTTS's loop): the steps
         # alone, without the prompt pass and ChatTTS's work around the loop, for the evaluator.
         self.last_steps: tuple[int, float] | None = None
@@ -59,6 +61,8 @@ class CompiledGenerate:
         s = chattts.sampling_from(logits_processors, int(eos_token))
         pad = left_padding(attention_mask, inputs_ids.shape[:2], inputs_ids.device)
         reason = _not_covered(s, infer_text, return_attn, pad, inputs_ids.shape[1] + max_new_token, stream_batch)
+        if reason is None and not self._cache_free.acquire(blocking=False):
+            reason = "a call while another decodes into this Chat's KV cache (threads, or streams read in turn)"
         if reason is not None:
             self._warn(reason)
             kwargs = dict(attention_mask=attention_mask, max_new_token=max_new_token,
@@ -76,12 +80,15 @@ class CompiledGenerate:
                       text=infer_text, stream_every=stream_batch if stream else None,
                       return_hidden=return_hidden, redo_empty=ensure_non_empty and manual_seed is None,
                       stop=context.get if context is not None else (lambda: False))
-        dec = self.decoder(s, infer_text, manual_seed)
-        with torch.no_grad():
-            for progress in generate(dec, req, s):
-                if progress.final and dec.steps:
-                    self.last_steps = (dec.steps, dec.step_seconds)
-                yield chattts.generation_outputs(progress, inputs_ids.dtype, infer_text)
+        try:  # released when the call ends, or its stream is closed or dropped
+            dec = self.decoder(s, infer_text, manual_seed)
+            with torch.no_grad():
+                for progress in generate(dec, req, s):
+                    if progress.final and dec.steps:
+                        self.last_steps = (dec.steps, dec.step_seconds)
+                    yield chattts.generation_outputs(progress, inputs_ids.dtype, infer_text)
+        finally:
+            self._cache_free.release()
 
     def _warn(self, reason: str) -> None:
         if reason not in self._warned:

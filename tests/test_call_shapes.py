@@ -193,6 +193,32 @@ def test_streaming_hands_over_as_chattts_does(pair):
     assert torch.equal(ours[-1][0], whole[0][0])  # the chunks add up to the non-streamed tokens
 
 
+def test_streams_read_in_turn_keep_to_their_own_cache(pair, caplog):
+    """The static path has one KV cache: a call made while a stream of it is open runs ChatTTS's
+    loop, with a warning naming why, rather than decode into the open stream's cache."""
+    _, ours = pair
+
+    def stream(text, seed):
+        code = ours.InferCodeParams(spk_emb=fixed_speaker(ours, 3), manual_seed=seed, show_tqdm=False,
+                                    max_new_token=72, min_new_token=72, pass_first_n_batches=0)
+        return ours.infer([text], skip_refine_text=True, params_infer_code=code, stream=True,
+                          do_text_normalization=False, split_text=False)
+
+    alone = [np.concatenate(list(stream(TEXTS[0], 1)), 1), np.concatenate(list(stream(TEXTS[1], 2)), 1)]
+    a, b = stream(TEXTS[0], 1), stream(TEXTS[1], 2)
+    with caplog.at_level(logging.WARNING, logger="quantkit.compile"):
+        turns = list(zip(a, b))
+    assert len(turns) > 2
+    for got, want in zip([np.concatenate(side, 1) for side in zip(*turns)], alone):
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert any("another decodes into this Chat's KV cache" in r.getMessage() for r in caplog.records)
+    first = stream(TEXTS[0], 1)
+    next(first)
+    first.close()  # a stream closed early frees the cache too
+    infer(ours, [TEXTS[0]], steps=8)
+    assert ours.gpt.generate.last_steps is not None  # ran the static path
+
+
 def test_a_long_stream_decodes_each_hand_over_in_a_bounded_window(pair):
     """ChatTTS decodes the whole prefix again at every hand-over; here the decoder gets the new
     tokens with CONTEXT tokens around them, and the stream carries the same audio."""
