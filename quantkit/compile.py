@@ -15,6 +15,7 @@ import torch
 
 from quantkit import chattts
 from quantkit.compile_artifacts import CompiledFunctions
+from quantkit.errors import QuantkitError
 from quantkit.generate import Decoder, Request, generate, teacher_force
 from quantkit.inductor import for_device, skip_vec_isa_probe, uses_cuda_graphs
 from quantkit.precision import DTYPES
@@ -108,8 +109,14 @@ class CompiledGenerate:
         (n, num_vq); None when they do not fit the largest cache."""
         if emb.shape[1] + tokens.shape[0] > MAX_CAPACITY:
             return None
-        s = self.default_sampling
-        return teacher_force(self.decoder(s, manual_seed=0), s, emb, tokens)
+        if not self._cache_free.acquire(blocking=False):
+            raise QuantkitError("teacher forcing while a call decodes into this Chat's KV cache: "
+                                "finish or close that call first")
+        try:
+            s = self.default_sampling
+            return teacher_force(self.decoder(s, manual_seed=0), s, emb, tokens)
+        finally:
+            self._cache_free.release()
 
 
 def _not_covered(s: Sampling | None, infer_text: bool, return_attn: bool, pad: torch.Tensor | None,

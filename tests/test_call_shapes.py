@@ -16,11 +16,12 @@ from quantkit import chattts, int8_gemv
 from quantkit.apply import apply_recipe
 from quantkit.compile import CompiledGenerate, compiled_decoding
 from quantkit.compile_artifacts import Precompiled
+from quantkit.errors import QuantkitError
 from quantkit.linears import RowsLinear
 from quantkit.models import load_chat
 from quantkit.recipes import get_recipe, recipe_names
 from quantkit.shapes import ShapeSettings, _row_steps_per_s, measure_batches
-from quantkit.synth import fixed_speaker
+from quantkit.synth import fixed_speaker, teacher_forced
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +215,8 @@ def test_streams_read_in_turn_keep_to_their_own_cache(pair, caplog):
     assert any("another decodes into this Chat's KV cache" in r.getMessage() for r in caplog.records)
     first = stream(TEXTS[0], 1)
     next(first)
+    with pytest.raises(QuantkitError, match="teacher forcing while a call decodes"):  # the evaluator's fidelity
+        teacher_forced(ours, TEXTS[1], torch.zeros(4, 4, dtype=torch.long))
     first.close()  # a stream closed early frees the cache too
     infer(ours, [TEXTS[0]], steps=8)
     assert ours.gpt.generate.last_steps is not None  # ran the static path
