@@ -63,7 +63,7 @@ def check_runnable(recipe: Recipe, device: torch.device) -> None:
         raise QuantkitError(reason)
 
 
-_APPLIED = "_quantkit_recipe"  # set on a Chat by apply_recipe
+_APPLIED = "_quantkit_recipe"  # set by apply_recipe on the loaded GPT: a Chat loaded again has none
 
 
 def apply_recipe(chat: Chat, recipe: Recipe, compile_step: bool = True,
@@ -72,7 +72,7 @@ def apply_recipe(chat: Chat, recipe: Recipe, compile_step: bool = True,
     QuantkitError naming the recipe, the component and the reason. ``compile_step=False`` keeps
     a compiled recipe's static-cache decoding but runs the step eagerly (fast tests).
     ``preapplied`` components already hold quantized weights (an exported variant)."""
-    earlier = getattr(chat, _APPLIED, None)
+    earlier = getattr(chattts.gpt(chat), _APPLIED, None)
     if earlier is not None:  # a recipe assumes ChatTTS as loaded: casts and quantizers do not stack
         raise QuantkitError(f"this Chat already has recipe '{earlier}' applied: apply '{recipe.name}' "
                             "to a freshly loaded one (quantkit.load_chat)")
@@ -80,7 +80,7 @@ def apply_recipe(chat: Chat, recipe: Recipe, compile_step: bool = True,
         return
     device = torch.device(chat.device)
     check_runnable(recipe, device)
-    setattr(chat, _APPLIED, recipe.name)
+    setattr(chattts.gpt(chat), _APPLIED, recipe.name)
     for name in COMPONENTS:
         comp = recipe.component(name)
         module = component_module(chat, name)
