@@ -98,11 +98,10 @@ def error_rates(references: list[str], hypotheses: list[str], language: str,
     if len(references) != len(hypotheses):
         raise ValueError("references and hypotheses differ in length")
     ids = ids or [str(i) for i in range(len(references))]
+    check_references(dict(zip(ids, references)), language)
     per, uncapped, edits, total = [], [], 0, 0
-    for uid, ref, hyp in zip(ids, references, hypotheses):
+    for ref, hyp in zip(references, hypotheses):
         ref_n, hyp_n = normalize(ref, language), normalize(hyp, language)
-        if not ref_n.strip():
-            raise QuantkitError(f"reference '{uid}' is empty after normalisation: nothing to score against")
         e, n = _edits(ref_n, hyp_n, language)
         per.append(min(1.0, e / n))
         uncapped.append(e / n)
