@@ -35,9 +35,9 @@ def main() -> None:
         batches = shapes.measure_batches(chat, texts, settings, 0, fixed_speaker(chat, 0))
     base, steps = batches[0]["audio_s_per_s"], batches[0]["row_steps_per_s"]
     for b in batches:
-        scaling = f", decode steps {b['row_steps_per_s'] / steps:.2f}x" if steps else ""
+        scaling = f", decode steps {b['row_steps_per_s'] / steps:.3g}x" if steps else ""
         print(f"{quantkit.__file__}: batch {b['batch']}: {b['s']:.3f} s, "
-              f"throughput {b['audio_s_per_s'] / base:.2f}x batch {sizes[0]}{scaling}")
+              f"throughput {b['audio_s_per_s'] / base:.3g}x batch {sizes[0]}{scaling}")
 
 
 if __name__ == "__main__":
