@@ -88,9 +88,15 @@ def _edits(ref: str, hyp: str, language: str) -> tuple[int, int]:
 
 def check_references(references: dict[str, str], language: str) -> None:
     """Raise, naming the id, for a reference with nothing left to score against: before the slow work."""
-    for uid, ref in references.items():
-        if not normalize(ref, language).strip():
+    _normalized_references(list(references), list(references.values()), language)
+
+
+def _normalized_references(ids: list[str], references: list[str], language: str) -> list[str]:
+    normalized = [normalize(ref, language) for ref in references]
+    for uid, ref in zip(ids, normalized):
+        if not ref.strip():
             raise QuantkitError(f"reference '{uid}' is empty after normalisation: nothing to score against")
+    return normalized
 
 
 def error_rates(references: list[str], hypotheses: list[str], language: str,
@@ -98,10 +104,10 @@ def error_rates(references: list[str], hypotheses: list[str], language: str,
     if len(references) != len(hypotheses):
         raise ValueError("references and hypotheses differ in length")
     ids = ids or [str(i) for i in range(len(references))]
-    check_references(dict(zip(ids, references)), language)
+    refs_n = _normalized_references(ids, references, language)
     per, uncapped, edits, total = [], [], 0, 0
-    for ref, hyp in zip(references, hypotheses):
-        ref_n, hyp_n = normalize(ref, language), normalize(hyp, language)
+    for ref_n, hyp in zip(refs_n, hypotheses):
+        hyp_n = normalize(hyp, language)
         e, n = _edits(ref_n, hyp_n, language)
         per.append(min(1.0, e / n))
         uncapped.append(e / n)
