@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from quantkit.errors import QuantkitError
 from quantkit.generate import Progress
 from quantkit.quiet import quieted
 from quantkit.sampling import Sampling
@@ -27,6 +28,15 @@ if TYPE_CHECKING:
 
 SAMPLE_RATE = 24000
 SAMPLES_PER_STEP = 512  # each GPT step becomes 2 mel frames of 256 samples
+MAX_POSITIONS = 4096  # ChatTTS's GPT (its Config.gpt.max_position_embeddings)
+
+
+def check_steps(steps: int | None, option: str = "--steps") -> None:
+    """Refuse a fixed step count beyond ChatTTS's GPT's positions (prompt included), before the
+    load. Compiled recipes grow their KV cache to fit."""
+    if steps is not None and steps >= MAX_POSITIONS:
+        raise QuantkitError(f"{option} {steps} does not fit: ChatTTS's GPT has {MAX_POSITIONS} positions, "
+                            f"prompt included, so {option} must stay below {MAX_POSITIONS} minus the prompt's length")
 
 
 def static_model(chat: Chat, capacity: int, cache_dtype: torch.dtype | None = None) -> StaticCacheGPT:

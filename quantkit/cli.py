@@ -232,9 +232,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     from quantkit.atomic import check_writable_target
     from quantkit.audio import write_wav
+    from quantkit.chattts import check_steps
     from quantkit.export import load_variant
     from quantkit.machine import process_seconds
-    from quantkit.synth import SAMPLE_RATE, check_steps, synthesize
+    from quantkit.synth import SAMPLE_RATE, synthesize
 
     check_steps(args.steps)
     check_writable_target(args.out_wav)

@@ -412,7 +412,7 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     from quantkit.metrics import check_references
     from quantkit.models import resolve_device
     from quantkit.report import write_report
-    from quantkit.synth import check_steps
+    from quantkit.chattts import check_steps
     from quantkit.texts import load_texts
 
     device = resolve_device(cfg.device)
@@ -432,15 +432,16 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)  # a killed run's scratch
     previous = _previous_run(out)
     kept = _resumable(previous, cfg, texts, out) if cfg.resume else {}
+    env = environment(str(device))  # once: its bandwidth probe takes a second
 
     try:
-        results, rows = _run_recipes(names, cfg, language, texts, out, kept)
+        results, rows = _run_recipes(names, cfg, language, texts, out, kept, env)
         if asr is not None and rows:
             _transcribe_all(asr, language, rows, out)
             _score(results, rows, language)
         if cfg.quality and rows:
             _assess(results, rows, out)
-        doc = _document(cfg, language, texts, results, complete=True)
+        doc = _document(cfg, language, texts, results, env, complete=True)
         _write_results(out, doc, rows)
         write_report(out)
         _drop_stale_audio(out, _recipes_of(previous) - {r.name for r in results})
@@ -450,7 +451,7 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
 
 
 def _run_recipes(names: list[str], cfg: EvalConfig, language: str, texts: dict, out: Path,
-                 kept: dict) -> tuple[list[RecipeResult], list[Utterance]]:
+                 kept: dict, env: dict) -> tuple[list[RecipeResult], list[Utterance]]:
     """Each recipe in its own process (or kept from an earlier run), fp32 first; results.json
     and the audio in place after each."""
     results, rows, reference = [], [], None  # fp32's reference, once it is measured
@@ -472,7 +473,7 @@ def _run_recipes(names: list[str], cfg: EvalConfig, language: str, texts: dict, 
                 reference = out / REFERENCE_FILE
         results.append(res)
         rows += utt
-        _write_results(out, _document(cfg, language, texts, results, complete=False), rows)
+        _write_results(out, _document(cfg, language, texts, results, env, complete=False), rows)
     return results, rows
 
 
@@ -504,15 +505,16 @@ def config_key(source: str, cfg: EvalConfig, texts: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-def _document(cfg: EvalConfig, language: str, texts: dict, results: list[RecipeResult], complete: bool) -> dict:
-    from quantkit.models import OVERRIDES_FILE, SYNTHETIC_CONFIGS, resolve_device
+def _document(cfg: EvalConfig, language: str, texts: dict, results: list[RecipeResult], env: dict,
+              complete: bool) -> dict:
+    from quantkit.models import OVERRIDES_FILE, SYNTHETIC_CONFIGS
 
     synthetic = cfg.model in SYNTHETIC_CONFIGS or (Path(cfg.model) / OVERRIDES_FILE).exists()
     return {
         "schema": SCHEMA, "model": cfg.model, "synthetic_weights": synthetic, "device": cfg.device,
         "language": language, "texts": cfg.texts, "utterances": len(texts), "runs": cfg.runs,
         "max_new_tokens": cfg.max_new_tokens,
-        "environment": environment(str(resolve_device(cfg.device))),
+        "environment": env,
         "command": cfg.command, "complete": complete, "recipes": [r.to_dict() for r in results],
         "recommendation": recommend(results, synthetic, cfg) if complete else
         {"name": None, "reason": "the run is not complete"},

@@ -13,11 +13,12 @@ from quantkit import trust
 from quantkit.apply import apply_recipe, check_runnable, weight_bytes
 from quantkit.atomic import check_writable_target, write_text
 from quantkit.audio import write_wav
+from quantkit.chattts import check_steps
 from quantkit.errors import QuantkitError
 from quantkit.machine import process_seconds
 from quantkit.models import load_chat, resolve_device
 from quantkit.recipes import Recipe, get_recipe
-from quantkit.synth import SAMPLE_RATE, check_steps, synthesize
+from quantkit.synth import SAMPLE_RATE, synthesize
 
 if TYPE_CHECKING:
     from ChatTTS import Chat

@@ -13,21 +13,9 @@ import torch
 from quantkit import chattts
 from quantkit.chattts import SAMPLE_RATE, SAMPLES_PER_STEP
 from quantkit.compile import compiled_decoding, last_decode_steps
-from quantkit.errors import QuantkitError
 
 if TYPE_CHECKING:
     from ChatTTS import Chat
-
-
-MAX_POSITIONS = 4096  # ChatTTS's GPT (its Config.gpt.max_position_embeddings)
-
-
-def check_steps(steps: int | None, option: str = "--steps") -> None:
-    """Refuse a fixed step count beyond ChatTTS's GPT's positions (prompt included), before the
-    load. Compiled recipes grow their KV cache to fit."""
-    if steps is not None and steps >= MAX_POSITIONS:
-        raise QuantkitError(f"{option} {steps} does not fit: ChatTTS's GPT has {MAX_POSITIONS} positions, "
-                            f"prompt included, so {option} must stay below {MAX_POSITIONS} minus the prompt's length")
 
 
 def expected_samples(steps: int) -> int:
