@@ -6,10 +6,16 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
+
+# xdist's workers share the cores: each gets its share of OpenMP threads, set before torch loads
+# (its pool is sized once). Two teams of all the cores each stall each other.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+
+import numpy as np  # noqa: E402 (after the thread count)
+import pytest  # noqa: E402
 
 
 # Texts of different lengths and scripts for the decoding tests (a short prompt, English, Chinese).

@@ -15,6 +15,10 @@ pytestmark = pytest.mark.skipif(not int8_gemv.cpu_supported(), reason="this CPU 
 @pytest.fixture(scope="module", autouse=True)
 def built():
     assert int8_gemv.library() is not None  # a supported CPU must build it: no silent fallback
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # the kernels split their work between threads
+    yield
+    torch.set_num_threads(threads)
 
 
 def unsigned(x: torch.Tensor) -> torch.Tensor:
