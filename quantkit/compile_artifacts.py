@@ -159,8 +159,11 @@ def _or_just_in_time(precompile: Callable[[], Precompiled], fallback: Callable) 
 
 
 def _aot(compile_fn: Callable[[], Callable], example: tuple):
-    # Scoped: left on, the setting changes what later just-in-time compilations cache.
-    with torch._dynamo.config.patch(enable_aot_compile=True), torch.no_grad():
+    from torch._dynamo.convert_frame import compile_lock
+
+    # Dynamo's just-in-time compiles take its lock, ahead-of-time ones do not: two at once (a Chat
+    # per thread) break each other's tracing. The setting is scoped: it changes what later ones cache.
+    with compile_lock, torch._dynamo.config.patch(enable_aot_compile=True), torch.no_grad():
         return compile_fn().aot_compile((example, {}))
 
 

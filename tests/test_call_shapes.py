@@ -5,7 +5,9 @@ stop at different steps, text refinement, streaming, lengths beyond the recipe's
 import json
 import logging
 import statistics
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -220,6 +222,34 @@ def test_streams_read_in_turn_keep_to_their_own_cache(pair, caplog):
     first.close()  # a stream closed early frees the cache too
     infer(ours, [TEXTS[0]], steps=8)
     assert ours.gpt.generate.last_steps is not None  # ran the static path
+
+
+def test_one_chat_per_thread_runs_each_on_the_compiled_path_at_once(pair, caplog):
+    """Two Chats with a compiled recipe, first called at the same moment from two threads (each
+    compiles its step while the other does): each gets ChatTTS's tokens for its call, no fallback."""
+    ref, _ = pair
+    chats = [load_chat("synthetic-tiny") for _ in range(2)]
+    for chat in chats:
+        apply_recipe(chat, get_recipe("fp32-compiled"))
+    calls, start = [[[TEXTS[1]], TEXTS[:2]], [[TEXTS[2]], TEXTS[1:]]], threading.Barrier(2)
+
+    def run(chat, batches):  # one row, then two: each thread compiles two cache shapes
+        start.wait()
+        done = []
+        for batch in batches:
+            with recording(chat) as seen:
+                infer(chat, batch, steps=40)
+            done.append((batch, seen, chat.gpt.generate.last_steps))
+        return done
+
+    with caplog.at_level(logging.WARNING, logger="quantkit"), ThreadPoolExecutor(2) as pool:
+        results = [f.result() for f in [pool.submit(run, c, b) for c, b in zip(chats, calls)]]
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    for batch, seen, steps in results[0] + results[1]:
+        assert steps is not None and steps[0] == 39  # the static path's decode steps
+        with recording(ref) as theirs:
+            infer(ref, batch, steps=40)
+        assert same_tokens(theirs, seen)
 
 
 def test_a_long_stream_decodes_each_hand_over_in_a_bounded_window(pair):
