@@ -17,7 +17,7 @@ from quantkit import chattts
 from quantkit.compile_artifacts import CompiledFunctions
 from quantkit.errors import QuantkitError
 from quantkit.generate import Decoder, Request, generate, teacher_force
-from quantkit.inductor import for_device, skip_vec_isa_probe, uses_cuda_graphs
+from quantkit.inductor import for_device, keep_cuda_guard_alive, skip_vec_isa_probe, uses_cuda_graphs
 from quantkit.precision import DTYPES
 from quantkit.recipes import CompileSettings
 from quantkit.sampling import ExpNoise, Sampling
@@ -166,6 +166,7 @@ def enable_compiled_decoding(chat: Chat, settings: CompileSettings, compile_step
     and bound the decoder's work per streamed hand-over."""
     if compile_step:
         skip_vec_isa_probe()
+        keep_cuda_guard_alive()
     gen = CompiledGenerate(chat, settings, compile_step=compile_step)
     chattts.install_generate(chat, gen)
     chattts.install_chunked_stream_decode(chat)

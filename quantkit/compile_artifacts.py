@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -158,12 +159,19 @@ def _or_just_in_time(precompile: Callable[[], Precompiled], fallback: Callable) 
         return fallback
 
 
-def _aot(compile_fn: Callable[[], Callable], example: tuple):
+@contextmanager
+def _ahead_of_time():
     from torch._dynamo.convert_frame import compile_lock
 
     # Dynamo's just-in-time compiles take its lock, ahead-of-time ones do not: two at once (a Chat
-    # per thread) break each other's tracing. The setting is scoped: it changes what later ones cache.
-    with compile_lock, torch._dynamo.config.patch(enable_aot_compile=True), torch.no_grad():
+    # per thread) break each other's tracing, and one thread's end of the setting would end the
+    # other's. The setting is scoped: left on, it changes what later just-in-time compiles cache.
+    with compile_lock, torch._dynamo.config.patch(enable_aot_compile=True):
+        yield
+
+
+def _aot(compile_fn: Callable[[], Callable], example: tuple):
+    with _ahead_of_time(), torch.no_grad():
         return compile_fn().aot_compile((example, {}))
 
 
@@ -327,7 +335,7 @@ def load_precompiled(fns: CompiledFunctions, folder: Path, saved: list[dict], sa
 
 
 def _load_aot(path: str | Path) -> Callable:
-    with torch._dynamo.config.patch(enable_aot_compile=True), open(path, "rb") as fh:
+    with _ahead_of_time(), open(path, "rb") as fh:
         return torch.compiler.load_compiled_function(fh)
 
 

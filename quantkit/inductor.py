@@ -9,6 +9,7 @@ import hashlib
 import json
 import platform
 import sys
+import threading
 
 import torch
 
@@ -75,6 +76,31 @@ def skip_vec_isa_probe() -> None:
     if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
         torch._inductor.config.cpp.vec_isa_ok = True
         _remember_isa_checks()
+
+
+_guard_lock = threading.Lock()
+_guard_set = threading.Event()
+
+
+def keep_cuda_guard_alive() -> None:
+    """Set the no-op CUDA device guard that tracing sets on a machine without a usable GPU, from a
+    thread that lasts as long as the process. torch 2.11 keeps it in the thread that first traces:
+    once that thread ends (a Chat compiled in a worker thread), the next trace crashes."""
+    with _guard_lock:
+        if _guard_set.is_set():
+            return
+        if threading.current_thread() is threading.main_thread():
+            torch._C._ensureCUDADeviceGuardSet()
+            _guard_set.set()
+            return
+        threading.Thread(target=_hold_cuda_guard, name="quantkit-cuda-guard", daemon=True).start()
+        _guard_set.wait()
+
+
+def _hold_cuda_guard() -> None:
+    torch._C._ensureCUDADeviceGuardSet()
+    _guard_set.set()
+    threading.Event().wait()  # the guard lives as long as this thread
 
 
 ISA_CHECKS = "vec_isa_checks.json"
