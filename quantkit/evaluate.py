@@ -409,10 +409,10 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     in place as soon as it finishes; a failed recipe is recorded (status "failed") and the run
     goes on. With ``cfg.resume``, recipes already measured here with the same configuration
     are kept, not run again."""
+    from quantkit.chattts import check_steps
     from quantkit.metrics import check_references
     from quantkit.models import resolve_device
     from quantkit.report import write_report
-    from quantkit.chattts import check_steps
     from quantkit.texts import load_texts
 
     device = resolve_device(cfg.device)
