@@ -1,6 +1,6 @@
 """Torch-wide compiler settings, in one place and applied explicitly where quantkit compiles:
-Inductor's options for a recipe, CUDA graphs or not, and its vector-ISA probe remembered per
-machine."""
+Inductor's options for a recipe, CUDA graphs or not, its vector-ISA probe remembered per
+machine, and tracing's CUDA device guard kept alive for compiles in other threads."""
 
 from __future__ import annotations
 

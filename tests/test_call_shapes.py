@@ -5,7 +5,10 @@ stop at different steps, text refinement, streaming, lengths beyond the recipe's
 import json
 import logging
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,10 +265,6 @@ def test_one_chat_per_thread_runs_each_on_the_compiled_path_at_once(pair):
     """Two Chats compiled in two threads at once, then one in the main thread: each call gets
     ChatTTS's tokens on the compiled path, with no fallback (and no crash: torch 2.11 keeps the
     guard that tracing sets in the thread that first traces)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     ref, _ = pair
     calls = [[[TEXTS[1]], TEXTS[:2]], [[TEXTS[2]], TEXTS[1:]], [[TEXTS[0]], TEXTS[:1] + TEXTS[2:]]]
     proc = subprocess.run([sys.executable, "-c", THREADS, str(Path(__file__).parent), json.dumps(calls)],
