@@ -9,13 +9,16 @@ from contextlib import contextmanager
 
 @contextmanager
 def quieted(logger: logging.Logger) -> Iterator[None]:
-    """``logger`` passes only errors inside the block, then its own level again."""
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """``logger`` passes only errors inside the block. A filter of the block's own, not the
+    logger's level: blocks in two threads at once leave the logger as they found it."""
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    logger.addFilter(errors_only)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(errors_only)
 
 
 def import_cpp_extension() -> None:

@@ -1,3 +1,4 @@
+import logging
 import re
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from quantkit.apply import apply_recipe, component_dtype
 from quantkit.errors import QuantkitError
 from quantkit.models import load_chat
 from quantkit.quantize import is_quantized_linear, module_weight_bytes
+from quantkit.quiet import quieted
 from quantkit.recipes import get_recipe, recipe_names
 from quantkit.synth import expected_samples, synthesize
 
@@ -275,3 +277,20 @@ def test_public_api_takes_a_name_a_path_or_a_recipe(tiny_dir):
     stock = quantkit.load_chat("synthetic-tiny")
     quantkit.apply_recipe(stock, "stock")  # ChatTTS as loaded: any recipe may follow
     quantkit.apply_recipe(stock, "bf16")
+
+
+def test_overlapping_quiet_blocks_leave_the_logger_as_they_found_it(caplog):
+    """Two threads' blocks on one logger (ChatTTS's, warming the normalizer of two Chats loaded at
+    once), the first ending before the second: each hides only while it runs."""
+    log = logging.getLogger("quantkit.tests.quieted")
+    first, second = quieted(log), quieted(log)
+    with caplog.at_level(logging.INFO, logger=log.name):
+        first.__enter__()
+        second.__enter__()
+        log.warning("hidden")
+        first.__exit__(None, None, None)
+        log.warning("still hidden")
+        second.__exit__(None, None, None)
+        log.warning("shown")
+        log.error("shown too")
+    assert [r.getMessage() for r in caplog.records if r.name == log.name] == ["shown", "shown too"]
