@@ -6,6 +6,7 @@ one breaks this module alone. The rest of quantkit gets plain modules and tensor
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING
 
 import torch
@@ -221,23 +222,47 @@ def llama_config(chat: Chat) -> dict:
 
 
 class StoredGPT:
-    """While active, ChatTTS's loader gets its GPT from ``load(gpt_folder)`` instead of reading
-    the fp32 weights (``LlamaModel.from_pretrained`` in ChatTTS.model.gpt)."""
+    """While active in this thread, ChatTTS's loader gets its GPT from ``load(gpt_folder)``
+    instead of reading the fp32 weights (``LlamaModel.from_pretrained`` in ChatTTS.model.gpt).
+    The module attribute is shared by every thread: while any thread loads a variant it holds a
+    dispatcher, which serves other threads' loads (a variant's or ChatTTS's own) as their own."""
 
-    def __init__(self, load_fn):
+    _lock = threading.Lock()
+    _active = 0  # threads inside a StoredGPT
+    _original: type | None = None
+    _local = threading.local()
+
+    def __init__(self, load_fn: Callable):
         self.load_fn = load_fn
 
-    def __enter__(self):
+    def __enter__(self) -> StoredGPT:
         import ChatTTS.model.gpt as chattts_gpt
 
-        self.original = chattts_gpt.LlamaModel
-        chattts_gpt.LlamaModel = type("StoredLlamaModel", (), {"from_pretrained": staticmethod(self.load_fn)})
+        cls = StoredGPT
+        with cls._lock:
+            if cls._active == 0:
+                cls._original = chattts_gpt.LlamaModel
+                chattts_gpt.LlamaModel = type("StoredLlamaModel", (), {"from_pretrained": staticmethod(cls._dispatch)})
+            cls._active += 1
+        self.outer, cls._local.load_fn = getattr(cls._local, "load_fn", None), self.load_fn
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         import ChatTTS.model.gpt as chattts_gpt
 
-        chattts_gpt.LlamaModel = self.original
+        cls = StoredGPT
+        cls._local.load_fn = self.outer
+        with cls._lock:
+            cls._active -= 1
+            if cls._active == 0:
+                chattts_gpt.LlamaModel = cls._original
+
+    @staticmethod
+    def _dispatch(gpt_folder, *args, **kwargs):
+        load_fn = getattr(StoredGPT._local, "load_fn", None)
+        if load_fn is None:  # another thread's load, not a variant's
+            return StoredGPT._original.from_pretrained(gpt_folder, *args, **kwargs)
+        return load_fn(gpt_folder, *args, **kwargs)
 
 
 # ---------------------------------------------------------------- components

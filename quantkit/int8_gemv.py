@@ -35,6 +35,7 @@ import logging
 import os
 import platform
 import shutil
+import threading
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -449,6 +450,7 @@ def cpu_supported() -> bool:
 
 
 _loaded: str | None = None  # the library registered in this process
+_load_lock = threading.Lock()  # Chats loaded in threads at once build and register it once
 
 
 @lru_cache(maxsize=None)
@@ -457,8 +459,11 @@ def library() -> str | None:
     or None where this CPU lacks VNNI or no compiler works (callers then use their own path)."""
     if not cpu_supported():
         return None
-    if _loaded is not None:
-        return _loaded
+    with _load_lock:
+        return _loaded if _loaded is not None else _build()
+
+
+def _build() -> str | None:
     import_cpp_extension()
     from torch.utils.cpp_extension import load_inline
 
@@ -483,9 +488,10 @@ def load_library(path: str | Path) -> bool:
     """Load a built kernel library (an exported variant's copy) without building anything."""
     if not cpu_supported():
         return False
-    if _loaded is None:
-        torch.ops.load_library(str(path))
-        _registered(str(path))
+    with _load_lock:
+        if _loaded is None:
+            torch.ops.load_library(str(path))
+            _registered(str(path))
     return True
 
 

@@ -3,6 +3,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import quantkit
 from conftest import TEXTS, assert_one_line_error, recording, run_cli, run_cli_here
-from quantkit import export as export_mod, int8_gemv
+from quantkit import chattts, export as export_mod, int8_gemv
 from quantkit.apply import apply_recipe
 from quantkit.errors import QuantkitError
 from quantkit.export import SCHEMA, export_variant, load_variant
@@ -79,6 +81,40 @@ def test_fresh_process_loads_and_synthesizes(variants, tmp_path):
 
     audio, rate = read_wav(wav)
     assert rate == 24000 and audio.shape == (12 * 512 - 256,) and np.abs(audio).max() > 0
+
+
+def test_loads_in_other_threads_get_their_own_gpt_while_a_variant_loads(variants, tiny_dir):
+    """A variant's load answers ChatTTS's LlamaModel.from_pretrained, a module attribute every
+    thread sees: a load in another thread meanwhile (ChatTTS's own, or another variant's) still
+    gets its own GPT, and ChatTTS's class is back once no load is left."""
+    import ChatTTS.model.gpt as chattts_gpt
+
+    original, before = chattts_gpt.LlamaModel, load_chat("synthetic-tiny")
+    inside, release = threading.Event(), threading.Event()
+
+    def held(*_args, **_kwargs):
+        if threading.current_thread() is threading.main_thread():
+            raise AssertionError("the main thread's load got the worker's GPT")
+        inside.set()
+        return "held" if release.wait(120) else "timed out"
+
+    def hold():
+        with chattts.StoredGPT(held):
+            return chattts_gpt.LlamaModel.from_pretrained("unused")
+
+    with ThreadPoolExecutor(1) as pool:
+        worker = pool.submit(hold)
+        assert inside.wait(120)
+        try:
+            plain, fp16 = load_chat("synthetic-tiny"), load_variant(variants["fp16"])
+        finally:
+            release.set()
+        assert worker.result() == "held"
+    assert chattts_gpt.LlamaModel is original
+    assert type(chattts.gpt(plain)) is original
+    for ours, theirs in zip(chattts.gpt(plain).state_dict().values(), chattts.gpt(before).state_dict().values()):
+        assert torch.equal(ours, theirs)
+    assert {p.dtype for p in chattts.gpt(fp16).parameters()} == {torch.float16}
 
 
 def _copy(variant, tmp_path):
@@ -171,16 +207,24 @@ def test_export_best_from_an_eval_directory(tiny_dir, tmp_path):
                           "either a RECIPE or --best")
 
 
-# A fresh process: the variant's one-row call, then a batch of the texts given (if any), with the
-# graphs it traced or compiled and the tokens each call decoded.
+# A fresh process: the variant loaded twice at once (a Chat per thread, as a server would) and
+# each one's one-row call, then a batch of the texts given (if any) on the first, with the graphs
+# it traced or compiled and the tokens each call decoded.
 FRESH = """
-import json, sys, torch, quantkit
+import json, sys, threading, torch, quantkit
+from concurrent.futures import ThreadPoolExecutor
 from quantkit.compile import compiled_decoding
 from quantkit.synth import fixed_speaker, synthesize
-c = quantkit.load_variant(sys.argv[1], trust_compiled=True)
+start = threading.Barrier(2)
+def load(_):
+    start.wait()
+    c = quantkit.load_variant(sys.argv[1], trust_compiled=True)
+    model = compiled_decoding(c).model
+    cache_rows = model.layers[0].k_cache.shape[0], model._held[0].shape[0]
+    return c, cache_rows, synthesize(c, sys.argv[2], seed=0, steps=12).tokens.tolist()
+with ThreadPoolExecutor(2) as pool:
+    (c, cache_rows, one), (_, _, other) = pool.map(load, range(2))
 compiled, seen, inner = compiled_decoding(c), [], c.gpt.generate
-cache_rows = compiled.model.layers[0].k_cache.shape[0], compiled.model._held[0].shape[0]
-one = synthesize(c, sys.argv[2], seed=0, steps=12).tokens.tolist()
 def generate(*args, **kwargs):
     for out in inner(*args, **kwargs):
         seen.append([ids.tolist() for ids in out.ids])
@@ -192,7 +236,7 @@ if json.loads(sys.argv[3]):
     c.infer(json.loads(sys.argv[3]), skip_refine_text=True, params_infer_code=code, do_text_normalization=False,
             split_text=False)
 batch = [seen[-1], compiled.last_steps[0]] if seen else None
-print(json.dumps([torch._dynamo.utils.counters["stats"]["unique_graphs"], one, batch, cache_rows]))
+print(json.dumps([torch._dynamo.utils.counters["stats"]["unique_graphs"], [one, other], batch, cache_rows]))
 """
 
 
@@ -213,7 +257,8 @@ def _eager_tokens(recipe: str) -> tuple[list, list]:
 @pytest.mark.parametrize("recipe,batches", [("fp32-compiled", [1]), ("int8-dynamic-compiled", [1, 3])])
 def test_compiled_variant_starts_without_compiling(recipe, batches, tiny_dir, tmp_path):
     """A batch of three runs in the bucket of four rows: a variant exported for it carries that
-    bucket's step and prompt pass too, and a fresh process compiles nothing for either call."""
+    bucket's step and prompt pass too, and a fresh process compiles nothing for either call, with
+    the variant loaded in two threads at once."""
     texts = TEXTS if 3 in batches else []
     info = export_variant(tmp_path / "v", recipe=recipe, model="synthetic-tiny", batches=batches)
     manifest = json.loads((tmp_path / "v" / "manifest.json").read_text())["compile_artifacts"]
@@ -241,7 +286,7 @@ def test_compiled_variant_starts_without_compiling(recipe, batches, tiny_dir, tm
     proc = subprocess.run([sys.executable, "-c", FRESH, str(tmp_path / "v"), TEXT, json.dumps(texts)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    graphs, one, batch, cache_rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    graphs, ones, batch, cache_rows = json.loads(proc.stdout.strip().splitlines()[-1])
     assert graphs == 0  # nothing traced or compiled in the fresh process
     # loaded at one row, in the first rows of the largest carried bucket's cache, made at load
     assert cache_rows == [1, max(carried)]
@@ -249,7 +294,7 @@ def test_compiled_variant_starts_without_compiling(recipe, batches, tiny_dir, tm
     # Inductor's one-line ISA checks are built per machine).
     assert {p.name: p.stat().st_mtime for p in (tmp_path / "fresh").rglob("*.main.so")} == shipped
     assert not (tmp_path / "fresh-quantkit" / "kernels").exists()  # the variant's kernel, not rebuilt
-    assert one == expected[0]
+    assert ones == [expected[0]] * 2  # the same tokens from both threads' Chats
     if texts:  # on the compiled path (the prompt pass gives the first of 10 tokens), ChatTTS's tokens
         assert batch == [expected[1], 9]
 

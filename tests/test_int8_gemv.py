@@ -211,3 +211,29 @@ def test_the_kernel_builds_and_loads_without_a_notice_about_cuda():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith(".so"), proc.stderr
     assert "CUDA" not in proc.stderr, proc.stderr
+
+
+# Two threads load the built library at once (Chats loaded in threads); the library's load is made
+# slow, so that both would be inside it together where nothing keeps them apart.
+LOAD_TWICE = """
+import sys, time, torch
+from concurrent.futures import ThreadPoolExecutor
+from quantkit import int8_gemv
+load = torch.ops.load_library
+def slow(path):
+    time.sleep(0.5)
+    load(path)
+torch.ops.load_library = slow
+with ThreadPoolExecutor(2) as pool:
+    print(list(pool.map(int8_gemv.load_library, [sys.argv[1]] * 2)))
+"""
+
+
+def test_two_threads_loading_the_kernel_at_once_register_it_once():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", LOAD_TWICE, int8_gemv.library()], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["[True,", "True]"]
