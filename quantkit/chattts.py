@@ -305,6 +305,15 @@ def probe(chat: Chat, name: str, dtype: torch.dtype) -> None:
 
 # ---------------------------------------------------------------- synthesis
 
+def seeded_speaker(chat: Chat, seed: int) -> str:
+    """ChatTTS's ``sample_random_speaker`` drawn from a generator of its own: the speaker that
+    follows ``torch.manual_seed(seed)``, without touching the random state other threads share."""
+    spk = chat.speaker
+    gen = torch.Generator(device=spk.std.device).manual_seed(seed)
+    emb = torch.randn(spk.dim, generator=gen, device=spk.std.device, dtype=spk.std.dtype)
+    return spk._encode(emb.mul_(spk.std).add_(spk.mean))
+
+
 def normalize(chat: Chat, text: str) -> str:
     """ChatTTS's text normalization, as ``infer`` applies it by default."""
     return chat.normalizer(text, True, True, None)

@@ -43,12 +43,7 @@ class Synthesis:
 
 def fixed_speaker(chat: Chat, seed: int) -> str:
     """A speaker embedding drawn from ChatTTS's own speaker statistics with a fixed seed."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return chat.sample_random_speaker()
-    finally:
-        torch.random.set_rng_state(state)
+    return chattts.seeded_speaker(chat, seed)
 
 
 def _sync(chat: Chat) -> None:

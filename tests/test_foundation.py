@@ -17,7 +17,7 @@ from quantkit.models import load_chat
 from quantkit.quantize import is_quantized_linear, module_weight_bytes
 from quantkit.quiet import quieted
 from quantkit.recipes import get_recipe, recipe_names
-from quantkit.synth import expected_samples, synthesize
+from quantkit.synth import expected_samples, fixed_speaker, synthesize
 
 SHIPPED = ["stock", "fp32", "fp16", "bf16", "int8-weight-only", "int8-dynamic",
            "int8-dynamic-fbgemm", "bnb-int8"]
@@ -294,3 +294,11 @@ def test_overlapping_quiet_blocks_leave_the_logger_as_they_found_it(caplog):
         log.warning("shown")
         log.error("shown too")
     assert [r.getMessage() for r in caplog.records if r.name == log.name] == ["shown", "shown too"]
+
+
+def test_a_fixed_speaker_is_chattts_own_draw_and_leaves_the_shared_random_state(tiny_chat):
+    state = torch.random.get_rng_state()
+    speaker = fixed_speaker(tiny_chat, 7)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(7)
+    assert speaker == tiny_chat.sample_random_speaker() != fixed_speaker(tiny_chat, 8)
