@@ -76,12 +76,12 @@ class CompiledGenerate:
             yield from self.fallback(emb, inputs_ids, temperature, eos_token, **kwargs)
             return
         rows = inputs_ids.shape[0]
-        req = Request(emb=emb, pad=pad.to(emb.device), max_new=max_new_token, min_new=min_new_token,
-                      temperature=temperature.to(emb.device).float().view(1, -1).expand(rows, -1).reshape(-1, 1),
-                      text=infer_text, stream_every=stream_batch if stream else None,
-                      return_hidden=return_hidden, redo_empty=ensure_non_empty and manual_seed is None,
-                      stop=context.get if context is not None else (lambda: False))
-        try:  # released when the call ends, or its stream is closed or dropped
+        try:  # released when the call ends, fails, or its stream is closed or dropped
+            req = Request(emb=emb, pad=pad.to(emb.device), max_new=max_new_token, min_new=min_new_token,
+                          temperature=temperature.to(emb.device).float().view(1, -1).expand(rows, -1).reshape(-1, 1),
+                          text=infer_text, stream_every=stream_batch if stream else None,
+                          return_hidden=return_hidden, redo_empty=ensure_non_empty and manual_seed is None,
+                          stop=context.get if context is not None else (lambda: False))
             dec = self.decoder(s, infer_text, manual_seed)
             with torch.no_grad():
                 for progress in generate(dec, req, s):
