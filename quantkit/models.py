@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,11 +141,12 @@ def write_synthetic_assets(root: Path, overrides: dict[str, Any], seed: int = SY
     chat = new_chat(overrides)
     asset = root / "asset"
     (asset / "gpt").mkdir(parents=True)
-    torch.manual_seed(seed)
-    for stem, module in chattts.random_components(chat).items():
-        _save(module, asset / f"{stem}.safetensors")
-    # ChatTTS deletes the Llama token embedding after loading (it has its own): keep it tiny.
-    llama = LlamaModel(LlamaConfig(**chattts.llama_config(chat), vocab_size=8))
+    with torch.random.fork_rng(devices=[]):  # the modules draw from torch's shared state: give the caller's back
+        torch.manual_seed(seed)
+        for stem, module in chattts.random_components(chat).items():
+            _save(module, asset / f"{stem}.safetensors")
+        # ChatTTS deletes the Llama token embedding after loading (it has its own): keep it tiny.
+        llama = LlamaModel(LlamaConfig(**chattts.llama_config(chat), vocab_size=8))
     llama.save_pretrained(str(asset / "gpt"), safe_serialization=True)
     _write_tokenizer(asset / "tokenizer", chattts.config(chat).gpt.num_text_tokens)
     sizes = {f: (root / f).stat().st_size for f in ASSET_FILES}
@@ -162,12 +164,21 @@ def _complete(root: Path) -> bool:
         return False
 
 
+# Two threads writing at once would draw each other's weights from torch's shared random state.
+_write_lock = threading.Lock()
+
+
 def synthetic_dir(name: str) -> Path:
     """The cached asset directory of a synthetic source, written on first use (atomically,
     since several evaluation processes may ask for it at once)."""
     target = cache_dir() / "models" / name
     if _complete(target):
         return target
+    with _write_lock:
+        return target if _complete(target) else _write_synthetic(name, target)
+
+
+def _write_synthetic(name: str, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("writing synthetic ChatTTS assets '%s' to %s", name, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))

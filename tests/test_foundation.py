@@ -115,6 +115,34 @@ def test_asset_directory_source(tiny_dir, tmp_path):
     assert synthesize(chat, TEXT, steps=4).steps == 4
 
 
+def test_synthetic_weights_written_by_two_threads_at_once_are_the_seeded_ones(tiny_dir, tmp_path, monkeypatch):
+    """A first use writes the weights from torch's shared random state under a seed: two threads
+    writing at once must not draw each other's numbers, and the caller's random state stays."""
+    import threading
+
+    from quantkit.models import ASSET_FILES, synthetic_dir
+
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path))
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    start, written = threading.Barrier(2), []
+
+    def write():
+        start.wait()
+        written.append(synthetic_dir("synthetic-tiny"))
+
+    threads = [threading.Thread(target=write) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(torch.rand(4), expected)
+    assert written == [tmp_path / "models" / "synthetic-tiny"] * 2
+    for name in (f for f in ASSET_FILES if f.endswith(".safetensors")):
+        assert (written[0] / name).read_bytes() == (tiny_dir / name).read_bytes(), name
+
+
 def test_damaged_asset_directory_is_a_clear_error(tiny_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_dir, broken)
