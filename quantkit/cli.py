@@ -11,6 +11,9 @@ from typing import Sequence
 from quantkit.errors import QuantkitError
 
 DEFAULT_TEXT = "The birch canoe slid on the smooth planks."
+SEED_HELP = "seeds the speaker and the sampling: the same seed gives the same audio (default: 0)"
+MAX_NEW_TOKENS_HELP = "most GPT steps when --steps is not given (default: 2048, ChatTTS's)"
+LANGUAGE_HELP = "en (WER) or zh (CER) (default: en)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -210,7 +213,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from quantkit.report import write_report
 
     write_report(args.dir)
-    print(f"wrote {args.dir}/report.md and pareto.png")
+    print(f"wrote {args.dir}: report.md, report.html, pareto.png and throughput.png")
     return 0
 
 
@@ -253,11 +256,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def _apply_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="a recipe name (see `recipes`) or a path to a .toml file")
     _add_model(p)
-    p.add_argument("--text", type=_text, default=DEFAULT_TEXT)
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--text", type=_text, default=DEFAULT_TEXT, help=f"what to say (default: {DEFAULT_TEXT!r})")
+    p.add_argument("--seed", type=_seed, default=0, help=SEED_HELP)
     p.add_argument("--steps", type=_positive, default=None,
                    help="generate exactly N GPT steps (N x 512 samples) for equal-work timing")
-    p.add_argument("--max-new-tokens", type=_positive, default=1024)
+    p.add_argument("--max-new-tokens", type=_positive, default=2048, help=MAX_NEW_TOKENS_HELP)
     p.add_argument("--out-wav", default=None, help="write the warm call's audio (24 kHz WAV)")
     p.add_argument("--compile-cache", default=None,
                    help="directory of saved compile artifacts (compiled recipes): load them "
@@ -282,7 +285,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_positive, default=96,
                    help="GPT steps of the timing utterance (fixed) and cap for the others")
     p.add_argument("--skip-asr", action="store_true", help="no Whisper, no WER/CER")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help=SEED_HELP)
     p.add_argument("--timeout", type=_positive_seconds, default=1800.0, help="seconds per recipe process")
     p.add_argument("--max-error-increase", type=float, default=0.01,
                    help="error budget over fp32 for the recommendation (default 0.01 = 1 point)")
@@ -303,7 +306,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir")
+    p.add_argument("dir", help="an eval output directory (its results.json)")
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
@@ -320,23 +323,24 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _synth_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--variant", required=True)
+    p.add_argument("--variant", required=True, metavar="DIR", help="a directory written by `export`")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
-    p.add_argument("--text", type=_text, required=True)
-    p.add_argument("--out-wav", required=True)
-    p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--steps", type=_positive, default=None)
-    p.add_argument("--max-new-tokens", type=_positive, default=1024)
+    p.add_argument("--text", type=_text, required=True, help="what to say")
+    p.add_argument("--out-wav", required=True, help="the audio to write (24 kHz WAV)")
+    p.add_argument("--seed", type=_seed, default=0, help=SEED_HELP)
+    p.add_argument("--steps", type=_positive, default=None,
+                   help="generate exactly N GPT steps (N x 512 samples) instead of stopping at the end of speech")
+    p.add_argument("--max-new-tokens", type=_positive, default=2048, help=MAX_NEW_TOKENS_HELP)
     p.add_argument("--trust-compiled", action="store_true",
                    help="load the variant's compiled code even though it was exported elsewhere "
                         "(compiled code runs on load: only for variants you trust)")
 
 
 def _score_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("wavs", nargs="+", metavar="WAV")
+    p.add_argument("wavs", nargs="+", metavar="WAV", help="the audio files to score")
     p.add_argument("--references", default=None,
                    help="TSV of id<TAB>text (id = the WAV's stem): also WER (en) or CER (zh)")
-    p.add_argument("--language", choices=("en", "zh"), default="en")
+    p.add_argument("--language", choices=("en", "zh"), default="en", help=LANGUAGE_HELP)
     p.add_argument("--speaker-reference", default=None, metavar="WAV",
                    help="a WAV of the reference voice: also speaker similarity to it")
     p.add_argument("--asr-model", default=None, help="Whisper name or checkpoint path (with --references)")
@@ -344,11 +348,11 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _transcribe_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("wavs", nargs="+", metavar="WAV")
+    p.add_argument("wavs", nargs="+", metavar="WAV", help="the audio files to transcribe")
     p.add_argument("--asr-model", default=None,
                    help="Whisper name (tiny.en, base, ...) or checkpoint path "
                         "(default: bundled tiny.en for en, base for zh)")
-    p.add_argument("--language", choices=("en", "zh"), default="en")
+    p.add_argument("--language", choices=("en", "zh"), default="en", help=LANGUAGE_HELP)
     p.add_argument("--references", default=None,
                    help="TSV of id<TAB>text (id = the WAV's stem): also print WER (en) or CER (zh), "
                         "the mean of per-utterance errors capped at 1")
@@ -359,7 +363,8 @@ COMMANDS = [
     ("recipes", "list the shipped recipes", cmd_recipes, None),
     ("apply", "load ChatTTS, apply a recipe, synthesize, print timings", cmd_apply, _apply_arguments),
     ("eval", "measure recipes: latency, memory, size, intelligibility, fidelity", cmd_eval, _eval_arguments),
-    ("report", "rebuild report.md and pareto.png from DIR/results.json", cmd_report, _report_arguments),
+    ("report", "rebuild the report (report.md, report.html, plots) from DIR/results.json", cmd_report,
+     _report_arguments),
     ("export", "write a deployable variant directory", cmd_export, _export_arguments),
     ("synth", "synthesize with an exported variant", cmd_synth, _synth_arguments),
     ("score", "DNSMOS, speaker similarity and WER/CER of any WAV files", cmd_score, _score_arguments),
@@ -374,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, help_text, handler, arguments in COMMANDS:
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text)
         if arguments is not None:
             arguments(p)
         p.set_defaults(func=handler)

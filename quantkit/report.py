@@ -1,4 +1,4 @@
-"""results.json -> report.md and pareto.png (rebuildable at any time with `quantkit report DIR`)."""
+"""results.json -> report.md, report.html and their plots (rebuildable at any time with `quantkit report DIR`)."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def run_recipe(recipe_name: str, model: str = "synthetic", device: str = "cpu",
                text: str = "", seed: int = 0, steps: int | None = None,
-               max_new_tokens: int = 1024, out_wav: str | None = None,
+               max_new_tokens: int = 2048, out_wav: str | None = None,
                compile_cache: str | None = None, trust_compiled: bool = False) -> dict[str, Any]:
     recipe = get_recipe(recipe_name)  # validate before the slow load
     check_runnable(recipe, resolve_device(device))

@@ -268,6 +268,23 @@ def test_recipes_command_lists_names_and_descriptions():
         assert any(line.startswith(name + " ") for line in proc.stdout.splitlines())
 
 
+def test_every_command_and_option_explains_itself_and_synth_defaults_to_chattts_length():
+    import argparse
+
+    from ChatTTS import Chat
+
+    from quantkit.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in commands.choices.items():
+        assert command.description, name
+        unexplained = [a.dest for a in command._actions if not a.help]
+        assert not unexplained, (name, unexplained)
+    for argv in (["synth", "--variant", "v", "--text", "t", "--out-wav", "o.wav"], ["apply", "fp32"]):
+        assert parser.parse_args(argv).max_new_tokens == Chat.InferCodeParams().max_new_token
+
+
 def test_atomic_writes_keep_the_old_file_when_a_write_fails(tmp_path):
     from quantkit.atomic import atomic_path, write_text
 
