@@ -72,6 +72,7 @@ def apply_recipe(chat: Chat, recipe: Recipe, compile_step: bool = True,
     QuantkitError naming the recipe, the component and the reason. ``compile_step=False`` keeps
     a compiled recipe's static-cache decoding but runs the step eagerly (fast tests).
     ``preapplied`` components already hold quantized weights (an exported variant)."""
+    chattts.check_loaded(chat)
     earlier = getattr(chattts.gpt(chat), _APPLIED, None)
     if earlier is not None:  # a recipe assumes ChatTTS as loaded: casts and quantizers do not stack
         raise QuantkitError(f"this Chat already has recipe '{earlier}' applied: apply '{recipe.name}' "

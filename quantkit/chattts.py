@@ -267,6 +267,14 @@ class StoredGPT:
 
 # ---------------------------------------------------------------- components
 
+def check_loaded(chat: Chat) -> None:
+    """Refuse a Chat that has no model to change: never loaded, or its ``load`` returned False."""
+    missing = [m for m in ("gpt", "embed", "decoder", "vocos", "tokenizer") if not hasattr(chat, m)]
+    if missing:
+        raise QuantkitError(f"this Chat is not loaded (it has no {', '.join(missing)}): load it first "
+                            "(quantkit.load_chat, or chat.load(...) returning True)")
+
+
 def gpt(chat: Chat) -> nn.Module:
     """The GPT's transformer (a transformers LlamaModel)."""
     return chat.gpt.gpt
@@ -293,14 +301,19 @@ def probe(chat: Chat, name: str, dtype: torch.dtype) -> None:
     """One tiny forward through a component (``dtype``: the GPT's), so that a kernel the device
     lacks fails at once, naming the component."""
     hidden, dev = chat.config.gpt.hidden_size, chat.device
+    gen = torch.Generator(device=dev).manual_seed(0)  # the caller's random state stays as it was
+
+    def noise(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=dev, dtype=dtype)
+
     if name == "gpt":
-        chat.gpt.gpt(inputs_embeds=torch.randn(1, 3, hidden, device=dev, dtype=dtype), use_cache=False)
+        chat.gpt.gpt(inputs_embeds=noise(1, 3, hidden, dtype=dtype), use_cache=False)
     elif name == "heads":
-        chat.gpt.head_code[0](torch.randn(1, hidden, device=dev))
+        chat.gpt.head_code[0](noise(1, hidden))
     elif name == "decoder":
-        chat.decoder(torch.randn(1, hidden, 4, device=dev))
+        chat.decoder(noise(1, hidden, 4))
     else:
-        chat.vocos.decode(torch.randn(1, 100, 8, device=dev))
+        chat.vocos.decode(noise(1, 100, 8))
 
 
 # ---------------------------------------------------------------- synthesis

@@ -324,6 +324,23 @@ def test_public_api_takes_a_name_a_path_or_a_recipe(tiny_dir):
     quantkit.apply_recipe(stock, "bf16")
 
 
+def test_a_recipe_needs_a_loaded_chat_and_leaves_the_random_state(tiny_dir):
+    """A Chat whose ``load`` failed (ChatTTS returns False and logs) is one clear error, not an
+    AttributeError; applying a recipe draws nothing from torch's shared random state."""
+    import ChatTTS
+
+    import quantkit
+
+    with pytest.raises(QuantkitError, match="this Chat is not loaded .*gpt"):
+        quantkit.apply_recipe(ChatTTS.Chat(), "bf16")
+    chat = quantkit.load_chat("synthetic-tiny")
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    quantkit.apply_recipe(chat, "bf16")  # probes every component on the device
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_overlapping_quiet_blocks_leave_the_logger_as_they_found_it(caplog):
     """Two threads' blocks on one logger (ChatTTS's, warming the normalizer of two Chats loaded at
     once), the first ending before the second: each hides only while it runs."""
