@@ -99,8 +99,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
+        width = max(map(len, result))
         for key, value in result.items():
-            print(f"{key:>16}: {value:.4g}" if isinstance(value, float) else f"{key:>16}: {value}")
+            print(f"{key:>{width}}: {value:.4g}" if isinstance(value, float) else f"{key:>{width}}: {value}")
     return 0
 
 
