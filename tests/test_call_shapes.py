@@ -69,6 +69,15 @@ def test_a_batch_of_mixed_lengths_matches_chattts_loop(pair):
     assert ours[0][0].shape[1] == 4
 
 
+def test_a_batch_of_sixteen_matches_chattts_loop(pair):
+    """The largest batch the evaluator times: sixteen prompts of eleven lengths, rows stopping apart."""
+    words = TEXTS[1].split()
+    texts = [" ".join(words[: 1 + i % len(words)]) for i in range(15)] + TEXTS[2:]
+    ref, ours = compare(pair, texts, seed=5, max_new=60)
+    assert len(ours[0]) == 16 and same_tokens(ref, ours)
+    assert len({r.shape[0] for r in ref[0]}) > 2  # rows stop at their own EOS
+
+
 def test_a_batch_with_a_fixed_length_and_another_seed(pair):
     ref, ours = compare(pair, TEXTS[:2] + TEXTS[:1], steps=30, seed=11)
     assert same_tokens(ref, ours) and [r.shape[0] for r in ref[0]] == [30, 30, 30]
@@ -178,15 +187,16 @@ def test_int8_batches_run_on_the_kernels_and_pick_the_same_tokens(tiny_dir):
     model = compiled_decoding(chat).model
     assert model.kernels and all(layer.attention_kernel for layer in model.layers)
     assert isinstance(model.heads_code.fused, RowsLinear)
+    texts = TEXTS * 4 + TEXTS[1:2]  # 13 rows: the kernel's 8-row tile and a remainder
     with recording(chat) as with_kernel:
-        infer(chat, TEXTS, max_new=40)
+        infer(chat, texts, max_new=40)
     model.kernels = False
     model.heads_code.fused = None
     for layer in model.layers:
         layer.attention_kernel = False
     with recording(chat) as without:
-        infer(chat, TEXTS, max_new=40)
-    assert len(with_kernel[0]) == 3 and same_tokens(with_kernel, without)
+        infer(chat, texts, max_new=40)
+    assert len(with_kernel[0]) == 13 and same_tokens(with_kernel, without)
 
 
 def test_streaming_hands_over_as_chattts_does(pair):
