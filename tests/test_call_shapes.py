@@ -70,7 +70,7 @@ def test_a_batch_of_mixed_lengths_matches_chattts_loop(pair):
 
 
 def test_a_batch_of_sixteen_matches_chattts_loop(pair):
-    """The largest batch the evaluator times: sixteen prompts of eleven lengths, rows stopping apart."""
+    """The largest batch the evaluator times: sixteen prompts of nine lengths, rows stopping apart."""
     words = TEXTS[1].split()
     texts = [" ".join(words[: 1 + i % len(words)]) for i in range(15)] + TEXTS[2:]
     ref, ours = compare(pair, texts, seed=5, max_new=60)
