@@ -1,4 +1,4 @@
-"""WAV reading and writing (16-bit PCM, stdlib ``wave``) and resampling."""
+"""Audio reading (libsndfile), WAV writing (16-bit PCM, stdlib ``wave``) and resampling."""
 
 from __future__ import annotations
 
@@ -22,25 +22,20 @@ def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """Mono float32 audio and its sample rate; 8/16/32-bit PCM, channels averaged."""
+    """Mono float32 audio and its sample rate, channels averaged: any WAV (8/16/24/32-bit PCM,
+    float, extensible), FLAC, OGG or MP3, as libsndfile reads them (ChatTTS's own example saves float
+    WAVs, which the stdlib's ``wave`` refuses)."""
+    import soundfile
+
+    if not Path(path).is_file():
+        raise QuantkitError(f"cannot read audio {path}: {'not a file' if Path(path).exists() else 'no such file'}")
     try:
-        with wave.open(str(path), "rb") as w:
-            rate, width, channels = w.getframerate(), w.getsampwidth(), w.getnchannels()
-            raw = w.readframes(w.getnframes())
-    except (OSError, EOFError, wave.Error) as exc:
-        raise QuantkitError(f"cannot read audio {path}: {exc}") from None
-    kinds = {1: (np.uint8, 128.0, 128.0), 2: ("<i2", 0.0, 32768.0), 4: ("<i4", 0.0, 2147483648.0)}
-    if width not in kinds:
-        raise QuantkitError(f"cannot read audio {path}: {8 * width}-bit samples are not supported")
-    dtype, offset, scale = kinds[width]
-    frames = len(raw) // (width * channels)  # a truncated file ends in a partial frame
-    if frames == 0 or rate <= 0:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except soundfile.LibsndfileError as exc:
+        raise QuantkitError(f"cannot read audio {path}: {exc.error_string.rstrip('.').lower()}") from None
+    if data.shape[0] == 0 or rate <= 0:
         raise QuantkitError(f"cannot read audio {path}: it holds no samples")
-    pcm = np.frombuffer(raw[: frames * width * channels], dtype=dtype)
-    data = (pcm.astype(np.float32) - offset) / scale
-    if channels > 1:
-        data = data.reshape(-1, channels).mean(axis=1)
-    return data, rate
+    return (data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)), rate
 
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:

@@ -338,7 +338,7 @@ def _synth_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _score_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("wavs", nargs="+", metavar="WAV", help="the audio files to score")
+    p.add_argument("wavs", nargs="+", metavar="WAV", help="the audio files to score (WAV, FLAC, OGG, MP3)")
     p.add_argument("--references", default=None,
                    help="TSV of id<TAB>text (id = the WAV's stem): also WER (en) or CER (zh)")
     p.add_argument("--language", choices=("en", "zh"), default="en", help=LANGUAGE_HELP)
@@ -349,7 +349,7 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _transcribe_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("wavs", nargs="+", metavar="WAV", help="the audio files to transcribe")
+    p.add_argument("wavs", nargs="+", metavar="WAV", help="the audio files to transcribe (WAV, FLAC, OGG, MP3)")
     p.add_argument("--asr-model", default=None,
                    help="Whisper name (tiny.en, base, ...) or checkpoint path "
                         "(default: bundled tiny.en for en, base for zh)")

@@ -1,6 +1,7 @@
 """Real Whisper weights (the offline bundles), real speech (flite, recorded Mandarin)."""
 
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -105,21 +106,41 @@ def test_alignment_heads_come_from_the_bundle_config(tiny_en):
     assert heads == [[1, 0], [2, 0], [2, 5], [3, 0], [3, 1], [3, 2], [3, 3], [3, 4]]
 
 
-def test_transcribe_cli_with_references(tmp_path):
+def _wav_bytes(data: bytes, rate: int, fmt: int, width: int) -> bytes:
+    """A mono WAV file written field by field (no audio library's writer): fmt 1 PCM, 3 float."""
+    head = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + len(data), b"WAVE", b"fmt ", 16, fmt, 1, rate,
+                       rate * width, width, 8 * width, b"data", len(data))
+    return head + data
+
+
+def test_transcribe_cli_reads_float_and_24_bit_wavs(tmp_path, base):
+    """ChatTTS's own example saves float WAVs (torchaudio); other tools write 24-bit PCM. Both hold
+    the recordings' exact samples and must transcribe as the 16-bit originals do."""
     refs = tmp_path / "refs.tsv"
     shutil.copy(ZH / "refs.tsv", refs)
-    proc = run_cli("transcribe", str(ZH / "z03.wav"), str(ZH / "z07.wav"), "--language", "zh",
-                   "--references", str(refs))
+    originals = {s: read_wav(ZH / f"{s}.wav") for s in ("z03", "z07")}
+    (audio, rate), float_wav = originals["z03"], tmp_path / "z03.wav"
+    float_wav.write_bytes(_wav_bytes(audio.astype("<f4").tobytes(), rate, 3, 4))
+    (audio, rate), wav24 = originals["z07"], tmp_path / "z07.wav"
+    pcm24 = (np.round(audio * 32768).astype("<i4") << 8).view(np.uint8).reshape(-1, 4)[:, :3]  # 24-bit LE
+    wav24.write_bytes(_wav_bytes(pcm24.tobytes(), rate, 1, 3))
+    for path, (audio, rate) in zip((float_wav, wav24), originals.values()):
+        assert np.array_equal(read_wav(path)[0], audio) and read_wav(path)[1] == rate
+
+    proc = run_cli("transcribe", str(float_wav), str(wav24), "--language", "zh", "--references", str(refs))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert [ln.split("\t")[0] for ln in lines[:2]] == ["z03", "z07"]
+    expected = [f"{s}\t{transcribe(base, *originals[s], 'zh')}" for s in originals]
+    assert lines[:2] == expected
     assert lines[-1].startswith("CER ") and float(lines[-1].split()[1]) < 0.2
 
 
 def test_transcribe_cli_bad_inputs(tmp_path):
     bad = tmp_path / "noise.wav"
     bad.write_bytes(b"not a wav file at all")
-    assert_one_line_error(run_cli("transcribe", str(bad)), "cannot read audio")
+    assert_one_line_error(run_cli("transcribe", str(bad)), "cannot read audio", "format not recognised")
+    assert_one_line_error(run_cli("transcribe", str(tmp_path)), "cannot read audio", "not a file")
+    assert_one_line_error(run_cli("transcribe", str(tmp_path / "gone.wav")), "cannot read audio", "no such file")
     assert_one_line_error(run_cli("transcribe", str(ZH / "z01.wav"), "--asr-model", "/no/such.pt"),
                           "does not exist")
     assert_one_line_error(run_cli("transcribe", str(ZH / "z01.wav"), "--references", str(ZH / "nope.tsv")),
@@ -129,6 +150,21 @@ def test_transcribe_cli_bad_inputs(tmp_path):
 def test_english_only_model_refuses_chinese(tiny_en):
     with pytest.raises(QuantkitError, match="English-only"):
         transcribe(tiny_en, np.zeros(16000, np.float32), 16000, "zh")
+
+
+def test_flac_ogg_and_mp3_read_as_their_samples(tmp_path):
+    import soundfile
+
+    audio, rate = read_wav(ZH / "z01.wav")
+    for fmt in ("FLAC", "OGG", "MP3"):
+        soundfile.write(tmp_path / f"z01.{fmt.lower()}", audio, rate, format=fmt)
+        back, back_rate = read_wav(tmp_path / f"z01.{fmt.lower()}")
+        assert back_rate == rate and back.dtype == np.float32, fmt
+        if fmt == "FLAC":  # lossless
+            assert np.array_equal(back, audio)
+        else:  # lossy, and MP3's decoder delay: the same waveform, near enough
+            n = min(len(back), len(audio))
+            assert abs(len(back) - len(audio)) < rate // 10 and np.corrcoef(back[:n], audio[:n])[0, 1] > 0.9, fmt
 
 
 def test_wav_round_trip_and_resample_length(tmp_path):
