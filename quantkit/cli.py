@@ -396,6 +396,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("quantkit.evaluate").setLevel(logging.INFO)  # eval's progress, one line a recipe
     # ChatTTS warns on every fixed-length run ("hit max_new_token"): that is the point of it.
     logging.getLogger("ChatTTS").setLevel(logging.INFO if args.verbose else logging.ERROR)
+    if args.command in ("apply", "export", "synth") and not args.verbose:
+        from quantkit.quiet import hide_load_bars
+
+        hide_load_bars()
     try:
         return args.func(args, argv) if args.func is cmd_eval else args.func(args)
     except QuantkitError as exc:

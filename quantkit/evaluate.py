@@ -622,8 +622,11 @@ def _worker_main(spec_path: str) -> int:
     """Run a worker; whatever stops it is written where the parent looks for the result."""
     import warnings
 
+    from quantkit.quiet import hide_load_bars
+
     warnings.filterwarnings("ignore")  # library deprecation chatter would bury the progress bars
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    hide_load_bars()
     result_path = Path(json.loads(Path(spec_path).read_text())["result"])
     try:
         return worker(spec_path)

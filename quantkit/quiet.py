@@ -27,3 +27,18 @@ def import_cpp_extension() -> None:
     and nothing a CPU build needs."""
     with quieted(logging.getLogger("torch.utils.cpp_extension")):
         import torch.utils.cpp_extension  # noqa: F401
+
+
+# transformers' bars over a model's tensors as it loads or saves them (hub downloads keep theirs)
+LOAD_BARS = ("Loading weights", "Writing model shards")
+
+
+def hide_load_bars() -> None:
+    """Hide transformers' per-tensor bars: over in an instant, they only interleave with quantkit's
+    own output. Process-wide (a tqdm hook), so for the command line and eval's workers only."""
+    from transformers.utils import logging as hf_logging
+
+    def hook(factory, args, kwargs):
+        return factory(*args, **({**kwargs, "disable": True} if kwargs.get("desc") in LOAD_BARS else kwargs))
+
+    hf_logging.set_tqdm_hook(hook)

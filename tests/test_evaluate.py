@@ -34,6 +34,7 @@ def eval_dir(tmp_path_factory, tiny_dir):
     lines = proc.stderr.splitlines()  # progress as plain lines; only the failure is a warning
     assert "[1/3] fp32" in lines and any(ln.startswith("[2/3] bf16: ok in ") for ln in lines), proc.stderr
     assert any(ln.startswith("WARNING quantkit.evaluate: [3/3] fp16-fbgemm: failed in ") for ln in lines), proc.stderr
+    assert "Loading weights" not in proc.stderr, proc.stderr  # transformers' per-tensor bar, in each worker
     return out
 
 
