@@ -10,7 +10,7 @@ PY=${PY:-.tools/bin/python}  # the tools environment (make install): pip and tom
 # What the image lacks (its package list: the device library's KINDS.md), found by running the GPU
 # check's commands in an environment holding only the image's packages.
 PACKAGES=(chattts vector-quantize-pytorch vocos einx frozendict encodec torch-einops-utils
-          pybase16384 torchao jiwer rapidfuzz loguru openai-whisper more-itertools)
+          pybase16384 torchao jiwer rapidfuzz loguru openai-whisper more-itertools soundfile cffi pycparser)
 rm -rf "$DEST" && mkdir -p "$DEST"
 for pin in $("$PY" - "${PACKAGES[@]}" <<'PYEOF'
 import sys, tomllib
