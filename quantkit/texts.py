@@ -19,7 +19,7 @@ def read_tsv(path: str | Path) -> dict[str, str]:
     """`id<TAB>text` lines; blank lines and lines starting with # are skipped."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a spreadsheet's export starts with a BOM
     except (OSError, UnicodeDecodeError) as exc:
         raise QuantkitError(f"cannot read text file {path}: {exc}") from None
     rows: dict[str, str] = {}

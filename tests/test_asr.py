@@ -212,6 +212,12 @@ def test_empty_reference_is_a_clear_error():
         error_rates(["。"], ["你好"], "zh", ids=["u1"])
 
 
+def test_a_tsv_saved_by_a_spreadsheet_reads_as_its_ids(tmp_path):
+    path = tmp_path / "refs.tsv"  # UTF-8 with a byte-order mark and CRLF line ends
+    path.write_bytes("z01\t明天见。\r\nz02\tSee you tomorrow.\r\n".encode("utf-8-sig"))
+    assert read_tsv(path) == {"z01": "明天见。", "z02": "See you tomorrow."}
+
+
 def test_shipped_text_sets():
     for lang in ("en", "zh"):
         language, rows = load_texts(lang)
