@@ -65,6 +65,20 @@ def _positive_seconds(value: str) -> float:
     return x
 
 
+def _between(low: float, high: float):
+    """An argument type: a number from ``low`` to ``high`` (a budget outside its scale would
+    only show as "no recipe recommended" once every recipe has run)."""
+    def number(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{value}' is not a number") from None
+        if not low <= x <= high:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{value} is outside {low:g}..{high:g}")
+        return x
+    return number
+
+
 def _sizes(value: str) -> list[int]:
     sizes = [_positive(v.strip()) for v in value.split(",") if v.strip()]
     if not sizes or len(set(sizes)) != len(sizes) or max(sizes) > 64:
@@ -288,14 +302,14 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-asr", action="store_true", help="no Whisper, no WER/CER")
     p.add_argument("--seed", type=_seed, default=0, help=SEED_HELP)
     p.add_argument("--timeout", type=_positive_seconds, default=1800.0, help="seconds per recipe process")
-    p.add_argument("--max-error-increase", type=float, default=0.01,
-                   help="error budget over fp32 for the recommendation (default 0.01 = 1 point)")
+    p.add_argument("--max-error-increase", type=_between(0, 1), default=0.01,
+                   help="error budget over fp32 for the recommendation, 0 to 1 (default 0.01 = 1 point)")
     p.add_argument("--out", default="out/eval", help="output directory (default: out/eval)")
     p.add_argument("--skip-quality", action="store_true", help="no DNSMOS, no speaker similarity")
-    p.add_argument("--min-similarity", type=float, default=None,
-                   help="recommendation budget: least speaker similarity to fp32 (e.g. 0.8)")
-    p.add_argument("--max-mos-drop", type=float, default=None,
-                   help="recommendation budget: most DNSMOS OVRL below fp32 (e.g. 0.1)")
+    p.add_argument("--min-similarity", type=_between(-1, 1), default=None,
+                   help="recommendation budget: least speaker similarity to fp32, -1 to 1 (e.g. 0.8)")
+    p.add_argument("--max-mos-drop", type=_between(0, 4), default=None,
+                   help="recommendation budget: most DNSMOS OVRL below fp32, 0 to 4 (e.g. 0.1)")
     p.add_argument("--skip-call-shapes", action="store_true",
                    help="do not time Chat.infer's call shapes (long utterance, batches, refinement, streaming)")
     p.add_argument("--long-steps", type=_positive, default=1100,

@@ -184,6 +184,11 @@ def test_report_on_a_missing_or_broken_results_file(tmp_path):
     (["--asr-model", "no-such-model"], "unknown Whisper model 'no-such-model'"),
     (["--asr-model", "/nonexistent/whisper.pt"], "does not exist"),
     (["--texts", "zh", "--asr-model", "tiny.en"], "English-only"),
+    (["--max-error-increase", "-0.01"], "-0.01 is outside 0..1"),
+    (["--max-error-increase", "nan"], "nan is outside 0..1"),
+    (["--min-similarity", "2"], "2 is outside -1..1"),
+    (["--max-mos-drop", "-1"], "-1 is outside 0..4"),
+    (["--max-mos-drop", "a lot"], "'a lot' is not a number"),
 ])
 def test_eval_rejects_bad_input_before_running(tmp_path, args, fragment):
     # --timeout 1: had any recipe started, its process would be killed and the run exit 1, not 2
