@@ -27,8 +27,8 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     WAVs, which the stdlib's ``wave`` refuses)."""
     import soundfile
 
-    if not Path(path).is_file():
-        raise QuantkitError(f"cannot read audio {path}: {'not a file' if Path(path).exists() else 'no such file'}")
+    if not Path(path).exists() or Path(path).is_dir():  # a pipe (`<(...)`) is read
+        raise QuantkitError(f"cannot read audio {path}: {'a folder' if Path(path).is_dir() else 'no such file'}")
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except soundfile.LibsndfileError as exc:

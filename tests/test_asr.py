@@ -139,7 +139,7 @@ def test_transcribe_cli_bad_inputs(tmp_path):
     bad = tmp_path / "noise.wav"
     bad.write_bytes(b"not a wav file at all")
     assert_one_line_error(run_cli("transcribe", str(bad)), "cannot read audio", "format not recognised")
-    assert_one_line_error(run_cli("transcribe", str(tmp_path)), "cannot read audio", "not a file")
+    assert_one_line_error(run_cli("transcribe", str(tmp_path)), "cannot read audio", "a folder")
     assert_one_line_error(run_cli("transcribe", str(tmp_path / "gone.wav")), "cannot read audio", "no such file")
     assert_one_line_error(run_cli("transcribe", str(ZH / "z01.wav"), "--asr-model", "/no/such.pt"),
                           "does not exist")
