@@ -4,6 +4,7 @@ interrupted or failed write leaves what was there before; only a regular file is
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import tempfile
@@ -31,6 +32,23 @@ def write_error(exc: Exception, path: str | Path) -> QuantkitError:
                                    "failed writing"))
     return QuantkitError(f"cannot write {path}: " + ("no space left on device" if full else
                                                      (text.splitlines()[0][:200] if text else type(exc).__name__)))
+
+
+@contextmanager
+def sole_writer(folder: Path, what: str) -> Iterator[None]:
+    """Hold ``folder`` for one writer (a lock on the folder itself, so no file is left behind;
+    released when the process ends, however): a second run there would clear the first's scratch
+    files and mix the two runs' results."""
+    fd = os.open(folder, os.O_RDONLY)  # not inherited by the workers the run starts
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise QuantkitError(f"another {what} is writing to {folder}: wait for it to end, or choose another "
+                                "folder") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_writable_target(path: str | Path) -> None:

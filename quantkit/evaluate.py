@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from quantkit.atomic import write_text
+from quantkit.atomic import sole_writer, write_text
 from quantkit.errors import QuantkitError
 from quantkit.machine import environment, peak_memory, probe_buffer, read_bandwidth_gbs, reset_peak
 from quantkit.records import FAILED, Measurement, RecipeResult, Timing, Utterance, WorkerSpec
@@ -412,7 +412,6 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     from quantkit.chattts import check_steps
     from quantkit.metrics import check_references
     from quantkit.models import resolve_device
-    from quantkit.report import write_report
     from quantkit.texts import load_texts
 
     device = resolve_device(cfg.device)
@@ -428,12 +427,20 @@ def run_eval(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise QuantkitError(f"--out {out} is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    with sole_writer(out, "eval"):
+        return _run_in(out, cfg, device, names, language, texts, asr)
+
+
+def _run_in(out: Path, cfg: EvalConfig, device: torch.device, names: list[str], language: str,
+            texts: dict[str, str], asr: whisper.Whisper | None) -> dict[str, Any]:
+    """The run proper, in a folder this process alone writes to."""
+    from quantkit.report import write_report
+
     work = out / WORK
     shutil.rmtree(work, ignore_errors=True)  # a killed run's scratch
     previous = _previous_run(out)
     kept = _resumable(previous, cfg, texts, out) if cfg.resume else {}
     env = environment(str(device))  # once: its bandwidth probe takes a second
-
     try:
         results, rows = _run_recipes(names, cfg, language, texts, out, kept, env)
         if asr is not None and rows:

@@ -385,6 +385,27 @@ def test_killed_eval_leaves_a_consistent_run_and_no_orphans(tiny_dir, tmp_path):
     assert not (out / "audio" / "bf16").exists()
 
 
+def test_a_second_eval_into_a_folder_in_use_is_refused(tiny_dir, tmp_path):
+    """Two evals into one folder: the second would clear the first's scratch folder under its
+    running worker and mix the two runs' results. It is refused, and the first completes."""
+    out = tmp_path / "o"
+    args = ["eval", "--model", "synthetic-tiny", "--recipes", "bf16", "--limit", "1", *QUICK, "--runs", "1",
+            "--max-new-tokens", "8", "--out", str(out)]
+    first = subprocess.Popen([sys.executable, "-m", "quantkit", *args], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / ".quantkit-work" / "fp32.spec.json").exists():  # its first worker has started
+        assert time.time() < deadline and first.poll() is None, "the first eval never started a recipe"
+        time.sleep(0.2)
+    assert_one_line_error(run_cli(*args), f"another eval is writing to {out}")
+    assert (out / ".quantkit-work" / "fp32.spec.json").exists()  # the first's scratch, untouched
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["complete"] and [r["name"] for r in doc["recipes"]] == ["fp32", "bf16"]
+    assert all(r["status"] == "ok" for r in doc["recipes"])
+    assert run_cli(*args, "--resume").returncode == 0  # the folder is free again
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
