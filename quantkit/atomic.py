@@ -46,6 +46,8 @@ def sole_writer(folder: Path, what: str) -> Iterator[None]:
         except BlockingIOError:
             raise QuantkitError(f"another {what} is writing to {folder}: wait for it to end, or choose another "
                                 "folder") from None
+        except OSError:  # a file system without locks: run unguarded, as before
+            pass
         yield
     finally:
         os.close(fd)
