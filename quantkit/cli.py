@@ -86,11 +86,12 @@ def _sizes(value: str) -> list[int]:
     return sizes
 
 
-def _add_model(p: argparse.ArgumentParser, default: str = "synthetic") -> None:
-    p.add_argument("--model", default=default,
-                   help="chattts | synthetic | synthetic-tiny | a ChatTTS asset directory "
-                        f"(default: {default})")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
+def _add_model(p: argparse.ArgumentParser, from_eval: bool = False) -> None:
+    """--model and --device; ``from_eval`` (export): by default the eval's with --best."""
+    said = "with --best the eval's, else " if from_eval else ""
+    p.add_argument("--model", default=None if from_eval else "synthetic",
+                   help=f"chattts | synthetic | synthetic-tiny | a ChatTTS asset directory (default: {said}synthetic)")
+    p.add_argument("--device", default=None if from_eval else "cpu", help=f"cpu | cuda | auto (default: {said}cpu)")
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -328,7 +329,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="?", default=None, help="a recipe name or .toml path")
     p.add_argument("--best", default=None, metavar="DIR",
                    help="export the recipe an eval directory recommends")
-    _add_model(p)
+    _add_model(p, from_eval=True)
     p.add_argument("--out", required=True, help="the variant directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.add_argument("--batches", type=_sizes, default=[1],

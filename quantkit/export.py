@@ -181,7 +181,7 @@ def _recipe_and_metrics(recipe: str | None, best: str | None) -> tuple[Any, dict
         raise QuantkitError(f"{best}/results.json recommends '{name}', which it does not list as measured")
     metrics = {k: chosen.get(k) for k in ("ms_per_step", "warm_s_median", "rtf", "weight_bytes",
                                           "error_rate", "fidelity")}
-    metrics["reason"] = doc["recommendation"].get("reason")
+    metrics.update(reason=doc["recommendation"].get("reason"), model=doc.get("model"), device=doc.get("device"))
     # a recipe given to eval as a .toml path is exported from that file
     source = chosen.get("source") if isinstance(chosen.get("source"), str) else name
     rec = get_recipe(source)
@@ -192,17 +192,19 @@ def _recipe_and_metrics(recipe: str | None, best: str | None) -> tuple[Any, dict
 
 
 def export_variant(out: str | Path, recipe: str | None = None, best: str | None = None,
-                   model: str = "synthetic", device: str = "cpu", force: bool = False,
+                   model: str | None = None, device: str | None = None, force: bool = False,
                    batches: Sequence[int] = (1,)) -> dict[str, Any]:
     """Write a variant directory: into a temporary sibling, renamed into place at the very end.
     A compiled recipe's variant carries its decode step and prompt pass for one row and for the
-    batch buckets of ``batches``: calls of those sizes compile nothing in a fresh process."""
+    batch buckets of ``batches``: calls of those sizes compile nothing in a fresh process.
+    ``model`` and ``device`` default to the eval's with ``best``, else to synthetic on the CPU."""
     from quantkit.apply import apply_recipe, weight_bytes
     from quantkit.models import load_chat, resolve_device, resolve_source
 
     out = Path(out).absolute()
     check_export_target(out, force)
     rec, metrics = _recipe_and_metrics(recipe, best)
+    model, device = _model_and_device(model, device, metrics)
     _check_exportable(rec, resolve_device(device), batches)
     src = resolve_source(model)
     chat = load_chat(model, device)
@@ -235,6 +237,17 @@ def export_variant(out: str | Path, recipe: str | None = None, best: str | None 
     sizes = {"total_bytes": sum((out / f).stat().st_size for f in files),
              "gpt_bytes": (out / gpt_file).stat().st_size}
     return {"out": str(out), "recipe": rec.name, **sizes, "compile_artifacts": bool(compiled)}
+
+
+def _model_and_device(model: str | None, device: str | None, metrics: dict | None) -> tuple[str, str]:
+    """What to export: as given, else what the eval that chose the recipe measured; a model other
+    than the eval's is said, since its recommendation was made on other weights."""
+    evaluated = metrics or {}
+    chosen = (model or evaluated.get("model") or "synthetic", device or evaluated.get("device") or "cpu")
+    if evaluated.get("model") and chosen[0] != evaluated["model"]:
+        log.warning("exporting model '%s' with the recipe an eval of model '%s' recommended", chosen[0],
+                    evaluated["model"])
+    return chosen
 
 
 def _check_exportable(rec: Recipe, device: torch.device, batches: Sequence[int]) -> None:

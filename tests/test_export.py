@@ -194,14 +194,17 @@ def test_export_best_from_an_eval_directory(tiny_dir, tmp_path):
                    "--max-new-tokens", "8", "--runs", "1", "--skip-asr", "--skip-call-shapes", "--skip-quality", "--out", str(ev))
     assert proc.returncode == 0, proc.stderr
     doc = json.loads((ev / "results.json").read_text())
-    proc = run_cli("export", "--best", str(ev), "--model", "synthetic-tiny", "--out", str(tmp_path / "v"))
+    proc = run_cli("export", "--best", str(ev), "--out", str(tmp_path / "v"))  # the eval's model
     assert proc.returncode == 0, proc.stderr
+    assert "WARNING" not in proc.stderr, proc.stderr
     m = json.loads((tmp_path / "v" / "manifest.json").read_text())
     assert m["recipe"]["name"] == doc["recommendation"]["name"] and "token_agreement" in m["chosen_by"]["fidelity"]
+    assert m["source"]["model"] == m["chosen_by"]["model"] == "synthetic-tiny" and m["device"] == "cpu"
     doc["recommendation"] = {"name": "mine", "reason": "chosen by the test"}
     (ev / "results.json").write_text(json.dumps(doc))
-    proc = run_cli("export", "--best", str(ev), "--model", "synthetic-tiny", "--out", str(tmp_path / "w"))
+    proc = run_cli("export", "--best", str(ev), "--model", str(tiny_dir), "--out", str(tmp_path / "w"))
     assert proc.returncode == 0, proc.stderr
+    assert f"exporting model '{tiny_dir}' with the recipe an eval of model 'synthetic-tiny' recommended" in proc.stderr
     m = json.loads((tmp_path / "w" / "manifest.json").read_text())
     assert m["recipe"]["name"] == "mine" and m["recipe"]["gpt"]["dtype"] == "bf16"
     assert_one_line_error(run_cli_here("export", "--model", "synthetic-tiny", "--out", str(tmp_path / "x")),
