@@ -169,6 +169,10 @@ def _read_inputs(args: argparse.Namespace) -> tuple[dict[str, str] | None, list[
     stems = [Path(w).stem for w in args.wavs]
     refs = read_tsv(args.references) if args.references else None
     if refs is not None:
+        shared = sorted({s for s in stems if stems.count(s) > 1})
+        if shared:
+            raise QuantkitError(f"two of the WAVs share the name '{shared[0]}', and a reference is found by "
+                                "the WAV's name: rename one")
         missing = [s for s in stems if s not in refs]
         if missing:
             raise QuantkitError(f"no reference for {', '.join(missing)} in {args.references}")

@@ -141,6 +141,10 @@ def test_transcribe_cli_bad_inputs(tmp_path):
     assert_one_line_error(run_cli("transcribe", str(bad)), "cannot read audio", "format not recognised")
     assert_one_line_error(run_cli("transcribe", str(tmp_path)), "cannot read audio", "a folder")
     assert_one_line_error(run_cli("transcribe", str(tmp_path / "gone.wav")), "cannot read audio", "no such file")
+    (tmp_path / "other").mkdir()
+    shutil.copy(ZH / "z02.wav", tmp_path / "other" / "z01.wav")  # another utterance, the same name
+    assert_one_line_error(run_cli("transcribe", str(ZH / "z01.wav"), str(tmp_path / "other" / "z01.wav"),
+                                  "--references", str(ZH / "refs.tsv")), "share the name 'z01'")
     assert_one_line_error(run_cli("transcribe", str(ZH / "z01.wav"), "--asr-model", "/no/such.pt"),
                           "does not exist")
     assert_one_line_error(run_cli("transcribe", str(ZH / "z01.wav"), "--references", str(ZH / "nope.tsv")),
