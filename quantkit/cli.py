@@ -55,11 +55,15 @@ def _text(value: str) -> str:
     return value
 
 
-def _positive_seconds(value: str) -> float:
+def _number(value: str) -> float:
     try:
-        x = float(value)
+        return float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{value}' is not a number") from None
+
+
+def _positive_seconds(value: str) -> float:
+    x = _number(value)
     if not x > 0 or x == float("inf"):
         raise argparse.ArgumentTypeError(f"{value} must be a positive number of seconds")
     return x
@@ -69,10 +73,7 @@ def _between(low: float, high: float):
     """An argument type: a number from ``low`` to ``high`` (a budget outside its scale would
     only show as "no recipe recommended" once every recipe has run)."""
     def number(value: str) -> float:
-        try:
-            x = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{value}' is not a number") from None
+        x = _number(value)
         if not low <= x <= high:  # NaN fails too
             raise argparse.ArgumentTypeError(f"{value} is outside {low:g}..{high:g}")
         return x
