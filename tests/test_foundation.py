@@ -141,6 +141,32 @@ def test_synthetic_weights_written_by_two_threads_at_once_are_the_seeded_ones(ti
         assert (written[0] / name).read_bytes() == (tiny_dir / name).read_bytes(), name
 
 
+def test_a_synthetic_write_killed_midway_leaves_no_copy_behind(tiny_dir, tmp_path):
+    """A writer killed midway (SIGKILL, the out-of-memory killer) leaves its unfinished copy, about
+    1 GB for full-size weights: the next writer removes it, and writes the seeded weights."""
+    import os
+    import time
+
+    from quantkit.models import ASSET_FILES
+
+    env = {**os.environ, "QUANTKIT_CACHE": str(tmp_path)}
+    write = "from quantkit.models import synthetic_dir; print(synthetic_dir('synthetic-tiny'))"
+    first = subprocess.Popen([sys.executable, "-c", write], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("models/.synthetic-tiny-*")):
+        assert first.poll() is None and time.monotonic() < deadline, "the write never started"
+        time.sleep(0.01)
+    first.kill()
+    first.wait()
+    assert list(tmp_path.glob("models/.synthetic-tiny-*"))
+    proc = subprocess.run([sys.executable, "-c", write], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".write.lock", "synthetic-tiny"]
+    for name in (f for f in ASSET_FILES if f.endswith(".safetensors")):
+        assert (tmp_path / "models" / "synthetic-tiny" / name).read_bytes() == (tiny_dir / name).read_bytes(), name
+
+
 def test_damaged_asset_directory_is_a_clear_error(tiny_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_dir, broken)

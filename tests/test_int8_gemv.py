@@ -237,3 +237,29 @@ def test_two_threads_loading_the_kernel_at_once_register_it_once():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["[True,", "True]"]
+
+
+BUILD = "from quantkit import int8_gemv; print(int8_gemv.library())"
+
+
+def test_a_build_killed_midway_leaves_the_next_one_free_to_build(tmp_path):
+    """torch's builder marks a build in progress with a file that a killed build (SIGKILL, the
+    out-of-memory killer, a closed terminal) leaves behind: every later build waited on it forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "QUANTKIT_CACHE": str(tmp_path)}
+    first = subprocess.Popen([sys.executable, "-c", BUILD], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("kernels/*/lock")):
+        assert first.poll() is None and time.monotonic() < deadline, "the build never started"
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGKILL)  # the compiler with it
+    first.wait()
+    assert list(tmp_path.glob("kernels/*/lock"))  # what the killed build left
+    proc = subprocess.run([sys.executable, "-c", BUILD], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith(".so"), proc.stderr[-2000:]
