@@ -8,12 +8,11 @@ only from a trusted folder or when the user says so (``trust_compiled``), as Hug
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 from pathlib import Path
 
-from quantkit.atomic import write_text
+from quantkit.atomic import held, write_text
 
 TRUSTED = "trusted_compiled.json"
 
@@ -40,8 +39,7 @@ def record(manifest: Path) -> None:
     """Trust the compiled code that ``manifest`` (just written here) lists."""
     store = _store()
     store.parent.mkdir(parents=True, exist_ok=True)
-    with open(store.with_name(store.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two exports at once: neither drops the other's entry
+    with held(store.with_name(store.name + ".lock")):  # two exports at once: neither drops the other's entry
         write_text(store, json.dumps(sorted(_trusted() | {digest(manifest)}), indent=0))
 
 
