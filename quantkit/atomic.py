@@ -77,12 +77,11 @@ def cache_writer(folder: Path) -> Iterator[None]:
     write under hidden temporary names, so those found here are a killed writer's (a gigabyte for
     full-size weights): removed."""
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / ".write.lock"
-    with held(lock) as locked:
+    with held(folder / "write.lock") as locked:
         for leftover in folder.glob(".*") if locked else ():
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
-            elif leftover != lock:
+            else:
                 leftover.unlink(missing_ok=True)
         yield
 

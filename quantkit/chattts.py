@@ -70,6 +70,16 @@ def default_sampling(chat: Chat) -> Sampling:
     return sampling_from((*processors, *warpers), num_code)
 
 
+def default_text_sampling(chat: Chat) -> Sampling | None:
+    """The Sampling that ChatTTS's default RefineTextParams give (its ``_refine_text``)."""
+    from ChatTTS.model import gen_logits
+
+    p = chat.RefineTextParams()
+    warpers, processors = gen_logits(num_code=chat.tokenizer.len, top_P=p.top_P, top_K=p.top_K,
+                                     repetition_penalty=p.repetition_penalty)
+    return sampling_from((*processors, *warpers), int(chat.tokenizer.eos_token))
+
+
 def sampling_from(processors: Sequence, eos: int) -> Sampling | None:
     """ChatTTS's logits processors and warpers, read into a Sampling; None if one is of a kind
     the static-cache path does not know."""

@@ -337,9 +337,10 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     _add_model(p, from_eval=True)
     p.add_argument("--out", required=True, help="the variant directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
-    p.add_argument("--batches", type=_sizes, default=[1],
-                   help="compiled recipes: the batch sizes (texts per Chat.infer call) whose compiled step "
-                        "the variant carries, each as its power-of-two bucket (default 1; others compile "
+    p.add_argument("--batches", type=_sizes, default=None,
+                   help="compiled recipes: the batch sizes (texts per Chat.infer call) whose compiled steps "
+                        "the variant carries, each as its power-of-two bucket (default 1,2,4: ChatTTS's "
+                        "default split_text runs a text's sentences in batches of up to 4; others compile "
                         "at their first call)")
 
 

@@ -47,7 +47,8 @@ class CompiledGenerate:
         self.graphs = compile_step and uses_cuda_graphs(settings, device)
         self.model.set_full_keys(self.graphs)
         self.default_sampling = chattts.default_sampling(chat)
-        self.functions = CompiledFunctions(self.model, settings, self.default_sampling, compile_step)
+        self.functions = CompiledFunctions(self.model, settings, self.default_sampling, compile_step,
+                                           text_default=chattts.default_text_sampling(chat))
         self._warned: set[str] = set()
         self._cache_free = threading.Lock()  # one call at a time decodes into the one KV cache
         # (decode steps, seconds) of the last call (None where it ran ChatTTS's loop): the steps
@@ -77,8 +78,10 @@ class CompiledGenerate:
             return
         rows = inputs_ids.shape[0]
         try:  # released when the call ends, fails, or its stream is closed or dropped
+            # a copy, not a stride-0 view: the steps compiled ahead of time guard on their inputs' strides
+            temperature = temperature.to(emb.device).float().view(1, -1).expand(rows, -1).reshape(-1, 1).contiguous()
             req = Request(emb=emb, pad=pad.to(emb.device), max_new=max_new_token, min_new=min_new_token,
-                          temperature=temperature.to(emb.device).float().view(1, -1).expand(rows, -1).reshape(-1, 1),
+                          temperature=temperature,
                           text=infer_text, stream_every=stream_batch if stream else None,
                           return_hidden=return_hidden, redo_empty=ensure_non_empty and manual_seed is None,
                           stop=context.get if context is not None else (lambda: False))

@@ -24,18 +24,21 @@ from quantkit.sampling import Sampling
 log = logging.getLogger(__name__)
 
 PRECOMPILED_STEP, PRECOMPILED_PREFILL, INDUCTOR_CACHE = "decode_step.aot", "prefill.aot", "compile_cache.bin"
+PRECOMPILED_TEXT_STEP = "text_step.aot"
+SAVED = ("file", "prefill", "text_step")  # a batch bucket's saved functions: decode step, prompt pass, text step
 KERNELS = "inductor"  # the saved functions' C++ kernels, built
 
 
 class CompiledFunctions:
     """The functions ``quantkit.generate`` runs for one StaticCacheGPT: just-in-time compiled (or
-    eager, with ``compile_step`` off), and on CPU the decode step (per Sampling) and prompt pass
-    compiled ahead of time at first use for each cache shape, so that what export and
+    eager, with ``compile_step`` off), and on CPU the decode and text steps (per Sampling) and the
+    prompt pass compiled ahead of time at first use for each cache shape, so that what export and
     ``apply --compile-cache`` save is what ran. CUDA keeps just-in-time compilation: CUDA graphs
     are untested ahead of time; so do recipes with Inductor freezing."""
 
-    def __init__(self, model, settings: CompileSettings, default: Sampling, compile_step: bool = True):
-        self.model, self.settings, self.default = model, settings, default
+    def __init__(self, model, settings: CompileSettings, default: Sampling, compile_step: bool = True,
+                 text_default: Sampling | None = None):
+        self.model, self.settings, self.default, self.text_default = model, settings, default, text_default
         self.torchao = holds_torchao_weights(model)
         self.step = self.compile_step() if compile_step else decode_step
         self.text_step = self.compile_step(decode_text_step) if compile_step else decode_text_step
@@ -44,24 +47,28 @@ class CompiledFunctions:
         # would compile every shape twice, and fail
         self.ahead = compile_step and model.slots.device.type == "cpu" and not settings.freezing
         self.precompiled: dict[Sampling, Callable] = {}  # ahead-of-time decode steps
+        self.precompiled_text: dict[Sampling, Callable] = {}  # and text steps
         self.precompiled_prefill: PerCacheShape | None = None
 
     def step_for(self, s: Sampling, text: bool = False) -> Callable:
         """The decode step to run with sampling ``s`` (text refinement's with ``text``)."""
-        if text:
-            return self.text_step
-        if s not in self.precompiled and self.ahead:
-            self.precompiled[s] = PerCacheShape(self.model, lambda: self.precompile_step(s), self.step)
-        return self.precompiled.get(s, self.step)
+        table, fallback = (self.precompiled_text, self.text_step) if text else (self.precompiled, self.step)
+        if s not in table and self.ahead:
+            table[s] = PerCacheShape(self.model, lambda: self.precompile_step(s, text), fallback)
+        return table.get(s, fallback)
 
     def prefill_fn(self) -> Callable:
         if self.precompiled_prefill is None and self.ahead:
             self.precompiled_prefill = PerCacheShape(self.model, self.precompile_prefill, self.prefill)
         return self.precompiled_prefill or self.prefill
 
-    def precompile_step(self, s: Sampling) -> "Precompiled":
-        """The decode step for sampling ``s`` compiled ahead of time for the cache's current shape
-        (raises where that fails)."""
+    def precompile_step(self, s: Sampling, text: bool = False) -> "Precompiled":
+        """The decode step (text refinement's with ``text``) for sampling ``s`` compiled ahead of
+        time for the cache's current shape (raises where that fails)."""
+        if text:
+            self.model.head_text.fold()  # folded at a call's first token: before tracing, here
+            return Precompiled(_aot(lambda: self.compile_step(decode_text_step), self.example_inputs(s, text)),
+                               self.text_step)
         return Precompiled(_aot(self.compile_step, self.example_inputs(s)), self.step)
 
     def precompile_prefill(self) -> "Precompiled":
@@ -80,18 +87,19 @@ class CompiledFunctions:
         kwargs = compile_kwargs(self.settings, cuda_graphs=False, torchao=self.torchao)
         return torch.compile(prefill, fullgraph=True, dynamic=False, **kwargs)
 
-    def example_inputs(self, s: Sampling) -> tuple:
-        """decode_step's arguments for compiling it ahead of time: the cache's current rows."""
-        model, rows = self.model, self.model.rows
-        num_vq, device = len(model.emb_code), model.slots.device
+    def example_inputs(self, s: Sampling, text: bool = False) -> tuple:
+        """decode_step's (or with ``text`` decode_text_step's) arguments for compiling it ahead of
+        time: the cache's current rows."""
+        model, rows, device = self.model, self.model.rows, self.model.slots.device
+        width, vocab = (1, model.emb_text.num_embeddings) if text else (len(model.emb_code), model.code_vocab)
         keys = model.slots[:2]
         torch._dynamo.mark_dynamic(keys, 0)
-        return (model, torch.zeros(rows, num_vq, dtype=torch.long, device=device), keys,
+        return (model, torch.zeros(rows, width, dtype=torch.long, device=device), keys,
                 torch.ones(rows, 1, dtype=torch.long, device=device),
                 torch.zeros(rows, dtype=torch.long, device=device),
-                torch.full((rows * num_vq, s.past_window), -1, dtype=torch.long, device=device),
-                torch.ones(rows * num_vq, 1, device=device), torch.tensor(False, device=device),
-                torch.ones(rows * num_vq, model.code_vocab, device=device), s)
+                torch.full((rows * width, s.past_window), -1, dtype=torch.long, device=device),
+                torch.ones(rows * width, 1, device=device), torch.tensor(False, device=device),
+                torch.ones(rows * width, vocab, device=device), s)
 
     def example_prompt(self) -> tuple:
         """prefill's arguments for compiling it ahead of time (any prompt length from 2)."""
@@ -186,15 +194,16 @@ def save_compiled(fns: CompiledFunctions, folder: str | Path, batches: Sequence[
     folder = Path(folder)
     if fns.ahead:
         try:
-            sampling, saved = save_precompiled(fns, folder, batches)
-            _build_kernels(folder, [folder / f for b in saved for f in (b["file"], b["prefill"])])
-            return {"kind": "aot", "file": PRECOMPILED_STEP, "prefill": PRECOMPILED_PREFILL, "sampling": sampling,
+            sampling, text_sampling, saved = save_precompiled(fns, folder, batches)
+            _build_kernels(folder, [folder / f for b in saved for f in saved_files(b)])
+            one_row = {k: v for k, v in saved[0].items() if k != "rows"}
+            return {"kind": "aot", **one_row, "sampling": sampling, "text_sampling": text_sampling,
                     "kernels": KERNELS, "batch_buckets": saved[1:]}
         except Exception as exc:  # noqa: BLE001 - an experimental API: any failure means "not here"
             log.warning("ahead-of-time compilation unavailable for this recipe (%s: %s); saving "
                         "Inductor cache artifacts instead", type(exc).__name__, str(exc)[:120])
             for rows in buckets(batches):
-                for name in _files(rows):
+                for name in _files(rows).values():
                     (folder / name).unlink(missing_ok=True)
     if warm is not None:
         for rows in buckets(batches)[1:]:
@@ -273,8 +282,9 @@ def load_compiled(fns: CompiledFunctions, folder: str | Path, info: dict) -> Non
             from torch._inductor.runtime.cache_dir_utils import cache_dir
 
             _add_missing(folder / info["kernels"], Path(cache_dir()))
-        saved = [{"rows": 1, "file": info["file"], "prefill": info["prefill"]}, *info.get("batch_buckets", [])]
-        load_precompiled(fns, folder, saved, info["sampling"])
+        one_row = {k: info[k] for k in ("file", "prefill", "text_step") if k in info}
+        saved = [{"rows": 1, **one_row}, *info.get("batch_buckets", [])]
+        load_precompiled(fns, folder, saved, info["sampling"], info.get("text_sampling"))
     else:
         load_compile_cache(folder)
 
@@ -290,22 +300,25 @@ def save_compile_cache(directory: str | Path) -> Path | None:
     return path
 
 
-def save_precompiled(fns: CompiledFunctions, folder: Path, batches: Sequence[int] = (1,)) -> tuple[dict, list[dict]]:
-    """Save the decode step (for ChatTTS's default sampling) and the prompt pass compiled ahead
-    of time for each batch bucket of ``batches`` (one row always) at the recipe's capacity, the
-    shapes a fresh process's calls start on (compiling them if this process has not): such calls
-    then skip tracing and code generation entirely. -> the sampling constants the step bakes in,
-    and per bucket its rows and files (one row's first). Raises where ahead-of-time compilation
-    fails."""
-    s, saved = fns.default, []
+def save_precompiled(fns: CompiledFunctions, folder: Path,
+                     batches: Sequence[int] = (1,)) -> tuple[dict, dict | None, list[dict]]:
+    """Save the decode step and the text step (for ChatTTS's default sampling and refinement's)
+    and the prompt pass compiled ahead of time for each batch bucket of ``batches`` (one row
+    always) at the recipe's capacity, the shapes a fresh process's calls start on (compiling them
+    if this process has not): such calls, text refinement included, then skip tracing and code
+    generation entirely. -> the sampling constants the steps bake in, and per bucket its rows and
+    files (one row's first). Raises where ahead-of-time compilation fails."""
+    s, text, saved = fns.default, fns.text_default, []
     for rows in buckets(batches):
         fns.model.reserve(rows, 1, fresh=True)
-        names = _files(rows)
-        fns.step_for(s).current().save(folder / names[0])
-        fns.prefill_fn().current().save(folder / names[1])
-        saved.append({"rows": rows, "file": names[0], "prefill": names[1]})
+        names = _files(rows, text is not None)
+        fns.step_for(s).current().save(folder / names["file"])
+        fns.prefill_fn().current().save(folder / names["prefill"])
+        if text is not None:
+            fns.step_for(text, text=True).current().save(folder / names["text_step"])
+        saved.append({"rows": rows, **names})
     fns.model.reserve(1, 1, fresh=True)
-    return asdict(s), saved
+    return asdict(s), asdict(text) if text is not None else None, saved
 
 
 def buckets(batches: Sequence[int]) -> list[int]:
@@ -313,14 +326,21 @@ def buckets(batches: Sequence[int]) -> list[int]:
     return sorted({1, *map(bucket, batches)})
 
 
-def _files(rows: int) -> tuple[str, str]:
-    """The saved decode step's and prompt pass's file names for a batch bucket."""
-    if rows == 1:
-        return PRECOMPILED_STEP, PRECOMPILED_PREFILL
-    return f"decode_step-{rows}.aot", f"prefill-{rows}.aot"
+def _files(rows: int, text: bool = True) -> dict[str, str]:
+    """The saved decode step's, prompt pass's and text step's file names for a batch bucket."""
+    names = dict(zip(SAVED, (PRECOMPILED_STEP, PRECOMPILED_PREFILL, PRECOMPILED_TEXT_STEP)))
+    if rows > 1:
+        names = {k: name.replace(".aot", f"-{rows}.aot") for k, name in names.items()}
+    return names if text else {k: v for k, v in names.items() if k != "text_step"}
 
 
-def load_precompiled(fns: CompiledFunctions, folder: Path, saved: list[dict], sampling: dict) -> None:
+def saved_files(bucket_info: dict) -> list[str]:
+    """The files one bucket's entry names (no text step in a variant exported before it was saved)."""
+    return [bucket_info[k] for k in SAVED if k in bucket_info]
+
+
+def load_precompiled(fns: CompiledFunctions, folder: Path, saved: list[dict], sampling: dict,
+                     text_sampling: dict | None = None) -> None:
     """Use the saved ahead-of-time steps and prompt passes, each for the shape it was saved for
     (its rows at the recipe's capacity), the steps for calls whose sampling constants are the
     saved ones (others compile as usual: the loaded function does not check them itself)."""
@@ -328,10 +348,13 @@ def load_precompiled(fns: CompiledFunctions, folder: Path, saved: list[dict], sa
     fns.model.reserve(max(b["rows"] for b in saved), 1, fresh=True)
     fns.model.reserve(1, 1, fresh=True)
     step, first = fns.step_for(Sampling(**sampling)), fns.prefill_fn()
+    text = fns.step_for(Sampling(**text_sampling), text=True) if text_sampling is not None else None
     for b in saved:
         shape = (b["rows"], fns.model.capacity)
         step.by_shape[shape] = Precompiled(_load_aot(folder / b["file"]), fns.step)
         first.by_shape[shape] = Precompiled(_load_aot(folder / b["prefill"]), fns.prefill)
+        if text is not None and "text_step" in b:
+            text.by_shape[shape] = Precompiled(_load_aot(folder / b["text_step"]), fns.text_step)
 
 
 def _load_aot(path: str | Path) -> Callable:

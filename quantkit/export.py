@@ -152,6 +152,8 @@ def _compile_artifacts(chat: Chat, folder: Path, batches: Sequence[int]) -> dict
 
 
 KERNEL = "kernels/int8_gemv.so"
+# ChatTTS's default split_text runs a text's sentences in batches of up to max_split_batch (4)
+SPLIT_BATCHES = (1, 2, 4)
 
 
 def _copy_kernel(model, folder: Path) -> str | None:
@@ -193,11 +195,12 @@ def _recipe_and_metrics(recipe: str | None, best: str | None) -> tuple[Any, dict
 
 def export_variant(out: str | Path, recipe: str | None = None, best: str | None = None,
                    model: str | None = None, device: str | None = None, force: bool = False,
-                   batches: Sequence[int] = (1,)) -> dict[str, Any]:
+                   batches: Sequence[int] | None = None) -> dict[str, Any]:
     """Write a variant directory: into a temporary sibling, renamed into place at the very end.
-    A compiled recipe's variant carries its decode step and prompt pass for one row and for the
-    batch buckets of ``batches``: calls of those sizes compile nothing in a fresh process.
-    ``model`` and ``device`` default to the eval's with ``best``, else to synthetic on the CPU."""
+    A compiled recipe's variant carries its decode step, text step and prompt pass for one row and
+    for the batch buckets of ``batches`` (default: those of ChatTTS's default call,
+    SPLIT_BATCHES): calls of those sizes compile nothing in a fresh process. ``model`` and
+    ``device`` default to the eval's with ``best``, else to synthetic on the CPU."""
     from quantkit.apply import apply_recipe, weight_bytes
     from quantkit.models import load_chat, resolve_device, resolve_source
 
@@ -205,6 +208,8 @@ def export_variant(out: str | Path, recipe: str | None = None, best: str | None 
     check_export_target(out, force)
     rec, metrics = _recipe_and_metrics(recipe, best)
     model, device = _model_and_device(model, device, metrics)
+    if batches is None:
+        batches = SPLIT_BATCHES if rec.compile.enabled else (1,)
     _check_exportable(rec, resolve_device(device), batches)
     src = resolve_source(model)
     chat = load_chat(model, device)
@@ -439,6 +444,8 @@ def _inside(folder: Path, rel: str) -> Path:
 
 def _named_files(manifest: dict) -> list[str]:
     """Paths the manifest's other fields point to (weights, compiled code, kernels)."""
+    from quantkit.compile_artifacts import saved_files
+
     weights = manifest.get("gpt_weights")
     artifacts = manifest.get("compile_artifacts") or {}
     if not isinstance(weights, dict) or not isinstance(weights.get("file"), str) or not isinstance(artifacts, dict):
@@ -447,9 +454,9 @@ def _named_files(manifest: dict) -> list[str]:
     if not isinstance(buckets, list) or not all(isinstance(b, dict) and isinstance(b.get("rows"), int)
                                                 for b in buckets):
         raise QuantkitError("the variant's manifest is malformed (compile_artifacts.batch_buckets)")
-    named = [weights["file"]] + [artifacts[k] for k in ("file", "prefill", "kernel", "kernels")
+    named = [weights["file"]] + [artifacts[k] for k in ("file", "prefill", "text_step", "kernel", "kernels")
                                  if artifacts.get(k) is not None]
-    named += [b.get(k) for b in buckets for k in ("file", "prefill")]
+    named += [f for b in buckets for f in saved_files(b)]
     if not all(isinstance(n, str) for n in named):
         raise QuantkitError("the variant's manifest is malformed (file names must be strings)")
     return named

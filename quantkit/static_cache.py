@@ -149,22 +149,25 @@ class FoldedHead(nn.Module):
 
     def __init__(self, head: nn.Module, rows: bool = False):
         super().__init__()
-        self.head, self.rows, self.weight, self.packed = head, rows, None, None
+        self.head, self.rows, self.weight, self.bias, self.packed = head, rows, None, None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is None and self.packed is None:
-            self._fold()
+        self.fold()
         if self.packed is not None:
             return self.packed(x)
-        return F.linear(x.to(self.weight.dtype), self.weight, self.head.bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
     @torch.no_grad()
-    def _fold(self) -> None:
-        weight = self.head.weight.detach()
-        if self.rows and rows_usable(weight, self.head.bias):
+    def fold(self) -> None:
+        """Compute the weight now, if not yet (before a step that calls the head is traced). The
+        step then reads only plain tensors: a parametrized module cannot be saved compiled."""
+        if self.weight is not None or self.packed is not None:
+            return
+        weight, bias = self.head.weight.detach(), self.head.bias
+        if self.rows and rows_usable(weight, bias):
             self.packed = RowsLinear(weight)
         else:
-            self.weight = weight.clone()
+            self.weight, self.bias = weight.clone(), None if bias is None else bias.detach()
 
 
 class DecoderLayer(nn.Module):

@@ -191,14 +191,14 @@ FROZEN = str(Path(__file__).parent / "data" / "recipes" / "fp32-frozen.toml")
 @pytest.mark.parametrize("recipe", ["fp32-compiled", FROZEN])
 def test_saved_compilation_round_trip_in_a_fresh_process(recipe, tiny_dir, tmp_path):
     """`apply --compile-cache`: one process compiles and saves, a fresh one loads and compiles
-    nothing (ahead-of-time step and prompt pass), or, where the recipe cannot be compiled ahead
+    nothing (ahead-of-time decode step, text step and prompt pass), or, where the recipe cannot be compiled ahead
     of time (freezing), finds every Inductor kernel in the saved cache."""
     saver = _child(recipe, tmp_path / "cache", tmp_path / "a.wav", tmp_path / "inductor-1")
     loader = _child(recipe, tmp_path / "cache", tmp_path / "b.wav", tmp_path / "inductor-2")
     assert saver["state"] == "saved" and loader["state"] == "loaded"
     info = json.loads((tmp_path / "cache" / "compiled.json").read_text())
     if recipe == "fp32-compiled":
-        assert info["kind"] == "aot" and saver["graphs"] == 2 and loader["graphs"] == 0, (saver, loader)
+        assert info["kind"] == "aot" and saver["graphs"] == 3 and loader["graphs"] == 0, (saver, loader)
         shipped = {p.name: p.stat().st_mtime for p in (tmp_path / "cache" / info["kernels"]).rglob("*.main.so")}
         loaded = {p.name: p.stat().st_mtime for p in (tmp_path / "inductor-2").rglob("*.main.so")}
         assert shipped and loaded == shipped  # the saved kernels, copied (a rebuilt one is newer)
@@ -529,7 +529,7 @@ def test_a_bf16_kv_cache_keeps_the_compiled_path_and_its_predictions(tiny_dir):
 
 
 def test_the_saved_step_is_for_a_fresh_processs_cache_shape(compiled, tmp_path, monkeypatch):
-    """After a batch has left the cache at two rows, what is saved is still the step and prompt
+    """After a batch has left the cache at two rows, what is saved is still the steps and prompt
     pass for one row at the recipe's capacity, the shape a fresh process starts with."""
     from quantkit.compile_artifacts import Precompiled, save_precompiled
 
@@ -541,8 +541,8 @@ def test_the_saved_step_is_for_a_fresh_processs_cache_shape(compiled, tmp_path, 
     assert fns.model.rows == 2 and (2, fns.model.base) in step.by_shape
     saved = []
     monkeypatch.setattr(Precompiled, "save", lambda self, path: saved.append(self))
-    _, buckets = save_precompiled(fns, tmp_path)
-    one_row = (1, fns.model.base)
-    assert saved == [step.by_shape[one_row], first.by_shape[one_row]]
-    assert buckets == [{"rows": 1, "file": "decode_step.aot", "prefill": "prefill.aot"}]
+    _, _, buckets = save_precompiled(fns, tmp_path)
+    one_row, text = (1, fns.model.base), fns.step_for(fns.text_default, text=True)
+    assert saved == [step.by_shape[one_row], first.by_shape[one_row], text.by_shape[one_row]]
+    assert buckets == [{"rows": 1, "file": "decode_step.aot", "prefill": "prefill.aot", "text_step": "text_step.aot"}]
     assert (fns.model.rows, fns.model.capacity) == one_row

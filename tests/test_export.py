@@ -303,6 +303,48 @@ def test_compiled_variant_starts_without_compiling(recipe, batches, tiny_dir, tm
         assert batch == [expected[1], 9]
 
 
+# ChatTTS's default call: a text of several sentences is refined as a batch of its sentences, then
+# its first sentence is spoken alone (the speaker prompt), then all of them as a batch. Each step
+# call is recorded: a text step's tokens are one a row, and its guards must hold.
+DEFAULTS = r"""
+import json, sys, torch, quantkit
+from quantkit import compile_artifacts
+calls, inner = [], compile_artifacts.Precompiled.__call__
+def call(self, *args):
+    if len(args) > 5:
+        calls.append([args[1].shape[0], "text" if args[1].shape[1] == 1 else "code", self.fn.guard_check(*args)])
+    return inner(self, *args)
+compile_artifacts.Precompiled.__call__ = call
+chat = quantkit.load_variant(sys.argv[1])
+torch.manual_seed(0)
+wavs = chat.infer(sys.argv[2])
+print(json.dumps([torch._dynamo.utils.counters["stats"]["unique_graphs"], sorted(set(map(tuple, calls))),
+                  [w.size for w in wavs]]))
+"""
+
+
+@pytest.mark.slow
+def test_a_variant_runs_chattts_default_call_without_compiling(tiny_dir, tmp_path):
+    """``chat.infer(text)`` as ChatTTS's README has it (text refinement on, the text split into
+    sentences run in batches) compiles nothing in a fresh process: by default export carries the
+    decode step, the text step and the prompt pass for one row and for the buckets of 2 and 4."""
+    proc = run_cli("export", "int8-dynamic-compiled", "--model", "synthetic-tiny", "--out", str(tmp_path / "v"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((tmp_path / "v" / "manifest.json").read_text())["compile_artifacts"]
+    assert [b["rows"] for b in manifest["batch_buckets"]] == [2, 4]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "fresh")}
+    text = "Glue the sheet to the dark blue background. It is easy to tell the depth of a well. Rice is often served."
+    proc = subprocess.run([sys.executable, "-c", DEFAULTS, str(tmp_path / "v"), text], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "does not cover" not in proc.stderr, proc.stderr  # no call fell back to ChatTTS's loop
+    graphs, calls, sizes = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert graphs == 0  # nothing traced or compiled
+    # refinement of the three sentences (bucket of 4), the first alone, then the three
+    assert calls == [[1, "code", True], [4, "code", True], [4, "text", True]]
+    assert len(sizes) == 1 and sizes[0] > 0  # split_text joins the sentences' audio
+
+
 @pytest.mark.slow
 def test_batches_without_ahead_of_time_steps_come_from_inductors_cache(tiny_dir, tmp_path):
     """Where a step cannot be compiled ahead of time (Inductor freezing here, CUDA always), a
