@@ -190,7 +190,8 @@ def save_compiled(fns: CompiledFunctions, folder: str | Path, batches: Sequence[
     where this process compiles just in time (CompiledFunctions.ahead: CUDA, Inductor freezing) or
     that fails, Inductor's cache artifacts, which spare code generation but not tracing -> a
     description for load_compiled (file names relative to ``folder``). Those hold only what this
-    process compiled: before they are written, ``warm(rows)`` runs each batch bucket beyond one row."""
+    process compiled: before they are written, ``warm(rows)`` runs each batch bucket (text
+    refinement's step included)."""
     folder = Path(folder)
     if fns.ahead:
         try:
@@ -206,7 +207,7 @@ def save_compiled(fns: CompiledFunctions, folder: str | Path, batches: Sequence[
                 for name in _files(rows).values():
                     (folder / name).unlink(missing_ok=True)
     if warm is not None:
-        for rows in buckets(batches)[1:]:
+        for rows in buckets(batches):
             warm(rows)
     save_compile_cache(folder)
     return {"kind": "inductor-cache", "file": INDUCTOR_CACHE}

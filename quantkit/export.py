@@ -147,7 +147,7 @@ def _compile_artifacts(chat: Chat, folder: Path, batches: Sequence[int]) -> dict
     synthesize(chat, "Compile.", seed=0, steps=4)
     gen = compiled_decoding(chat)
     info = save_compiled(gen.functions, folder, batches,
-                         warm=lambda rows: infer_fixed(chat, ["Compile."] * rows, steps=4))
+                         warm=lambda rows: infer_fixed(chat, ["Compile."] * rows, steps=4, refine_steps=4))
     return {**info, "kernel": _copy_kernel(gen.model, folder)}
 
 

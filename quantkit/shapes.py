@@ -60,12 +60,17 @@ def _infer(chat: Chat, texts: list[str], code, refine=None, stream: bool = False
     return chat.infer(texts, **kwargs)
 
 
-def infer_fixed(chat: Chat, texts: list[str], steps: int, seed: int = 0,
-                speaker: str | None = None) -> list[np.ndarray]:
-    """``Chat.infer`` on ``texts`` with refinement skipped and exactly ``steps`` code steps a text
-    (equal work whatever the weights), as ``speaker`` (default: synth.fixed_speaker's for
-    ``seed``, drawn for this call) -> ChatTTS's waveforms."""
-    return _infer(chat, texts, _code(chat, seed, steps, speaker))
+def _refine(chat: Chat, seed: int, steps: int):
+    return chat.RefineTextParams(manual_seed=seed, min_new_token=steps, max_new_token=steps, show_tqdm=False)
+
+
+def infer_fixed(chat: Chat, texts: list[str], steps: int, seed: int = 0, speaker: str | None = None,
+                refine_steps: int | None = None) -> list[np.ndarray]:
+    """``Chat.infer`` on ``texts`` with exactly ``steps`` code steps a text (equal work whatever
+    the weights), as ``speaker`` (default: synth.fixed_speaker's for ``seed``, drawn for this
+    call), refinement skipped or of exactly ``refine_steps`` steps -> ChatTTS's waveforms."""
+    refine = None if refine_steps is None else _refine(chat, seed, refine_steps)
+    return _infer(chat, texts, _code(chat, seed, steps, speaker), refine)
 
 
 def _timed(fn) -> float:
@@ -83,8 +88,7 @@ def measure_call_shapes(chat: Chat, texts: list[str], s: ShapeSettings, seed: in
     seconds = _timed(lambda: infer_fixed(chat, pick[:1], s.long_steps, seed, spk))
     out.long = {"steps": s.long_steps, "s": seconds, "rtf": seconds / audio_seconds(s.long_steps)}
     out.batches = measure_batches(chat, pick, s, seed, spk)
-    refine = chat.RefineTextParams(manual_seed=seed, min_new_token=s.refine_steps,
-                                   max_new_token=s.refine_steps, show_tqdm=False)
+    refine = _refine(chat, seed, s.refine_steps)
     seconds = _timed(lambda: _infer(chat, pick[:s.refine_texts], _code(chat, seed, s.batch_steps, spk), refine))
     out.refine = {"texts": s.refine_texts, "refine_steps": s.refine_steps, "steps": s.batch_steps, "s": seconds}
     out.stream = _stream(chat, pick[0], s, seed, spk)

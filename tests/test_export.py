@@ -348,8 +348,8 @@ def test_a_variant_runs_chattts_default_call_without_compiling(tiny_dir, tmp_pat
 @pytest.mark.slow
 def test_batches_without_ahead_of_time_steps_come_from_inductors_cache(tiny_dir, tmp_path):
     """Where a step cannot be compiled ahead of time (Inductor freezing here, CUDA always), a
-    variant carries Inductor's cache of what export ran: export runs each named batch bucket
-    once, so that a fresh process's batch finds every kernel there. With torchao's weights, the
+    variant carries Inductor's cache of what export ran: export runs each batch bucket once, with
+    text refinement, so that a fresh process's refined batch finds every kernel there. With torchao's weights, the
     fresh process (which loads them, not quantizes) compiles with the options torchao's
     quantize_ would have set process-wide: otherwise every key misses. Neither process tries
     to compile ahead of time what it cannot (each try compiled a shape in full, then failed)."""
@@ -359,7 +359,8 @@ def test_batches_without_ahead_of_time_steps_come_from_inductors_cache(tiny_dir,
     assert "ahead-of-time" not in proc.stderr, proc.stderr
     assert json.loads((tmp_path / "v" / "manifest.json").read_text())["compile_artifacts"]["kind"] == "inductor-cache"
     code = ("import json, sys, torch, quantkit; from quantkit.shapes import infer_fixed;"
-            "c = quantkit.load_variant(sys.argv[1], trust_compiled=True); infer_fixed(c, ['Hi.', 'Hello there.'], 6);"
+            "c = quantkit.load_variant(sys.argv[1], trust_compiled=True);"
+            "infer_fixed(c, ['Hi.', 'Hello there.'], 6, refine_steps=3);"
             "n = torch._dynamo.utils.counters['inductor'];"
             "print(json.dumps([n['fxgraph_cache_hit'], n['fxgraph_cache_miss']]))")
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "fresh")}
