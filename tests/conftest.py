@@ -20,7 +20,8 @@ import pytest  # noqa: E402
 
 # The longest files first: xdist hands each worker whole files in collection order
 # (--no-loadscope-reorder, pyproject.toml), so the files that start last are short ones.
-SLOWEST_FIRST = ("test_compile.py", "test_safety.py", "test_export.py", "test_call_shapes.py", "test_foundation.py")
+SLOWEST_FIRST = ("test_compile.py", "test_safety.py", "test_export.py", "test_call_shapes.py", "test_foundation.py",
+                 "test_int8_gemv.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
