@@ -93,7 +93,9 @@ case "$PART" in
       --steps 96 --compile-cache "$SCRATCH/cc" --json
   step 60 compile-cache-load "$PY" -m quantkit apply bf16-compiled --model "$MODEL" --device "$DEVICE" \
       --steps 96 --compile-cache "$SCRATCH/cc" --json
-  step 100 export "$PY" -m quantkit export bf16-compiled --model "$MODEL" --device "$DEVICE" --out "$SCRATCH/variant"
+  # one bucket, as before: the default adds 2 and 4 rows (minutes of CUDA compiles)
+  step 120 export "$PY" -m quantkit export bf16-compiled --model "$MODEL" --device "$DEVICE" --batches 1 \
+      --out "$SCRATCH/variant"
   step 60 variant-first-audio "$PY" -m quantkit synth --variant "$SCRATCH/variant" --device "$DEVICE" \
       --text "$TEXT" --steps 96 --out-wav "$SCRATCH/variant.wav"
   ;;
