@@ -61,23 +61,22 @@ def generator(chat: Chat) -> torch.Generator:
 
 def default_sampling(chat: Chat) -> Sampling:
     """The Sampling that ChatTTS's default InferCodeParams give."""
-    from ChatTTS.model import gen_logits
-
-    p = chat.InferCodeParams()
     num_code = num_audio_tokens(chat) - 1
-    warpers, processors = gen_logits(num_code=num_code, top_P=p.top_P, top_K=p.top_K,
-                                     repetition_penalty=p.repetition_penalty)
-    return sampling_from((*processors, *warpers), num_code)
+    return _params_sampling(chat.InferCodeParams(), num_code, num_code)
 
 
 def default_text_sampling(chat: Chat) -> Sampling | None:
     """The Sampling that ChatTTS's default RefineTextParams give (its ``_refine_text``)."""
+    return _params_sampling(chat.RefineTextParams(), chat.tokenizer.len, int(chat.tokenizer.eos_token))
+
+
+def _params_sampling(p, num_code: int, eos: int) -> Sampling | None:
+    """The Sampling of ChatTTS's logits pipeline (``gen_logits``) for the params ``p``."""
     from ChatTTS.model import gen_logits
 
-    p = chat.RefineTextParams()
-    warpers, processors = gen_logits(num_code=chat.tokenizer.len, top_P=p.top_P, top_K=p.top_K,
+    warpers, processors = gen_logits(num_code=num_code, top_P=p.top_P, top_K=p.top_K,
                                      repetition_penalty=p.repetition_penalty)
-    return sampling_from((*processors, *warpers), int(chat.tokenizer.eos_token))
+    return sampling_from((*processors, *warpers), eos)
 
 
 def sampling_from(processors: Sequence, eos: int) -> Sampling | None:

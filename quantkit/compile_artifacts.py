@@ -67,9 +67,8 @@ class CompiledFunctions:
         time for the cache's current shape (raises where that fails)."""
         if text:
             self.model.head_text.fold()  # folded at a call's first token: before tracing, here
-            return Precompiled(_aot(lambda: self.compile_step(decode_text_step), self.example_inputs(s, text)),
-                               self.text_step)
-        return Precompiled(_aot(self.compile_step, self.example_inputs(s)), self.step)
+        step, fallback = (decode_text_step, self.text_step) if text else (decode_step, self.step)
+        return Precompiled(_aot(lambda: self.compile_step(step), self.example_inputs(s, text)), fallback)
 
     def precompile_prefill(self) -> "Precompiled":
         """The prompt pass compiled ahead of time for the cache's current shape (raises where that
@@ -283,7 +282,7 @@ def load_compiled(fns: CompiledFunctions, folder: str | Path, info: dict) -> Non
             from torch._inductor.runtime.cache_dir_utils import cache_dir
 
             _add_missing(folder / info["kernels"], Path(cache_dir()))
-        one_row = {k: info[k] for k in ("file", "prefill", "text_step") if k in info}
+        one_row = {k: info[k] for k in SAVED if k in info}
         saved = [{"rows": 1, **one_row}, *info.get("batch_buckets", [])]
         load_precompiled(fns, folder, saved, info["sampling"], info.get("text_sampling"))
     else:
@@ -335,9 +334,10 @@ def _files(rows: int, text: bool = True) -> dict[str, str]:
     return names if text else {k: v for k, v in names.items() if k != "text_step"}
 
 
-def saved_files(bucket_info: dict) -> list[str]:
-    """The files one bucket's entry names (no text step in a variant exported before it was saved)."""
-    return [bucket_info[k] for k in SAVED if k in bucket_info]
+def saved_files(bucket_info: dict) -> list[str | None]:
+    """The files one bucket's entry names (None where one it needs is missing; no text step in a
+    variant exported before it was saved)."""
+    return [bucket_info.get(k) for k in SAVED if k != "text_step" or k in bucket_info]
 
 
 def load_precompiled(fns: CompiledFunctions, folder: Path, saved: list[dict], sampling: dict,

@@ -444,7 +444,7 @@ def _inside(folder: Path, rel: str) -> Path:
 
 def _named_files(manifest: dict) -> list[str]:
     """Paths the manifest's other fields point to (weights, compiled code, kernels)."""
-    from quantkit.compile_artifacts import saved_files
+    from quantkit.compile_artifacts import SAVED, saved_files
 
     weights = manifest.get("gpt_weights")
     artifacts = manifest.get("compile_artifacts") or {}
@@ -454,7 +454,7 @@ def _named_files(manifest: dict) -> list[str]:
     if not isinstance(buckets, list) or not all(isinstance(b, dict) and isinstance(b.get("rows"), int)
                                                 for b in buckets):
         raise QuantkitError("the variant's manifest is malformed (compile_artifacts.batch_buckets)")
-    named = [weights["file"]] + [artifacts[k] for k in ("file", "prefill", "text_step", "kernel", "kernels")
+    named = [weights["file"]] + [artifacts[k] for k in (*SAVED, "kernel", "kernels")
                                  if artifacts.get(k) is not None]
     named += [f for b in buckets for f in saved_files(b)]
     if not all(isinstance(n, str) for n in named):
